@@ -1,0 +1,147 @@
+"""The `lmod` command line (typer). Commands are thin: they parse options and call components."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Offline teacher-logit distillation for tiny MLLMs.")
+world_app = typer.Typer(no_args_is_help=True, help="The tiny embedded world (images, questions, preference pairs).")
+teacher_app = typer.Typer(no_args_is_help=True, help="Teacher models.")
+shards_app = typer.Typer(no_args_is_help=True, help="Inspect and verify teacher shard dumps.")
+app.add_typer(world_app, name="world")
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(shards_app, name="shards")
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"lmod: error: {msg}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def check_environment() -> None:
+    """PyPI's torchvision beside the CPU torch breaks transformers' model imports: say so plainly."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # the broken wheel raises RuntimeError/OSError depending on the build
+        fail("torchvision is installed but cannot load beside this torch; "
+             "run `pip uninstall -y torchvision torchaudio torchcodec` (see README, Install)")
+
+
+@world_app.command("make")
+def world_make(
+    out: Path = typer.Option(..., help="Directory to write images/ and the JSONL files into."),
+    seed: int = typer.Option(0),
+    n_mimic: int = typer.Option(2000, help="Conversation records for mimic distillation."),
+    n_pref: int = typer.Option(500, help="Preference pairs."),
+    n_eval: int = typer.Option(400, help="Held-out evaluation questions (half POPE-style)."),
+) -> None:
+    """Write DIR/mimic.jsonl, DIR/pref.jsonl, DIR/eval.jsonl and DIR/images/."""
+    from shared.world import make_world
+
+    paths = make_world(out, seed, n_mimic, n_pref, n_eval)
+    typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+@teacher_app.command("make-tiny")
+def teacher_make_tiny(
+    world: Path = typer.Option(..., help="A directory written by `lmod world make`."),
+    out: Path = typer.Option(..., help="Where to save the teacher (transformers format)."),
+    steps: int = typer.Option(1500, help="SFT steps (0: random init)."),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(1e-3),
+    seed: int = typer.Option(0),
+    eval_data: Path | None = typer.Option(None, help="Eval JSONL to report held-out accuracy on."),
+) -> None:
+    """Build the tiny Idefics3 teacher and train it on the world (plain SFT)."""
+    check_environment()
+    from teacher_dump.tiny_teacher import make_tiny_teacher
+
+    if (out / "config.json").exists():
+        fail(f"{out} already holds a model; choose another --out")
+    recipe = make_tiny_teacher(world, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    if eval_data is not None:
+        from shared.evaluation import evaluate_model
+
+        recipe["eval"] = evaluate_model(out, eval_data)
+        (out / "lmod_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
+    typer.echo(json.dumps(recipe, indent=2))
+
+
+@app.command("dump-teacher")
+def dump_teacher_cmd(
+    model: Path = typer.Option(..., help="Teacher model directory (transformers format)."),
+    out: Path = typer.Option(..., help="Dump directory (manifest.json, mimic/, pref/)."),
+    mimic_data: Path | None = typer.Option(None, help="LLaVA-style conversations: .jsonl/.json/.parquet/datasets dir."),
+    pref_data: Path | None = typer.Option(None, help="Preference pairs (id, image, question, chosen, rejected)."),
+    image_root: Path | None = typer.Option(None, help="Image paths are relative to this (default: the data file's directory)."),
+    shards: int = typer.Option(8, help="Shards per data kind (capped at the number of records)."),
+    top_k: int = typer.Option(32, help="Teacher log-probs kept per response token."),
+    backend: str = typer.Option("vllm", help="vllm | hf"),
+    dtype: str = typer.Option("float32", help="Teacher dtype: float32 | bfloat16 | float16."),
+    max_model_len: int = typer.Option(512, help="Longest sequence; longer records are invalid."),
+    address: str | None = typer.Option(None, help="Ray cluster address; a local Ray starts when absent."),
+    workers: int | None = typer.Option(None, help="Teacher workers (default: one per GPU, else one)."),
+    force: bool = typer.Option(False, help="Redo all shards, replacing what OUT holds."),
+    skip_invalid: bool = typer.Option(False, help="Drop invalid records (listed in OUT/rejected.jsonl) instead of stopping."),
+) -> None:
+    """Run the teacher over the data on Ray and write top-k shards + a manifest (resumable)."""
+    check_environment()
+    from teacher_dump.inputs import InputError
+    from teacher_dump.run import DumpConfig, dump_teacher
+
+    cfg = DumpConfig(
+        model=model, out=out, mimic_data=mimic_data, pref_data=pref_data, image_root=image_root, shards=shards,
+        top_k=top_k, backend=backend, dtype=dtype, max_model_len=max_model_len, address=address, workers=workers,
+        force=force, skip_invalid=skip_invalid,
+    )
+    try:
+        dump_teacher(cfg)
+    except (InputError, FileNotFoundError) as e:
+        fail(str(e))
+    from shared.shards import dump_info
+
+    typer.echo(json.dumps(dump_info(out), indent=2))
+
+
+@shards_app.command("verify")
+def shards_verify(out: Path = typer.Argument(..., help="A dump directory.")) -> None:
+    """Check every shard's checksum, schema and row count against the manifest."""
+    from shared.shards import verify_dump
+
+    try:
+        problems = verify_dump(out)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    for p in problems:
+        typer.secho(f"BAD {p}", err=True, fg=typer.colors.RED)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{out}: all shards verified")
+
+
+@shards_app.command("info")
+def shards_info(out: Path = typer.Argument(..., help="A dump directory.")) -> None:
+    """Rows, tokens, bytes per token, k and teacher of a dump."""
+    from shared.shards import dump_info
+
+    try:
+        info = dump_info(out)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    typer.echo(json.dumps(info, indent=2))
+
+
+def main() -> None:
+    app(prog_name="lmod")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

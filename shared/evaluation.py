@@ -1,0 +1,96 @@
+"""Held-out evaluation of any MLLM directory on world-style eval JSONL (greedy answers)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from shared.mllm import SampleEncoder, load_processor
+from shared.prompt import END_OF_TURN, conversation_segments
+
+
+def normalise(answer: str) -> str:
+    return answer.strip().lower().rstrip(".").strip()
+
+
+@torch.no_grad()
+def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root: Path,
+                   batch_size: int = 64, max_new_tokens: int = 24) -> list[str]:
+    """Greedy decoding, batched with left padding; stops at the end-of-turn token."""
+    tok = encoder.tokenizer
+    eot = tok.convert_tokens_to_ids(END_OF_TURN)
+    answers: list[str] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = []
+        for rec in chunk:
+            q = rec["question"] if "<image>" in rec["question"] else "<image>\n" + rec["question"]
+            segs = conversation_segments([{"from": "human", "value": q}])
+            prompts.append(encoder.encode(segs).ids)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        pix = encoder.image_tensors([Image.open(root / rec["image"]).convert("RGB") for rec in chunk])
+        out = model.generate(
+            input_ids=ids, attention_mask=attn, **pix, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eot, pad_token_id=tok.pad_token_id,
+        )
+        for row in out[:, width:].tolist():
+            if eot in row:
+                row = row[: row.index(eot)]
+            answers.append(tok.decode(row, skip_special_tokens=True))
+    return answers
+
+
+def score(records: list[dict], answers: list[str]) -> dict[str, Any]:
+    """Accuracy by type; POPE-style metrics on the yes/no existence questions ("yes" = positive)."""
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    tp = fp = fn = tn = 0
+    for rec, ans in zip(records, answers):
+        ok = normalise(ans) == normalise(rec["answer"])
+        by_type[rec.get("type", "all")].append(ok)
+        if rec.get("type") == "pope":
+            said_yes = normalise(ans) == "yes"
+            truth_yes = normalise(rec["answer"]) == "yes"
+            tp += said_yes and truth_yes
+            fp += said_yes and not truth_yes
+            fn += (not said_yes) and truth_yes
+            tn += (not said_yes) and not truth_yes
+    total = [ok for oks in by_type.values() for ok in oks]
+    metrics: dict[str, Any] = {
+        "n": len(total),
+        "accuracy": sum(total) / max(1, len(total)),
+        "accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+    }
+    n_pope = tp + fp + fn + tn
+    if n_pope:
+        precision = tp / max(1, tp + fp)
+        recall = tp / max(1, tp + fn)
+        metrics["pope"] = {
+            "accuracy": (tp + tn) / n_pope,
+            "precision": precision,
+            "recall": recall,
+            "f1": 2 * precision * recall / max(1e-12, precision + recall),
+            "yes_ratio": (tp + fp) / n_pope,
+        }
+        # Hallucination: saying "yes" to an object that is not in the picture.
+        metrics["hallucination_rate"] = fp / max(1, fp + tn)
+    return metrics
+
+
+def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, limit: int | None = None) -> dict:
+    from transformers import AutoModelForImageTextToText
+
+    records = [json.loads(line) for line in open(data) if line.strip()][:limit]
+    processor = load_processor(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    answers = greedy_answers(model, SampleEncoder(processor), records, image_root or Path(data).parent)
+    return score(records, answers)

@@ -1,0 +1,60 @@
+"""Fingerprints that tie shards to the teacher and tokenizer that produced them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+# Weights up to this size are hashed in full; above it only names, sizes and safetensors headers
+# (tensor names, shapes, dtypes), so fingerprinting a 70B teacher does not read 140 GB.
+FULL_HASH_LIMIT_BYTES = 4 << 30
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the vocabulary (token -> id, added tokens included) and the special tokens.
+
+    Two tokenizers with the same fingerprint map every string to the same ids, which is all the
+    student needs to use the teacher's stored response ids as labels.
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}
+    return sha256_json({"vocab": vocab, "special": special})
+
+
+def teacher_fingerprint(model_dir: Path) -> dict[str, Any]:
+    """Config hash plus a weights hash (full content, or headers for very large checkpoints)."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    total = sum(f.stat().st_size for f in files)
+    h = hashlib.sha256()
+    mode = "full" if total <= FULL_HASH_LIMIT_BYTES else "headers"
+    for f in files:
+        h.update(f"{f.name}:{f.stat().st_size}\n".encode())
+        if mode == "full":
+            h.update(bytes.fromhex(sha256_file(f)))
+        elif f.suffix == ".safetensors":
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                h.update(fh.read(n))
+    return {
+        "model": model_dir.name,
+        "config_sha256": sha256_json(config),
+        "weights_sha256": h.hexdigest(),
+        "weights_hash_mode": mode,
+    }

@@ -1,0 +1,66 @@
+"""The dump manifest: run-level facts and one entry per finished shard. Written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.schema import FORMAT_VERSION, MANIFEST_NAME
+
+
+@dataclass
+class ShardEntry:
+    kind: str
+    index: int
+    rows: int
+    tokens: int  # response tokens (mimic) or chosen + rejected tokens (pref)
+    bytes: int
+    sha256: str
+    input_range: list[int]  # [first, last + 1) rows of the input file
+
+
+@dataclass
+class Manifest:
+    run: dict[str, Any]  # teacher, tokenizer, top_k, backend, dtype, inputs, plan
+    shards: dict[str, ShardEntry] = field(default_factory=dict)  # relative path -> entry
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        body = {
+            "format_version": self.format_version,
+            "run": self.run,
+            "shards": {name: asdict(e) for name, e in sorted(self.shards.items())},
+        }
+        return json.dumps(body, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, out_dir: Path) -> Manifest:
+        path = Path(out_dir) / MANIFEST_NAME
+        try:
+            body = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no manifest; is this a `lmod dump-teacher` output?") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: manifest is not valid JSON ({e.msg})") from e
+        if body.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: shard format version {body.get('format_version')}, this lmod reads {FORMAT_VERSION}"
+            )
+        shards = {name: ShardEntry(**e) for name, e in body.get("shards", {}).items()}
+        return cls(run=body["run"], shards=shards, format_version=body["format_version"])
+
+    def save(self, out_dir: Path) -> None:
+        atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, self.to_json().encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp name in the same directory, fsync, rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,76 @@
+"""The shard contract between the teacher stage (writer) and the student stage (reader).
+
+Layout of a dump directory:
+    OUT/manifest.json            run-level facts + one entry per finished shard
+    OUT/mimic/shard-XXXXX-of-YYYYY.parquet
+    OUT/pref/shard-XXXXX-of-YYYYY.parquet
+    OUT/rejected.jsonl           only with --skip-invalid: ids and reasons of dropped records
+
+Token positions: for a mimic row, `response_ids[t]` is the t-th response token (all assistant turns
+concatenated, each ending with the end-of-turn token) and every per-token column at index t holds
+the teacher's distribution *for predicting response_ids[t]*, i.e. computed from the logits at the
+position just before it. Students must shift their own logits the same way.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REJECTED_NAME = "rejected.jsonl"
+KINDS = ("mimic", "pref")
+PARQUET_COMPRESSION = "zstd"
+PARQUET_COMPRESSION_LEVEL = 9
+
+_ids = pa.list_(pa.int32())
+_floats = pa.list_(pa.float32())
+
+# Columns both kinds carry: where the sample came from and what the teacher saw.
+_COMMON = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("input_row", pa.int64(), nullable=False),  # 0-based row in the input file
+    pa.field("image", pa.string()),  # reference as given in the input (path under --image-root)
+    pa.field("image_sha256", pa.string()),  # of the image bytes; "" when there is no image
+    pa.field("teacher_prompt", pa.string(), nullable=False),  # exact text the teacher was given
+]
+
+MIMIC_SCHEMA = pa.schema(
+    [
+        *_COMMON,
+        # The conversation as LLaVA-style JSON ([{"from": "human"|"gpt", "value": ...}]), so a
+        # student can rebuild prompts with its own template and processor.
+        pa.field("conversations_json", pa.string(), nullable=False),
+        pa.field("response_ids", _ids, nullable=False),
+        pa.field("response_turn_lengths", _ids, nullable=False),  # tokens per assistant turn
+        pa.field("target_logprobs", _floats, nullable=False),
+        pa.field("topk_ids", pa.list_(_ids), nullable=False),  # [T][k], by log-prob descending
+        pa.field("topk_logprobs", pa.list_(_floats), nullable=False),  # [T][k], descending
+        pa.field("rest_mass", _floats, nullable=False),  # 1 - sum(exp(topk_logprobs[t]))
+    ],
+    metadata={"lmod.kind": "mimic", "lmod.format_version": str(FORMAT_VERSION)},
+)
+
+PREF_SCHEMA = pa.schema(
+    [
+        *_COMMON,
+        pa.field("question", pa.string(), nullable=False),
+        pa.field("chosen", pa.string(), nullable=False),
+        pa.field("rejected", pa.string(), nullable=False),
+        pa.field("chosen_ids", _ids, nullable=False),
+        pa.field("rejected_ids", _ids, nullable=False),
+        pa.field("chosen_logprobs", _floats, nullable=False),
+        pa.field("rejected_logprobs", _floats, nullable=False),
+        # Summed in float64 from the float32 per-token values: the DPO reference log-likelihoods.
+        pa.field("chosen_logprob_sum", pa.float64(), nullable=False),
+        pa.field("rejected_logprob_sum", pa.float64(), nullable=False),
+    ],
+    metadata={"lmod.kind": "pref", "lmod.format_version": str(FORMAT_VERSION)},
+)
+
+SCHEMAS = {"mimic": MIMIC_SCHEMA, "pref": PREF_SCHEMA}
+
+
+def shard_name(kind: str, index: int, total: int) -> str:
+    """Relative path of a shard inside the dump directory."""
+    return f"{kind}/shard-{index:05d}-of-{total:05d}.parquet"

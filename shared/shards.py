@@ -1,0 +1,87 @@
+"""Reading a dump directory: verification against the manifest, and a summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from shared.fingerprint import sha256_file
+from shared.manifest import Manifest
+from shared.schema import KINDS, SCHEMAS
+
+
+def verify_dump(out_dir: Path) -> list[str]:
+    """Every problem found, one line each naming the shard; empty when the dump is sound."""
+    out_dir = Path(out_dir)
+    manifest = Manifest.load(out_dir)
+    problems: list[str] = []
+    for rel, entry in sorted(manifest.shards.items()):
+        path = out_dir / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != entry.bytes:
+            problems.append(f"{rel}: {size} bytes, manifest says {entry.bytes} (truncated or replaced)")
+            continue
+        if sha256_file(path) != entry.sha256:
+            problems.append(f"{rel}: checksum mismatch (corrupted)")
+            continue
+        try:
+            meta = pq.ParquetFile(path)
+            schema = meta.schema_arrow
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError for unreadable files
+            problems.append(f"{rel}: unreadable Parquet ({e})")
+            continue
+        if not schema.remove_metadata().equals(SCHEMAS[entry.kind].remove_metadata()):
+            problems.append(f"{rel}: schema differs from the {entry.kind} schema")
+        if meta.metadata.num_rows != entry.rows:
+            problems.append(f"{rel}: {meta.metadata.num_rows} rows, manifest says {entry.rows}")
+    plan = manifest.run.get("plan", {}).get("shards", {})
+    for kind in KINDS:
+        done = sum(e.kind == kind for e in manifest.shards.values())
+        if done < plan.get(kind, 0):
+            problems.append(f"{kind}: {done} of {plan[kind]} shards finished; rerun `lmod dump-teacher` to resume")
+        listed = {rel for rel in manifest.shards if rel.startswith(f"{kind}/")}
+        for path in sorted((out_dir / kind).glob("*.parquet")) if (out_dir / kind).is_dir() else []:
+            if f"{kind}/{path.name}" not in listed:
+                problems.append(f"{kind}/{path.name}: not in the manifest")
+    return problems
+
+
+def dump_info(out_dir: Path) -> dict[str, Any]:
+    manifest = Manifest.load(out_dir)
+    run = manifest.run
+    info: dict[str, Any] = {
+        "teacher": run["teacher"]["model"],
+        "teacher_config_sha256": run["teacher"]["config_sha256"][:16],
+        "tokenizer_sha256": run["tokenizer_sha256"][:16],
+        "backend": run["backend"],
+        "dtype": run["dtype"],
+        "top_k": run["top_k"],
+        "format_version": manifest.format_version,
+    }
+    for kind in KINDS:
+        entries = [e for e in manifest.shards.values() if e.kind == kind]
+        if not entries:
+            continue
+        rows = sum(e.rows for e in entries)
+        tokens = sum(e.tokens for e in entries)
+        size = sum(e.bytes for e in entries)
+        info[kind] = {
+            "shards": f"{len(entries)}/{run['plan']['shards'].get(kind, len(entries))}",
+            "rows": rows,
+            "tokens": tokens,
+            "bytes": size,
+            "bytes_per_token": round(size / tokens, 2) if tokens else None,
+        }
+    return info
+
+
+def shard_paths(out_dir: Path, kind: str) -> list[Path]:
+    """Finished shards of one kind, in index order (what the student reads)."""
+    manifest = Manifest.load(out_dir)
+    entries = sorted((e.index, rel) for rel, e in manifest.shards.items() if e.kind == kind)
+    return [Path(out_dir) / rel for _, rel in entries]

@@ -1,0 +1,180 @@
+"""Teacher backends behind one interface: score token sequences, return per-position log-probs.
+
+Engine construction lives here and only here; workers are thin. Both backends return, for every
+scored position p, the teacher's log-prob of ids[p] given ids[:p] and the top-k (id, log-prob)
+of that same next-token distribution (log-softmax of the raw logits, no temperature).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class ScoreRequest:
+    ids: list[int]  # expanded token ids (image tokens in place)
+    prompt_ids: list[int]  # unexpanded ids (one placeholder per image), what vLLM is given
+    positions: list[int]  # indices into `ids` to score (response tokens), all >= 1
+    image: Image.Image | None
+    top_k: int  # 0: only the target's log-prob
+
+
+@dataclass
+class ScoreResult:
+    target_logprobs: np.ndarray  # [P] float32
+    topk_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))  # [P, k]
+    topk_logprobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # [P, k]
+
+
+class TeacherBackend(Protocol):
+    name: str
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]: ...
+
+
+class HFBackend:
+    """transformers forward pass + log_softmax + topk, batched with right padding."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", batch_size: int = 32, device: str = "auto"):
+        from transformers import AutoModelForImageTextToText
+
+        from shared.mllm import SampleEncoder, load_processor
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.encoder = SampleEncoder(load_processor(model_dir))
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            str(model_dir), dtype=getattr(torch, dtype)
+        ).to(self.device).eval()
+        self.batch_size = batch_size
+        self.pad_id = self.encoder.tokenizer.pad_token_id or 0
+
+    @torch.no_grad()
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        from shared.mllm import pad_batch
+
+        results: list[ScoreResult] = []
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            ids, attn = pad_batch([r.ids for r in chunk], self.pad_id)
+            inputs = {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
+            if all(r.image is not None for r in chunk):
+                pix = self.encoder.image_tensors([r.image for r in chunk])
+                inputs.update({k: v.to(self.device, self.model.dtype if v.is_floating_point() else v.dtype)
+                               for k, v in pix.items()})
+            elif any(r.image is not None for r in chunk):
+                # Mixed batches: score one at a time rather than fake an image.
+                results.extend(r for req in chunk for r in self.score_one(req))
+                continue
+            logits = self.model(**inputs).logits
+            for row, req in enumerate(chunk):
+                results.append(self._pick(logits[row], req))
+        return results
+
+    def score_one(self, req: ScoreRequest) -> list[ScoreResult]:
+        saved, self.batch_size = self.batch_size, 1
+        try:
+            return self.score([req])
+        finally:
+            self.batch_size = saved
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, req: ScoreRequest) -> ScoreResult:
+        pos = torch.tensor(req.positions, device=logits.device)
+        logp = torch.log_softmax(logits[pos - 1].float(), dim=-1)  # logits at p-1 predict ids[p]
+        targets = torch.tensor([req.ids[p] for p in req.positions], device=logits.device)
+        target_lp = logp.gather(1, targets[:, None])[:, 0]
+        if req.top_k <= 0:
+            return ScoreResult(target_lp.cpu().numpy().astype(np.float32))
+        top = torch.topk(logp, req.top_k, dim=-1)
+        return ScoreResult(
+            target_lp.cpu().numpy().astype(np.float32),
+            top.indices.cpu().numpy().astype(np.int32),
+            top.values.cpu().numpy().astype(np.float32),
+        )
+
+
+class VLLMBackend:
+    """vLLM prompt log-probs: `max_tokens=1`, `prompt_logprobs=k`, flat lists, no detokenisation
+    (vLLM's per-entry Python objects and decoded strings otherwise dominate the dump's cost)."""
+
+    name = "vllm"
+
+    def __init__(
+        self, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 512, max_logprobs: int = 64,
+        gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+    ):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            max_logprobs=max_logprobs,
+            enforce_eager=not on_gpu,
+            # On the CPU backend this is the share of *host* memory for the KV cache.
+            gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.2),
+            limit_mm_per_prompt={"image": 1},
+            tensor_parallel_size=tensor_parallel_size,
+            # Cached prefixes from earlier shards would change numerics: shards must not depend
+            # on what ran before them (resume must give byte-identical files).
+            enable_prefix_caching=False,
+            seed=0,
+        )
+
+    def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        from vllm import SamplingParams
+
+        prompts = []
+        params = []
+        for r in requests:
+            prompt: dict = {"prompt_token_ids": r.prompt_ids}
+            if r.image is not None:
+                prompt["multi_modal_data"] = {"image": r.image}
+            prompts.append(prompt)
+            params.append(SamplingParams(
+                max_tokens=1, temperature=0.0, prompt_logprobs=r.top_k, flat_logprobs=True, detokenize=False,
+            ))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [self._pick(out, req) for out, req in zip(outputs, requests)]
+
+    @staticmethod
+    def _pick(out, req: ScoreRequest) -> ScoreResult:
+        if list(out.prompt_token_ids) != req.ids:
+            raise RuntimeError(
+                "vLLM expanded the prompt differently from the processor "
+                f"({len(out.prompt_token_ids)} vs {len(req.ids)} tokens); check the model's processor config"
+            )
+        flat = out.prompt_logprobs
+        k = req.top_k
+        target = np.empty(len(req.positions), np.float32)
+        ids = np.empty((len(req.positions), k), np.int32)
+        lps = np.empty((len(req.positions), k), np.float32)
+        for j, p in enumerate(req.positions):
+            # Per position: the actual prompt token first, then the top-k in rank order.
+            s, e = flat.start_indices[p], flat.end_indices[p]
+            if flat.token_ids[s] != req.ids[p] or e - s != k + 1:
+                raise RuntimeError(f"unexpected vLLM prompt_logprobs layout at position {p}")
+            target[j] = flat.logprobs[s]
+            ids[j] = flat.token_ids[s + 1 : e]
+            lps[j] = flat.logprobs[s + 1 : e]
+        return ScoreResult(target, ids, lps) if k > 0 else ScoreResult(target)
+
+
+def make_backend(name: str, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 512,
+                 max_top_k: int = 64) -> TeacherBackend:
+    if name == "hf":
+        return HFBackend(model_dir, dtype=dtype)
+    if name == "vllm":
+        return VLLMBackend(model_dir, dtype=dtype, max_model_len=max_model_len, max_logprobs=max(max_top_k, 1))
+    raise ValueError(f"unknown backend {name!r}; use 'vllm' or 'hf'")

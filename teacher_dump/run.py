@@ -1,0 +1,230 @@
+"""`lmod dump-teacher`: validate inputs, plan shards, let Ray run them on teacher workers, keep the
+manifest up to date after every finished shard so that a rerun resumes where the last one stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.fingerprint import sha256_file, sha256_json, teacher_fingerprint, tokenizer_fingerprint
+from shared.manifest import Manifest, atomic_write_bytes
+from shared.mllm import SampleEncoder, load_processor
+from shared.schema import KINDS, MANIFEST_NAME, REJECTED_NAME, shard_name
+from teacher_dump.inputs import InputError, Record, Rejection, format_rejection, read_records
+from teacher_dump.worker import ShardTask, encode_record
+
+
+@dataclass
+class DumpConfig:
+    model: Path
+    out: Path
+    mimic_data: Path | None = None
+    pref_data: Path | None = None
+    image_root: Path | None = None
+    shards: int = 8
+    top_k: int = 32
+    backend: str = "vllm"
+    dtype: str = "float32"
+    max_model_len: int = 512
+    address: str | None = None
+    workers: int | None = None  # default: one per GPU in the cluster, else one
+    force: bool = False
+    skip_invalid: bool = False
+    progress: bool = True
+
+
+def _input_digest(path: Path) -> str:
+    if path.is_dir():
+        return sha256_json({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
+    return sha256_file(path)
+
+
+def load_inputs(cfg: DumpConfig, encoder: SampleEncoder) -> tuple[dict[str, list[Record]], list[Rejection]]:
+    """Read, validate and length-check every record before any teacher starts."""
+    records: dict[str, list[Record]] = {}
+    rejected: list[Rejection] = []
+    for kind, path in (("mimic", cfg.mimic_data), ("pref", cfg.pref_data)):
+        if path is None:
+            continue
+        good, bad = read_records(Path(path), kind, cfg.image_root)
+        kept = []
+        for rec in good:
+            longest = max(len(e.ids) for e in encode_record(encoder, rec))
+            if longest > cfg.max_model_len:
+                bad.append(Rejection(str(path), rec.input_row, rec.sample_id,
+                                     f"{longest} tokens > --max-model-len {cfg.max_model_len}"))
+            else:
+                kept.append(rec)
+        records[kind] = kept
+        rejected.extend(sorted(bad, key=lambda r: r.row))
+    return records, rejected
+
+
+def plan_shards(records: dict[str, list[Record]], n_shards: int) -> list[ShardTask]:
+    """Contiguous, deterministic ranges; never more shards of a kind than records of it."""
+    tasks = []
+    for kind in KINDS:
+        recs = records.get(kind, [])
+        n = min(n_shards, len(recs))
+        for i in range(n):
+            lo, hi = i * len(recs) // n, (i + 1) * len(recs) // n
+            tasks.append(ShardTask(kind, i, shard_name(kind, i, n), recs[lo:hi]))
+    return tasks
+
+
+# Run facts that, when they differ, mean the directory holds another teacher's shards.
+_TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "backend", "dtype", "max_model_len")
+
+
+def _check_existing(out: Path, run: dict[str, Any], force: bool) -> Manifest | None:
+    """The manifest to resume from, or None to start fresh; refuses to mix runs without --force."""
+    has_shards = any((out / k).glob("*.parquet") for k in KINDS if (out / k).is_dir())
+    if not (out / MANIFEST_NAME).exists():
+        if has_shards and not force:
+            raise InputError(f"{out}: holds shard files but no {MANIFEST_NAME}; use another --out or --force")
+        return None
+    old = Manifest.load(out)
+    if force:
+        return None
+    for key in _TEACHER_KEYS:
+        if old.run.get(key) != run.get(key):
+            raise InputError(
+                f"{out}: holds shards of another {key.replace('_', ' ')} "
+                f"({old.run.get(key)!r} != {run.get(key)!r}); use another --out, or --force to redo them"
+            )
+    if old.run.get("inputs") != run.get("inputs") or old.run.get("plan") != run.get("plan"):
+        raise InputError(f"{out}: was dumped from other inputs or --shards; use another --out or --force")
+    return old
+
+
+def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], bool]:
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if cfg.address:
+            ray.init(address=cfg.address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+            started = True
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_workers = max(1, min(cfg.workers or gpus or 1, n_tasks))
+    from teacher_dump.worker import TeacherWorker
+
+    per_worker_cpus = max(1, cpus // n_workers)
+    # Ray sets OMP_NUM_THREADS=1 in workers; a CPU teacher wants all the cores it was given.
+    env = {"OMP_NUM_THREADS": str(per_worker_cpus), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    actor_cls = ray.remote(TeacherWorker).options(
+        num_gpus=1 if gpus else 0, num_cpus=per_worker_cpus if not gpus else 1, runtime_env={"env_vars": env},
+    )
+    workers = [
+        actor_cls.remote(str(cfg.model), cfg.backend, cfg.dtype, cfg.max_model_len, cfg.top_k, str(cfg.out))
+        for _ in range(n_workers)
+    ]
+    return workers, started
+
+
+def dump_teacher(cfg: DumpConfig) -> Manifest:
+    if cfg.shards < 1:
+        raise InputError(f"--shards must be >= 1 (got {cfg.shards})")
+    if cfg.top_k < 1:
+        raise InputError(f"--top-k must be >= 1 (got {cfg.top_k})")
+    if cfg.mimic_data is None and cfg.pref_data is None:
+        raise InputError("nothing to dump: give --mimic-data and/or --pref-data")
+    if cfg.backend not in ("vllm", "hf"):
+        raise InputError(f"--backend must be 'vllm' or 'hf' (got {cfg.backend!r})")
+    if not (Path(cfg.model) / "config.json").is_file():
+        raise InputError(f"{cfg.model}: no config.json; --model must be a local model directory")
+    out = Path(cfg.out)
+    processor = load_processor(cfg.model)
+    encoder = SampleEncoder(processor)
+    vocab = len(processor.tokenizer)
+    if cfg.top_k > vocab:
+        raise InputError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab})")
+
+    records, rejected = load_inputs(cfg, encoder)
+    if rejected and not cfg.skip_invalid:
+        more = f" (and {len(rejected) - 1} more invalid records)" if len(rejected) > 1 else ""
+        raise InputError(f"{format_rejection(rejected[0])}{more}; fix the input or pass --skip-invalid")
+    if not any(records.values()):
+        raise InputError("no valid records to dump")
+
+    tasks = plan_shards(records, cfg.shards)
+    inputs = {}
+    for kind, path in (("mimic", cfg.mimic_data), ("pref", cfg.pref_data)):
+        if path is not None:
+            inputs[kind] = {"file": Path(path).name, "sha256": _input_digest(Path(path)), "records": len(records[kind])}
+    run = {
+        "teacher": teacher_fingerprint(Path(cfg.model)),
+        "tokenizer_sha256": tokenizer_fingerprint(processor.tokenizer),
+        "vocab_size": vocab,
+        "top_k": cfg.top_k,
+        "backend": cfg.backend,
+        "dtype": cfg.dtype,
+        "max_model_len": cfg.max_model_len,
+        "inputs": inputs,
+        "plan": {"shards_requested": cfg.shards,
+                 "shards": {k: sum(t.kind == k for t in tasks) for k in KINDS}},
+        "rejected": len(rejected),
+    }
+    manifest = _check_existing(out, run, cfg.force)
+    if manifest is None:
+        if cfg.force:
+            for kind in KINDS:
+                shutil.rmtree(out / kind, ignore_errors=True)
+        manifest = Manifest(run=run)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.skip_invalid:
+        lines = [json.dumps({"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason}) for r in rejected]
+        atomic_write_bytes(out / REJECTED_NAME, "".join(line + "\n" for line in lines).encode())
+    manifest.save(out)
+
+    todo = [t for t in tasks if not _finished(out, manifest, t.rel_path)]
+    skipped = len(tasks) - len(todo)
+    _say(cfg, f"lmod: {len(tasks)} shards planned, {skipped} already finished, {len(todo)} to run")
+    if todo:
+        _run_tasks(cfg, manifest, todo, len(tasks), skipped)
+    return manifest
+
+
+def _finished(out: Path, manifest: Manifest, rel: str) -> bool:
+    entry = manifest.shards.get(rel)
+    path = out / rel
+    return entry is not None and path.is_file() and path.stat().st_size == entry.bytes
+
+
+def _say(cfg: DumpConfig, msg: str) -> None:
+    if cfg.progress:
+        print(msg, flush=True)
+
+
+def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total: int, skipped: int) -> None:
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    workers, started = _start_workers(cfg, len(todo))
+    try:
+        pool = ActorPool(workers)
+        bar = tqdm(total=total, initial=skipped, desc="teacher shards", unit="shard", disable=not cfg.progress)
+        tokens = 0
+        for rel, entry in pool.map_unordered(lambda w, t: w.run_shard.remote(t), todo):
+            manifest.shards[rel] = entry
+            manifest.save(cfg.out)  # after every shard: a crash loses at most the shards in flight
+            tokens += entry.tokens
+            bar.update(1)
+            bar.set_postfix(tokens=tokens)
+            if cfg.progress:
+                tqdm.write(f"lmod: finished {rel} ({entry.rows} rows, {entry.tokens} tokens)")
+        bar.close()
+    finally:
+        for w in workers:
+            ray.kill(w)
+        if started:
+            ray.shutdown()

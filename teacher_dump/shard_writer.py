@@ -1,0 +1,43 @@
+"""Writing one shard: rows -> Arrow table of the shared schema -> zstd Parquet, atomically."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shared.fingerprint import sha256_file
+from shared.manifest import ShardEntry, atomic_write_bytes
+from shared.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, SCHEMAS
+
+
+def table_bytes(kind: str, rows: list[dict[str, Any]]) -> bytes:
+    """Serialise rows to Parquet bytes. No timestamps or host names: same rows, same bytes."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMAS[kind])
+    buf = io.BytesIO()
+    pq.write_table(
+        table,
+        buf,
+        compression=PARQUET_COMPRESSION,
+        compression_level=PARQUET_COMPRESSION_LEVEL,
+        # Token ids and log-probs do not repeat enough for dictionaries to pay off.
+        use_dictionary=["sample_id", "image"],
+        row_group_size=4096,
+    )
+    return buf.getvalue()
+
+
+def write_shard(
+    out_dir: Path, rel_path: str, kind: str, index: int, rows: list[dict[str, Any]], tokens: int,
+    input_range: list[int],
+) -> ShardEntry:
+    path = Path(out_dir) / rel_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, table_bytes(kind, rows))
+    return ShardEntry(
+        kind=kind, index=index, rows=len(rows), tokens=tokens, bytes=path.stat().st_size,
+        sha256=sha256_file(path), input_range=input_range,
+    )

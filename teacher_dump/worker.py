@@ -1,0 +1,139 @@
+"""A shard of records -> teacher rows of the shared schema. `TeacherWorker` is the thin Ray actor
+around it: it builds its backend once and then writes one shard per call."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from shared.manifest import ShardEntry
+from shared.mllm import ModelInputs, SampleEncoder
+from shared.prompt import IMAGE_PLACEHOLDER, conversation_segments, pref_segments
+from teacher_dump.backends import ScoreRequest, ScoreResult, TeacherBackend
+from teacher_dump.inputs import Record
+from teacher_dump.shard_writer import write_shard
+
+
+@dataclass
+class ShardTask:
+    kind: str
+    index: int
+    rel_path: str
+    records: list[Record]
+
+
+def load_image(rec: Record) -> tuple[Image.Image | None, str]:
+    if rec.image_path is None and rec.image_bytes is None:
+        return None, ""
+    data = rec.image_bytes if rec.image_bytes is not None else Path(rec.image_path).read_bytes()
+    return Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha256(data).hexdigest()
+
+
+def with_placeholder(turns: list[dict], has_image: bool) -> list[dict]:
+    """LLaVA data sometimes omits `<image>`; like LLaVA, put it before the first question."""
+    if not has_image or any(IMAGE_PLACEHOLDER in t["value"] for t in turns):
+        return turns
+    first = {"from": turns[0]["from"], "value": f"{IMAGE_PLACEHOLDER}\n{turns[0]['value']}"}
+    return [first, *turns[1:]]
+
+
+def encode_record(encoder: SampleEncoder, rec: Record) -> list[ModelInputs]:
+    """Mimic: one sequence; pref: the chosen and the rejected sequence."""
+    has_image = rec.image_path is not None or rec.image_bytes is not None
+    if rec.kind == "mimic":
+        return [encoder.encode(conversation_segments(with_placeholder(rec.fields["conversations"], has_image)))]
+    q = rec.fields["question"]
+    return [encoder.encode(pref_segments(q, rec.fields[key], has_image)) for key in ("chosen", "rejected")]
+
+
+def _request(enc: ModelInputs, image: Image.Image | None, top_k: int) -> ScoreRequest:
+    positions = [i for i, m in enumerate(enc.response_mask) if m]
+    return ScoreRequest(ids=enc.ids, prompt_ids=enc.prompt_ids, positions=positions, image=image, top_k=top_k)
+
+
+def rest_mass(topk_logprobs: np.ndarray) -> np.ndarray:
+    """Probability outside the top-k, in float64 before rounding, never below 0."""
+    mass = np.exp(topk_logprobs.astype(np.float64)).sum(axis=-1)
+    return np.clip(1.0 - mass, 0.0, 1.0).astype(np.float32)
+
+
+def shard_rows(backend: TeacherBackend, encoder: SampleEncoder, records: list[Record], top_k: int) -> tuple[list[dict[str, Any]], int]:
+    """Score all records of one shard in one backend call; returns (rows, response tokens)."""
+    images, encoded, requests = [], [], []
+    for rec in records:
+        image, digest = load_image(rec)
+        images.append((rec.image_ref, digest))
+        encs = encode_record(encoder, rec)
+        encoded.append(encs)
+        k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
+        requests.extend(_request(e, image, k) for e in encs)
+    results: list[ScoreResult] = backend.score(requests) if requests else []
+    rows: list[dict[str, Any]] = []
+    tokens = 0
+    it = iter(results)
+    for rec, encs, (ref, digest) in zip(records, encoded, images):
+        common = {"sample_id": rec.sample_id, "input_row": rec.input_row, "image": ref, "image_sha256": digest}
+        if rec.kind == "mimic":
+            (enc,) = encs
+            res = next(it)
+            response_ids = [t for t, m in zip(enc.ids, enc.response_mask) if m]
+            tokens += len(response_ids)
+            rows.append({
+                **common,
+                "teacher_prompt": enc.text,
+                "conversations_json": json.dumps(rec.fields["conversations"], ensure_ascii=False),
+                "response_ids": response_ids,
+                "response_turn_lengths": enc.turn_lengths,
+                "target_logprobs": res.target_logprobs,
+                "topk_ids": list(res.topk_ids),
+                "topk_logprobs": list(res.topk_logprobs),
+                "rest_mass": rest_mass(res.topk_logprobs),
+            })
+        else:
+            chosen, rejected = encs
+            res_c, res_r = next(it), next(it)
+            c_ids = [t for t, m in zip(chosen.ids, chosen.response_mask) if m]
+            r_ids = [t for t, m in zip(rejected.ids, rejected.response_mask) if m]
+            tokens += len(c_ids) + len(r_ids)
+            has_image = bool(digest)
+            prompt_text = pref_segments(rec.fields["question"], rec.fields["chosen"], has_image)[0][0]
+            rows.append({
+                **common,
+                "teacher_prompt": prompt_text,
+                "question": rec.fields["question"],
+                "chosen": rec.fields["chosen"],
+                "rejected": rec.fields["rejected"],
+                "chosen_ids": c_ids,
+                "rejected_ids": r_ids,
+                "chosen_logprobs": res_c.target_logprobs,
+                "rejected_logprobs": res_r.target_logprobs,
+                "chosen_logprob_sum": float(res_c.target_logprobs.astype(np.float64).sum()),
+                "rejected_logprob_sum": float(res_r.target_logprobs.astype(np.float64).sum()),
+            })
+    return rows, tokens
+
+
+class TeacherWorker:
+    """Holds one engine for its whole life; one call = one shard written under `out_dir`."""
+
+    def __init__(self, model_dir: str, backend: str, dtype: str, max_model_len: int, top_k: int, out_dir: str):
+        from shared.mllm import load_processor
+        from teacher_dump.backends import make_backend
+
+        self.encoder = SampleEncoder(load_processor(model_dir))
+        self.backend = make_backend(backend, model_dir, dtype=dtype, max_model_len=max_model_len, max_top_k=top_k)
+        self.top_k = top_k
+        self.out_dir = Path(out_dir)
+
+    def run_shard(self, task: ShardTask) -> tuple[str, ShardEntry]:
+        rows, tokens = shard_rows(self.backend, self.encoder, task.records, self.top_k)
+        rng = [task.records[0].input_row, task.records[-1].input_row + 1] if task.records else [0, 0]
+        entry = write_shard(self.out_dir, task.rel_path, task.kind, task.index, rows, tokens, rng)
+        return task.rel_path, entry

@@ -1,0 +1,179 @@
+"""The teacher stage against real components: vLLM in a Ray actor, transformers, Parquet readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from shared.manifest import Manifest
+from shared.schema import MIMIC_SCHEMA, PREF_SCHEMA
+from shared.shards import dump_info, shard_paths, verify_dump
+from tests.conftest import TOP_K
+
+
+def read_kind(dump_dir: Path, kind: str) -> list[dict]:
+    rows = []
+    for p in shard_paths(dump_dir, kind):
+        rows.extend(pq.read_table(p).to_pylist())
+    return rows
+
+
+def test_layout_and_manifest(vllm_dump: Path, world: Path, teacher: Path):
+    m = Manifest.load(vllm_dump)
+    assert m.run["backend"] == "vllm" and m.run["top_k"] == TOP_K and m.run["dtype"] == "float32"
+    assert m.run["teacher"]["weights_hash_mode"] == "full"
+    assert len(m.run["tokenizer_sha256"]) == 64
+    assert sorted(m.shards) == [f"{k}/shard-0000{i}-of-00003.parquet" for k in ("mimic", "pref") for i in range(3)]
+    assert sum(e.rows for e in m.shards.values() if e.kind == "mimic") == 48
+    assert sum(e.rows for e in m.shards.values() if e.kind == "pref") == 24
+    ranges = sorted(e.input_range for e in m.shards.values() if e.kind == "mimic")
+    assert ranges[0][0] == 0 and ranges[-1][1] == 48
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no gaps or overlaps
+    assert pq.read_schema(shard_paths(vllm_dump, "mimic")[0]).remove_metadata().equals(MIMIC_SCHEMA.remove_metadata())
+    assert pq.ParquetFile(shard_paths(vllm_dump, "pref")[0]).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert verify_dump(vllm_dump) == []
+
+
+def _independent_logprobs(teacher: Path, world: Path, row: dict) -> torch.Tensor:
+    """Full-vocab log_softmax of the teacher's logits, computed here from the stored token ids."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(teacher))
+    model = AutoModelForImageTextToText.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    enc = processor(text=row["teacher_prompt"], images=[Image.open(world / row["image"]).convert("RGB")],
+                    return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits[0]
+    return enc["input_ids"][0], torch.log_softmax(logits.double(), dim=-1)
+
+
+def test_topk_equals_full_vocab_log_softmax(vllm_dump: Path, teacher: Path, world: Path):
+    single_turn = [r for r in read_kind(vllm_dump, "mimic") if len(r["response_turn_lengths"]) == 1]
+    assert len(single_turn) >= 3
+    for row in single_turn[:3]:
+        ids, logp = _independent_logprobs(teacher, world, row)
+        n = len(row["response_ids"])
+        assert ids[-n:].tolist() == row["response_ids"]  # a single answer ends the sequence
+        for t, p in enumerate(range(len(ids) - n, len(ids))):
+            full = logp[p - 1]  # logits at p-1 predict token p
+            assert abs(full[ids[p]].item() - row["target_logprobs"][t]) < 1e-4
+            top = torch.topk(full, TOP_K)
+            np.testing.assert_allclose(row["topk_logprobs"][t], top.values.numpy(), atol=1e-4)
+            assert np.all(np.diff(row["topk_logprobs"][t]) <= 0), "top-k must be sorted descending"
+            assert set(row["topk_ids"][t]) == set(top.indices.tolist())
+            expected_rest = 1.0 - np.exp(np.array(row["topk_logprobs"][t], dtype=np.float64)).sum()
+            assert abs(row["rest_mass"][t] - expected_rest) < 1e-6
+            assert abs(row["rest_mass"][t] - (1 - torch.exp(top.values).sum().item())) < 1e-4
+
+
+def test_response_token_layout(vllm_dump: Path, teacher: Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    for row in read_kind(vllm_dump, "mimic")[:10]:
+        turns = json.loads(row["conversations_json"])
+        answers = [t["value"] for t in turns if t["from"] == "gpt"]
+        assert sum(row["response_turn_lengths"]) == len(row["response_ids"]) == len(row["target_logprobs"])
+        start = 0
+        for answer, n in zip(answers, row["response_turn_lengths"]):
+            text = tok.decode(row["response_ids"][start : start + n])
+            assert text == f" {answer}<end_of_utterance>"
+            start += n
+        assert all(len(r) == TOP_K for r in row["topk_ids"])
+
+
+def test_pref_rows(vllm_dump: Path):
+    rows = read_kind(vllm_dump, "pref")
+    assert len(rows) == 24
+    for row in rows:
+        assert len(row["chosen_ids"]) == len(row["chosen_logprobs"]) > 0
+        assert len(row["rejected_ids"]) == len(row["rejected_logprobs"]) > 0
+        assert row["chosen_logprob_sum"] == pytest.approx(sum(row["chosen_logprobs"]), abs=1e-5)
+        assert row["rejected_logprob_sum"] == pytest.approx(sum(row["rejected_logprobs"]), abs=1e-5)
+        assert all(lp <= 0 for lp in row["chosen_logprobs"] + row["rejected_logprobs"])
+        assert row["teacher_prompt"].startswith("User:<image>") and row["teacher_prompt"].endswith("Assistant:")
+
+
+def test_vllm_and_hf_backends_agree(vllm_dump: Path, hf_dump: Path):
+    assert Manifest.load(hf_dump).run["backend"] == "hf"
+    for kind in ("mimic", "pref"):
+        v_rows, h_rows = read_kind(vllm_dump, kind), read_kind(hf_dump, kind)
+        assert [r["sample_id"] for r in v_rows] == [r["sample_id"] for r in h_rows]
+        for v, h in zip(v_rows, h_rows):
+            if kind == "pref":
+                for key in ("chosen_logprobs", "rejected_logprobs"):
+                    np.testing.assert_allclose(v[key], h[key], atol=1e-3)
+                continue
+            assert v["response_ids"] == h["response_ids"]
+            np.testing.assert_allclose(v["target_logprobs"], h["target_logprobs"], atol=1e-3)
+            np.testing.assert_allclose(v["topk_logprobs"], h["topk_logprobs"], atol=1e-3)
+            for t, (vi, hi) in enumerate(zip(v["topk_ids"], h["topk_ids"])):
+                lp = h["topk_logprobs"][t]
+                # Compare sets only where the k-th value is clear of ties with its neighbour.
+                if abs(lp[-1] - lp[-2]) > 1e-3:
+                    assert set(vi) == set(hi)
+
+
+def test_readers_pyarrow_datasets_duckdb(vllm_dump: Path):
+    import datasets
+    import duckdb
+
+    files = [str(p) for p in shard_paths(vllm_dump, "mimic")]
+    table = pq.read_table(files[0])
+    assert table.num_rows > 0
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert ds.num_rows == 48 and len(ds[0]["topk_ids"][0]) == TOP_K
+    n, tokens = duckdb.sql(
+        f"SELECT count(*), sum(len(response_ids)) FROM read_parquet({files!r})"
+    ).fetchall()[0]
+    assert n == 48
+    assert tokens == sum(e.tokens for e in Manifest.load(vllm_dump).shards.values() if e.kind == "mimic")
+    pref_files = [str(p) for p in shard_paths(vllm_dump, "pref")]
+    (rows,) = duckdb.sql(f"SELECT count(*) FROM read_parquet({pref_files!r}) WHERE chosen_logprob_sum < 0").fetchall()
+    assert rows[0] == 24
+
+
+def test_info(vllm_dump: Path):
+    info = dump_info(vllm_dump)
+    assert info["top_k"] == TOP_K and info["backend"] == "vllm"
+    assert info["mimic"]["rows"] == 48 and info["mimic"]["bytes_per_token"] > 0
+    assert info["pref"]["shards"] == "3/3"
+
+
+def test_verify_catches_flipped_byte_and_truncation(hf_dump: Path, tmp_path: Path):
+    import shutil
+
+    copy = tmp_path / "dump"
+    shutil.copytree(hf_dump, copy)
+    assert verify_dump(copy) == []
+    flipped, truncated = shard_paths(copy, "mimic")[0], shard_paths(copy, "pref")[1]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    problems = verify_dump(copy)
+    assert len(problems) == 2
+    assert any(flipped.name in p and "checksum" in p for p in problems)
+    assert any(truncated.name in p and "truncated" in p for p in problems)
+
+
+def test_same_inputs_give_byte_identical_shards(hf_dump: Path, world: Path, teacher: Path, tmp_path: Path):
+    from tests.conftest import dump
+
+    dump(world, teacher, tmp_path / "again", "hf")
+    for kind in ("mimic", "pref"):
+        for a, b in zip(shard_paths(hf_dump, kind), shard_paths(tmp_path / "again", kind)):
+            assert a.read_bytes() == b.read_bytes()
+    assert (hf_dump / "manifest.json").read_bytes() == (tmp_path / "again" / "manifest.json").read_bytes()
+
+
+def test_pref_schema_columns():
+    names = set(PREF_SCHEMA.names)
+    assert {"sample_id", "chosen_ids", "rejected_ids", "chosen_logprobs", "rejected_logprobs",
+            "chosen_logprob_sum", "rejected_logprob_sum"} <= names
