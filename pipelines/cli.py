@@ -54,7 +54,7 @@ def world_make(
 def teacher_make_tiny(
     world: Path = typer.Option(..., help="A directory written by `lmod world make`."),
     out: Path = typer.Option(..., help="Where to save the teacher (transformers format)."),
-    steps: int = typer.Option(1500, help="SFT steps (0: random init)."),
+    steps: int = typer.Option(1200, help="SFT steps (0: random init)."),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
@@ -81,7 +81,7 @@ def dump_teacher_cmd(
     out: Path = typer.Option(..., help="Dump directory (manifest.json, mimic/, pref/)."),
     mimic_data: Path | None = typer.Option(None, help="LLaVA-style conversations: .jsonl/.json/.parquet/datasets dir."),
     pref_data: Path | None = typer.Option(None, help="Preference pairs (id, image, question, chosen, rejected)."),
-    image_root: Path | None = typer.Option(None, help="Image paths are relative to this (default: the data file's directory)."),
+    image_root: Path | None = typer.Option(None, help="Root of image paths (default: the data file's directory)."),
     shards: int = typer.Option(8, help="Shards per data kind (capped at the number of records)."),
     top_k: int = typer.Option(32, help="Teacher log-probs kept per response token."),
     backend: str = typer.Option("vllm", help="vllm | hf"),
@@ -90,7 +90,7 @@ def dump_teacher_cmd(
     address: str | None = typer.Option(None, help="Ray cluster address; a local Ray starts when absent."),
     workers: int | None = typer.Option(None, help="Teacher workers (default: one per GPU, else one)."),
     force: bool = typer.Option(False, help="Redo all shards, replacing what OUT holds."),
-    skip_invalid: bool = typer.Option(False, help="Drop invalid records (listed in OUT/rejected.jsonl) instead of stopping."),
+    skip_invalid: bool = typer.Option(False, help="Drop invalid records (to OUT/rejected.jsonl) instead of stopping."),
 ) -> None:
     """Run the teacher over the data on Ray and write top-k shards + a manifest (resumable)."""
     check_environment()
@@ -137,6 +137,25 @@ def shards_info(out: Path = typer.Argument(..., help="A dump directory.")) -> No
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     typer.echo(json.dumps(info, indent=2))
+
+
+@app.command("demo")
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything (resumable)."),
+    n_mimic: int = typer.Option(8000),
+    n_pref: int = typer.Option(1000),
+    n_eval: int = typer.Option(400),
+    teacher_steps: int = typer.Option(1200),
+    shards: int = typer.Option(4),
+    top_k: int = typer.Option(32),
+    backend: str = typer.Option("vllm"),
+) -> None:
+    """The tiny end-to-end demo on the embedded world; writes OUT/report.json."""
+    check_environment()
+    from pipelines.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=out, n_mimic=n_mimic, n_pref=n_pref, n_eval=n_eval, teacher_steps=teacher_steps,
+                        shards=shards, top_k=top_k, backend=backend))
 
 
 def main() -> None:

@@ -109,7 +109,7 @@ def _check_image(raw: Any, image_root: Path) -> tuple[str | None, str | None, by
         resolved = str(p.resolve())
     try:
         with Image.open(resolved or io.BytesIO(data)) as im:
-            im.size  # header only: cheap, catches non-images
+            _ = im.size  # header only: cheap, catches non-images
     except Exception as e:  # PIL raises several types for unreadable images
         raise ValueError(f"image {ref or '<bytes>'} cannot be decoded ({type(e).__name__})") from e
     return ref, resolved, data
@@ -120,7 +120,8 @@ def _check_mimic(rec: dict) -> dict[str, Any]:
     if not isinstance(turns, list) or not turns:
         raise ValueError("'conversations' missing or empty")
     for t, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt") or not isinstance(turn.get("value"), str):
+        ok = isinstance(turn, dict) and turn.get("from") in ("human", "gpt") and isinstance(turn.get("value"), str)
+        if not ok:
             raise ValueError(f"turn {t} must be {{'from': 'human'|'gpt', 'value': str}}")
     if turns[0]["from"] != "human":
         raise ValueError("conversation must start with a human turn")

@@ -118,8 +118,11 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], bool]:
 
     per_worker_cpus = max(1, cpus // n_workers)
     # Ray sets OMP_NUM_THREADS=1 in workers; a CPU teacher wants all the cores it was given.
-    env = {"OMP_NUM_THREADS": str(per_worker_cpus), "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "OMP_NUM_THREADS": str(per_worker_cpus),
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     actor_cls = ray.remote(TeacherWorker).options(
         num_gpus=1 if gpus else 0, num_cpus=per_worker_cpus if not gpus else 1, runtime_env={"env_vars": env},
     )

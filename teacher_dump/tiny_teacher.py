@@ -28,9 +28,9 @@ class TinyMLLMConfig:
     """Sizes of a tiny Idefics3. head_dim must be 64: vLLM's CPU attention refuses 16."""
 
     text_hidden: int = 256
-    text_layers: int = 4
+    text_layers: int = 2
     text_heads: int = 4
-    text_intermediate: int = 1024
+    text_intermediate: int = 768
     vision_hidden: int = 128
     vision_layers: int = 2
     vision_heads: int = 2
@@ -191,7 +191,7 @@ def sft_train(
 
 
 def make_tiny_teacher(
-    world: Path, out: Path, steps: int = 1500, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+    world: Path, out: Path, steps: int = 1200, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
     config: TinyMLLMConfig | None = None,
 ) -> dict:
     """Build and train the tiny teacher; writes `out/lmod_recipe.json` describing how."""

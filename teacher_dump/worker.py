@@ -64,7 +64,9 @@ def rest_mass(topk_logprobs: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - mass, 0.0, 1.0).astype(np.float32)
 
 
-def shard_rows(backend: TeacherBackend, encoder: SampleEncoder, records: list[Record], top_k: int) -> tuple[list[dict[str, Any]], int]:
+def shard_rows(
+    backend: TeacherBackend, encoder: SampleEncoder, records: list[Record], top_k: int
+) -> tuple[list[dict[str, Any]], int]:
     """Score all records of one shard in one backend call; returns (rows, response tokens)."""
     images, encoded, requests = [], [], []
     for rec in records:

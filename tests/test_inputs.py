@@ -1,0 +1,148 @@
+"""Bad input is refused before the teacher starts, with one line naming file and row."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from shared.manifest import Manifest
+from tests.conftest import dump
+
+
+def _copy_world(world: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "w"
+    shutil.copytree(world, out)
+    return out
+
+
+def _rewrite(path: Path, row: int, fn) -> None:
+    lines = path.read_text().splitlines()
+    lines[row] = fn(lines[row])
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _dump_args(w: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
+    return ["dump-teacher", "--model", str(teacher), "--mimic-data", str(w / "mimic.jsonl"),
+            "--pref-data", str(w / "pref.jsonl"), "--out", str(out), "--backend", "hf", "--shards", "2",
+            "--top-k", "4", "--max-model-len", "256", *extra]
+
+
+def _no_shards(out: Path) -> bool:
+    return not out.exists() or not list(out.rglob("*.parquet"))
+
+
+def _set(key, value):
+    def fn(line: str) -> str:
+        rec = json.loads(line)
+        if value is None:
+            rec.pop(key)
+        else:
+            rec[key] = value
+        return json.dumps(rec)
+    return fn
+
+
+@pytest.mark.parametrize(
+    "kind,row,fn,expected",
+    [
+        ("mimic", 5, _set("image", "images/nope.png"), "image not found"),
+        ("mimic", 7, lambda line: line[:-3], "malformed JSON"),
+        ("mimic", 2, _set("conversations", [{"from": "human", "value": "<image>\nhi"}]), "no response"),
+        ("pref", 4, _set("rejected", None), "'rejected' missing"),
+    ],
+)
+def test_bad_record_is_named_and_nothing_is_written(world, teacher, tmp_path, kind, row, fn, expected):
+    w = _copy_world(world, tmp_path)
+    _rewrite(w / f"{kind}.jsonl", row, fn)
+    out = tmp_path / "out"
+    res = _cli(*_dump_args(w, teacher, out))
+    assert res.exit_code == 2
+    msg = res.output.strip().splitlines()
+    assert len(msg) == 1, res.output
+    assert f"{kind}.jsonl:{row + 1}" in msg[0] and expected in msg[0] and "--skip-invalid" in msg[0]
+    assert _no_shards(out)
+
+
+def test_skip_invalid_records_reasons_and_dumps_the_rest(world, teacher, tmp_path):
+    w = _copy_world(world, tmp_path)
+    _rewrite(w / "mimic.jsonl", 5, _set("image", "images/nope.png"))
+    _rewrite(w / "pref.jsonl", 4, _set("rejected", None))
+    out = tmp_path / "out"
+    res = _cli(*_dump_args(w, teacher, out, "--skip-invalid"))
+    assert res.exit_code == 0, res.output
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["row"]) for r in rejected] == [("mimic-000005", 5), ("pref-000004", 4)]
+    assert "image not found" in rejected[0]["reason"]
+    m = Manifest.load(out)
+    assert sum(e.rows for e in m.shards.values() if e.kind == "mimic") == 47
+    assert sum(e.rows for e in m.shards.values() if e.kind == "pref") == 23
+
+
+def test_zero_shards_refused(world, teacher, tmp_path):
+    res = _cli(*_dump_args(world, teacher, tmp_path / "out")[:-8], "--shards", "0")
+    assert res.exit_code == 2 and "--shards must be >= 1" in res.output
+    assert _no_shards(tmp_path / "out")
+
+
+def test_other_teacher_or_k_refused_unless_force(world, teacher, tmp_path):
+    out = tmp_path / "out"
+    dump(world, teacher, out, "hf", shards=2, top_k=4)
+    old_config = Manifest.load(out).run["teacher"]["config_sha256"]
+    before = {p: p.read_bytes() for p in out.rglob("*.parquet")}
+    res = _cli(*[a if a != "4" else "6" for a in _dump_args(world, teacher, out)])  # --top-k 6
+    assert res.exit_code == 2 and "another top k" in res.output and "--force" in res.output
+    assert {p: p.read_bytes() for p in out.rglob("*.parquet")} == before  # nothing touched
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(teacher, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["text_config"]["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(cfg))
+    res = _cli(*_dump_args(world, other, out))
+    assert res.exit_code == 2 and "another teacher" in res.output
+    assert {p: p.read_bytes() for p in out.rglob("*.parquet")} == before
+
+    res = _cli(*_dump_args(world, other, out, "--force"))
+    assert res.exit_code == 0, res.output
+    assert Manifest.load(out).run["teacher"]["config_sha256"] != old_config
+
+
+def test_rerun_of_a_finished_dump_skips_everything(world, teacher, tmp_path):
+    out = tmp_path / "out"
+    dump(world, teacher, out, "hf", shards=2, top_k=4)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    res = _cli(*_dump_args(world, teacher, out))
+    assert res.exit_code == 0, res.output
+    assert "4 already finished, 0 to run" in res.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
+
+
+def test_datasets_dir_and_parquet_inputs_with_image_bytes(world, teacher, tmp_path, hf_dump):
+    """A `datasets` directory with an Image column (bytes) dumps the same rows as JSONL + paths."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    from shared.shards import shard_paths
+
+    recs = [json.loads(line) for line in (world / "pref.jsonl").read_text().splitlines()]
+    for r in recs:
+        r["image"] = str(world / r["image"])
+    ds = datasets.Dataset.from_list(recs).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "pref_ds"))
+    out = tmp_path / "out"
+    res = _cli("dump-teacher", "--model", str(teacher), "--pref-data", str(tmp_path / "pref_ds"), "--out", str(out),
+               "--backend", "hf", "--shards", "3", "--top-k", "8", "--max-model-len", "256")
+    assert res.exit_code == 0, res.output
+    got = [r for p in shard_paths(out, "pref") for r in pq.read_table(p).to_pylist()]
+    want = [r for p in shard_paths(hf_dump, "pref") for r in pq.read_table(p).to_pylist()]
+    assert [r["chosen_logprobs"] for r in got] == [r["chosen_logprobs"] for r in want]
+    assert [r["image_sha256"] for r in got] == [r["image_sha256"] for r in want]

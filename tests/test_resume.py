@@ -1,0 +1,53 @@
+"""Kill a running dump, rerun it: finished shards are kept, the rest is done, bytes match."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.manifest import Manifest
+from shared.shards import verify_dump
+from tests.conftest import dump
+
+SHARDS = 6
+
+
+def _args(world: Path, teacher: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", "dump-teacher", "--model", str(teacher),
+            "--mimic-data", str(world / "mimic.jsonl"), "--pref-data", str(world / "pref.jsonl"),
+            "--out", str(out), "--backend", "hf", "--shards", str(SHARDS), "--top-k", "8",
+            "--max-model-len", "256", "--workers", "1"]
+
+
+def test_killed_dump_resumes_without_recomputing(world, teacher, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_args(world, teacher, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=Path(__file__).parents[1])
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "lmod: finished" in line:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray workers, mid-run
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    done = Manifest.load(out).shards
+    assert 1 <= len(done) < 2 * SHARDS, "the kill must land mid-run"
+    kept = {rel: (out / rel).stat().st_mtime_ns for rel in done}
+
+    res = subprocess.run(_args(world, teacher, out), capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{len(done)} already finished, {2 * SHARDS - len(done)} to run" in res.stdout
+    assert {rel: (out / rel).stat().st_mtime_ns for rel in kept} == kept  # not recomputed
+    assert verify_dump(out) == []
+
+    fresh = tmp_path / "fresh"
+    dump(world, teacher, fresh, "hf", shards=SHARDS, top_k=8)
+    files = sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
+    assert files == sorted(p.relative_to(fresh) for p in fresh.rglob("*.parquet")) and len(files) == 2 * SHARDS
+    for rel in files:
+        assert (out / rel).read_bytes() == (fresh / rel).read_bytes(), rel
+    assert (out / "manifest.json").read_bytes() == (fresh / "manifest.json").read_bytes()
