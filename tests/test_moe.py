@@ -1,0 +1,56 @@
+"""Sparse upcycling: a standard transformers model that equals the dense student at init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from shared.mllm import SampleEncoder, load_processor, pad_batch
+from shared.prompt import conversation_segments
+from student_train.moe import active_parameters, make_dense_student, upcycle
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory, teacher):
+    out = tmp_path_factory.mktemp("dense")
+    make_dense_student(teacher, out)
+    return out
+
+
+def _batch(model_dir, world):
+    import json
+
+    enc = SampleEncoder(load_processor(model_dir))
+    recs = [json.loads(line) for line in (world / "mimic.jsonl").read_text().splitlines()[:4]]
+    ids, attn = pad_batch([enc.encode(conversation_segments(r["conversations"])).ids for r in recs], 0)
+    pix = enc.image_tensors([Image.open(world / r["image"]).convert("RGB") for r in recs])
+    return {"input_ids": ids, "attention_mask": attn, **pix}
+
+
+def test_upcycled_equals_dense_at_init_and_reloads(dense, world, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    moe_dir = tmp_path / "moe"
+    layers = upcycle(dense, moe_dir, num_experts=4, top_k=2)
+    assert layers == [1]
+    d = AutoModelForImageTextToText.from_pretrained(str(dense)).eval()
+    m = AutoModelForImageTextToText.from_pretrained(str(moe_dir)).eval()
+    assert m.config.text_config.model_type == "qwen3_moe" and m.config.text_config.mlp_only_layers == [0]
+    batch = _batch(moe_dir, world)
+    with torch.no_grad():
+        torch.testing.assert_close(m(**batch).logits, d(**batch).logits, atol=2e-5, rtol=1e-4)
+    assert active_parameters(m) < sum(p.numel() for p in m.parameters())
+    assert load_processor(moe_dir).tokenizer.get_vocab() == load_processor(dense).tokenizer.get_vocab()
+
+
+def test_noise_breaks_symmetry_and_bad_layers_are_refused(dense, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    upcycle(dense, tmp_path / "noisy", noise=0.01, moe_layers=[0, 1])
+    m = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "noisy"))
+    experts = dict(m.named_parameters())
+    w = next(v for k, v in experts.items() if k.endswith("layers.0.mlp.experts.down_proj"))
+    assert not torch.equal(w[0], w[1])
+    with pytest.raises(ValueError, match="moe layers"):
+        upcycle(dense, tmp_path / "bad", moe_layers=[5])
