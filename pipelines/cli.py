@@ -139,6 +139,91 @@ def shards_info(out: Path = typer.Argument(..., help="A dump directory.")) -> No
     typer.echo(json.dumps(info, indent=2))
 
 
+student_app = typer.Typer(no_args_is_help=True, help="Student models.")
+app.add_typer(student_app, name="student")
+
+
+@student_app.command("make-tiny")
+def student_make_tiny(
+    teacher: Path = typer.Option(..., help="Teacher directory (its tokenizer and processor are reused)."),
+    out: Path = typer.Option(..., help="Where to write the MoE student (and OUT-dense, the dense one)."),
+    num_experts: int = typer.Option(4),
+    top_k: int = typer.Option(2),
+    moe_layers: str | None = typer.Option(None, help="Comma-separated layer indices (default: every other)."),
+    noise: float = typer.Option(0.0, help="Relative noise added to each expert copy."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Build the tiny dense student and upcycle it into the sparse MoE student."""
+    check_environment()
+    from student_train.moe import make_dense_student, upcycle
+
+    if (out / "config.json").exists():
+        fail(f"{out} already holds a model; choose another --out")
+    dense = out.with_name(out.name + "-dense")
+    make_dense_student(teacher, dense, seed=seed)
+    layers = [int(x) for x in moe_layers.split(",")] if moe_layers else None
+    try:
+        got = upcycle(dense, out, num_experts=num_experts, top_k=top_k, moe_layers=layers, noise=noise, seed=seed)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(json.dumps({"student": str(out), "dense": str(dense), "moe_layers": got}))
+
+
+@app.command("train")
+def train_cmd(
+    stage: str = typer.Option(..., help="mimic | pref"),
+    shards: list[Path] = typer.Option(..., help="Dump directories (repeat for several)."),
+    student: Path = typer.Option(..., help="Student to start from (upcycled MoE or a checkpoint)."),
+    out: Path = typer.Option(..., help="Checkpoint + metrics.jsonl directory."),
+    config: Path | None = typer.Option(None, help="YAML of TrainConfig fields (see pipelines/configs)."),
+    image_root: Path | None = typer.Option(None, help="Root of the shards' image paths."),
+    resume: bool = typer.Option(False, help="Continue from OUT's checkpoint."),
+    seed: int | None = typer.Option(None),
+    steps: int | None = typer.Option(None),
+    kd_tail: str | None = typer.Option(None, help="renorm | rest"),
+    pref_loss: str | None = typer.Option(None, help="dpo | ipo | kto_pair"),
+    beta: float | None = typer.Option(None),
+) -> None:
+    """Train the student from teacher shards (no teacher in memory)."""
+    check_environment()
+    from student_train.data import ShardError
+    from student_train.train import TrainConfig, train
+
+    overrides = {"stage": stage, "seed": seed, "steps": steps, "kd_tail": kd_tail, "pref_loss": pref_loss,
+                 "beta": beta}
+    if config is not None:
+        cfg = TrainConfig.from_yaml(config, **overrides)
+    else:
+        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if cfg.stage not in ("mimic", "pref"):
+        fail(f"--stage must be mimic or pref (got {cfg.stage!r})")
+    if (out / "trainer_state.pt").exists() and not resume:
+        fail(f"{out} holds a training run; pass --resume to continue it or choose another --out")
+    try:
+        history = train(shards, student, out, cfg, image_root=image_root, resume=resume)
+    except (ShardError, FileNotFoundError) as e:
+        fail(str(e))
+    typer.echo(json.dumps(history[-1] if history else {}))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Option(..., help="Model directory."),
+    data: Path = typer.Option(..., help="Eval JSONL (id, image, question, answer, type)."),
+    out: Path | None = typer.Option(None, help="Write metrics JSON here."),
+    image_root: Path | None = typer.Option(None),
+) -> None:
+    """Held-out accuracy by type and POPE-style hallucination metrics."""
+    check_environment()
+    from shared.evaluation import evaluate_model
+
+    metrics = evaluate_model(model, data, image_root)
+    text = json.dumps(metrics, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    typer.echo(text)
+
+
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything (resumable)."),

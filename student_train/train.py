@@ -1,0 +1,231 @@
+"""`lmod train --stage mimic|pref`: the student trains from teacher shards only.
+
+One loop for both stages: the batch order is a pure function of (seed, step), so a resumed run
+continues exactly where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.mllm import SampleEncoder, load_processor, pad_batch
+from student_train.data import check_shards, load_mimic, load_pref, sequence_logprobs
+from student_train.losses import load_balancing_loss, preference_loss, router_z_loss, sparse_kl
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "mimic"  # mimic | pref
+    steps: int = 200
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    kd_weight: float = 1.0  # 0 with ce_weight 1: the labels-only (SFT) baseline on the same data
+    kd_tail: str = "rest"  # renorm | rest
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    pref_loss: str = "dpo"  # dpo | ipo | kto_pair
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    pref_ce_weight: float = 0.0  # CE on the chosen answer during preference distillation
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**raw)
+
+
+class RouterTap:
+    """Collects router logits of every MoE layer during a forward (the MLLM wrapper drops them)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.logits: list[torch.Tensor] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            if name.endswith("mlp.gate") and hasattr(module, "num_experts"):
+                self.handles.append(module.register_forward_hook(lambda m, i, o: self.logits.append(o[0])))
+        text = model.config.text_config
+        self.top_k = getattr(text, "num_experts_per_tok", 1)
+
+    def losses(self, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        keep = token_mask.reshape(-1).bool()
+        if not self.logits:
+            zero = torch.zeros((), device=token_mask.device)
+            return zero, zero, []
+        aux = torch.stack([load_balancing_loss(lg[keep], self.top_k) for lg in self.logits]).mean()
+        z = torch.stack([router_z_loss(lg[keep]) for lg in self.logits]).mean()
+        chosen = torch.cat([lg[keep].topk(self.top_k, -1).indices.reshape(-1) for lg in self.logits])
+        load = torch.bincount(chosen, minlength=self.logits[0].shape[-1]).float()
+        self.logits = []
+        return aux, z, (load / load.sum()).tolist()
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
+    """Examples of global micro-batch `step`: epoch-wise permutations of range(n), from the seed."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n)
+        perm = list(range(n))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out.extend(perm[offset : offset + batch - len(out)])
+    return out
+
+
+def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
+          resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+    """Train; `stop_after` ends this run early after that many steps (as a kill would, but at a
+    checkpoint), for resumption tests and time-boxed runs."""
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    out = Path(out)
+    state_path = out / "trainer_state.pt"
+    start_dir = out if resume and state_path.exists() else student
+    encoder = SampleEncoder(load_processor(student))
+    files = check_shards(shards, cfg.stage, encoder)
+    examples = (load_mimic if cfg.stage == "mimic" else load_pref)(files, encoder, image_root)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForImageTextToText.from_pretrained(str(start_dir), dtype=torch.float32).to(device)
+    model.train()
+    tap = RouterTap(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=device == "cuda")
+    step = 0
+    if start_dir == out:
+        state = torch.load(state_path, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    metrics_file = open(out / "metrics.jsonl", "a" if step else "w")
+    pad = encoder.tokenizer.pad_token_id
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    history = []
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", disable=not progress)
+    t0 = time.time()
+    stop_at = min(cfg.steps, step + stop_after) if stop_after else cfg.steps
+    while step < stop_at:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        logs: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            idx = _batch_indices(step * cfg.grad_accum + micro, len(examples), cfg.batch_size, cfg.seed)
+            batch = [examples[i] for i in idx]
+            with autocast:
+                loss, parts = (_mimic_loss if cfg.stage == "mimic" else _pref_loss)(model, encoder, batch, pad,
+                                                                                      cfg, tap, device)
+            (loss / cfg.grad_accum).backward()
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + (v if isinstance(v, float) else 0.0) / cfg.grad_accum
+            logs["expert_load"] = parts.get("expert_load", [])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        record = {"step": step, **logs, "grad_norm": float(grad_norm), "lr": _lr_at(step - 1, cfg),
+                  "elapsed_s": round(time.time() - t0, 3)}
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        history.append(record)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            shown = {k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "kl", "dpo_loss", "pref_accuracy")}
+            shown["load"] = "/".join(f"{x:.2f}" for x in logs["expert_load"])
+            bar.set_postfix(shown)
+        if (cfg.save_every and step % cfg.save_every == 0) or step == stop_at:
+            save_checkpoint(model, opt, step, out, encoder)
+    bar.close()
+    metrics_file.close()
+    return history
+
+
+def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder) -> None:
+    """safetensors weights (from_pretrained-loadable) + processor + optimizer and data position."""
+    model.save_pretrained(str(out))
+    encoder.processor.save_pretrained(str(out))
+    tmp = out / "trainer_state.pt.tmp"
+    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp)
+    tmp.replace(out / "trainer_state.pt")
+
+
+def _inputs(encoder: SampleEncoder, seqs: list[list[int]], images: list, pad: int, device: str) -> dict:
+    ids, attn = pad_batch(seqs, pad)
+    inputs = {"input_ids": ids.to(device), "attention_mask": attn.to(device)}
+    if all(im is not None for im in images):
+        inputs.update({k: v.to(device) for k, v in encoder.image_tensors(images).items()})
+    return inputs
+
+
+def _mimic_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str):
+    inputs = _inputs(encoder, [e.ids for e in batch], [e.image for e in batch], pad, device)
+    logits = model(**inputs).logits
+    rows, cols = [], []
+    for b, e in enumerate(batch):
+        rows.extend([b] * len(e.label_positions))
+        cols.extend(p - 1 for p in e.label_positions)  # logits at p-1 predict the token at p
+    student = logits[torch.tensor(rows), torch.tensor(cols)]  # [N, V]
+    targets = inputs["input_ids"][torch.tensor(rows), torch.tensor(cols) + 1]
+    topk_ids = torch.tensor([t for e in batch for t in e.topk_ids], device=device)
+    topk_lp = torch.tensor([t for e in batch for t in e.topk_logprobs], device=device)
+    kl = sparse_kl(student, topk_ids, topk_lp, tail=cfg.kd_tail, temperature=cfg.temperature).mean()
+    ce = torch.nn.functional.cross_entropy(student.float(), targets)
+    aux, z, load = tap.losses(inputs["attention_mask"])
+    loss = cfg.kd_weight * kl + cfg.ce_weight * ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+    return loss, {"loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "aux_loss": aux.item(),
+                  "tokens": float(len(rows)), "expert_load": load}
+
+
+def _pref_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str):
+    seqs = [e.chosen_ids for e in batch] + [e.rejected_ids for e in batch]
+    images = [e.image for e in batch] * 2
+    inputs = _inputs(encoder, seqs, images, pad, device)
+    logits = model(**inputs).logits
+    positions = [e.chosen_positions for e in batch] + [e.rejected_positions for e in batch]
+    logps = sequence_logprobs(logits, inputs["input_ids"], positions)
+    n = len(batch)
+    ref_c = torch.tensor([e.ref_chosen for e in batch], device=device)
+    ref_r = torch.tensor([e.ref_rejected for e in batch], device=device)
+    losses, r_c, r_r = preference_loss(logps[:n], logps[n:], ref_c, ref_r, beta=cfg.beta,
+                                       loss_type=cfg.pref_loss, label_smoothing=cfg.label_smoothing)
+    dpo = losses.mean()
+    n_chosen_tokens = sum(len(e.chosen_positions) for e in batch)
+    ce = -logps[:n].sum() / n_chosen_tokens
+    aux, z, load = tap.losses(inputs["attention_mask"])
+    loss = dpo + cfg.pref_ce_weight * ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+    return loss, {"loss": loss.item(), "dpo_loss": dpo.item(), "pref_accuracy": (r_c > r_r).float().mean().item(),
+                  "reward_margin": (r_c - r_r).mean().item(), "ce": ce.item(), "aux_loss": aux.item(),
+                  "expert_load": load}

@@ -1,0 +1,121 @@
+"""Student stage: alignment of the KD target, learning signals, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.mllm import SampleEncoder, load_processor
+from student_train.data import ShardError, check_shards, load_mimic, load_pref, sequence_logprobs
+from student_train.moe import make_dense_student, upcycle
+from student_train.train import RouterTap, TrainConfig, _inputs, _mimic_loss, train
+
+
+@pytest.fixture(scope="module")
+def moe_student(tmp_path_factory, teacher) -> Path:
+    root = tmp_path_factory.mktemp("student")
+    make_dense_student(teacher, root / "dense")
+    upcycle(root / "dense", root / "moe")
+    return root / "moe"
+
+
+@pytest.fixture(scope="module")
+def held_out_dump(tmp_path_factory, teacher) -> tuple[Path, Path]:
+    from shared.world import make_world
+    from tests.conftest import dump
+
+    world = tmp_path_factory.mktemp("held_out_world")
+    make_world(world, seed=11, n_mimic=16, n_pref=8, n_eval=0)
+    out = tmp_path_factory.mktemp("held_out_dump")
+    dump(world, teacher, out, "hf", shards=1)
+    return out, world
+
+
+def _mean_kl(model_dir: Path, dump_dir: Path, world: Path) -> float:
+    from transformers import AutoModelForImageTextToText
+
+    enc = SampleEncoder(load_processor(model_dir))
+    examples = load_mimic(check_shards([dump_dir], "mimic", enc), enc, world)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        _, parts = _mimic_loss(model, enc, examples, enc.tokenizer.pad_token_id, TrainConfig(), RouterTap(model),
+                               "cpu")
+    return parts["kl"]
+
+
+def test_kd_target_is_the_teachers_next_token_distribution(hf_dump, teacher, world):
+    """The teacher scored as its own student must give KL ~ 0; any shift between logits and labels
+    (the reference implementation's off-by-one) makes it large."""
+    assert _mean_kl(teacher, hf_dump, world) < 1e-4
+
+
+def test_mimic_lowers_kl_on_held_out_shards(hf_dump, world, moe_student, held_out_dump, tmp_path):
+    held_dump, held_world = held_out_dump
+    before = _mean_kl(moe_student, held_dump, held_world)
+    cfg = TrainConfig(stage="mimic", steps=25, batch_size=8, lr=3e-3, warmup=3)
+    history = train([hf_dump], moe_student, tmp_path / "mimic", cfg, image_root=world, progress=False)
+    after = _mean_kl(tmp_path / "mimic", held_dump, held_world)
+    assert after < 0.7 * before, (before, after)
+    rows = [json.loads(line) for line in (tmp_path / "mimic" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 25 and {"step", "loss", "kl", "aux_loss"} <= set(rows[0])
+    assert history[-1]["aux_loss"] >= 1.0 - 1e-3  # Switch loss is >= 1, minimal at uniform routing
+    assert abs(sum(rows[-1]["expert_load"]) - 1) < 1e-5
+
+
+def _margin(model_dir: Path, dump_dir: Path, world: Path) -> float:
+    from transformers import AutoModelForImageTextToText
+
+    enc = SampleEncoder(load_processor(model_dir))
+    ex = load_pref(check_shards([dump_dir], "pref", enc), enc, world)
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
+    seqs = [e.chosen_ids for e in ex] + [e.rejected_ids for e in ex]
+    inputs = _inputs(enc, seqs, [e.image for e in ex] * 2, enc.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        lp = sequence_logprobs(model(**inputs).logits, inputs["input_ids"],
+                               [e.chosen_positions for e in ex] + [e.rejected_positions for e in ex])
+    n = len(ex)
+    ref = torch.tensor([e.ref_chosen - e.ref_rejected for e in ex])
+    return ((lp[:n] - lp[n:]) - ref).mean().item()
+
+
+def test_pref_raises_preference_margin_and_accuracy(hf_dump, world, moe_student, tmp_path):
+    before = _margin(moe_student, hf_dump, world)
+    cfg = TrainConfig(stage="pref", steps=15, batch_size=8, lr=3e-3, warmup=2, beta=0.5)
+    history = train([hf_dump], moe_student, tmp_path / "pref", cfg, image_root=world, progress=False)
+    after = _margin(tmp_path / "pref", hf_dump, world)
+    assert after > before + 1.0, (before, after)
+    assert history[-1]["pref_accuracy"] > 0.8 and {"dpo_loss", "pref_accuracy", "aux_loss"} <= set(history[-1])
+
+
+def test_interrupted_training_resumes_to_the_same_result(hf_dump, world, moe_student, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = TrainConfig(stage="mimic", steps=6, batch_size=4, lr=2e-3, warmup=2)
+    full = train([hf_dump], moe_student, tmp_path / "full", cfg, image_root=world, progress=False)
+    train([hf_dump], moe_student, tmp_path / "cut", cfg, image_root=world, progress=False, stop_after=3)
+    rest = train([hf_dump], moe_student, tmp_path / "cut", cfg, image_root=world, progress=False, resume=True)
+    assert rest[0]["step"] == 4 and rest[-1]["loss"] == full[-1]["loss"]
+    a = load_file(tmp_path / "full" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_shards_of_another_tokenizer_or_empty_dir_are_refused(hf_dump, moe_student, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(hf_dump, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["run"]["tokenizer_sha256"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    enc = SampleEncoder(load_processor(moe_student))
+    with pytest.raises(ShardError, match="another tokenizer"):
+        check_shards([other], "mimic", enc)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardError, match="no manifest"):
+        check_shards([tmp_path / "empty"], "mimic", enc)
