@@ -85,6 +85,43 @@ class RouterTap:
         return aux, z, (load / load.sum()).tolist()
 
 
+@dataclass
+class Dist:
+    """Data-parallel position under torchrun (WORLD_SIZE, RANK, LOCAL_RANK); 1 process otherwise."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def setup(cls, device: str) -> Dist:
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as td
+
+        t = torch.tensor([value], dtype=torch.float64)
+        td.all_reduce(t)
+        return t.item()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -112,6 +149,13 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     from transformers import AutoModelForImageTextToText
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    dist = Dist.setup(device)
+    if device == "cuda" and dist.world > 1:
+        device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(device)
+    if cfg.batch_size % dist.world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
+    progress = progress and dist.rank == 0
     out = Path(out)
     state_path = out / "trainer_state.pt"
     start_dir = out if resume and state_path.exists() else student
@@ -122,18 +166,23 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     model = AutoModelForImageTextToText.from_pretrained(str(start_dir), dtype=torch.float32).to(device)
     model.train()
     tap = RouterTap(model)
+    # DDP averages gradients over ranks; the losses below are normalised by global counts so that
+    # N ranks compute what one process does on the same global batch.
+    forward_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=device == "cuda")
+                            fused=device.startswith("cuda"))
     step = 0
     if start_dir == out:
         state = torch.load(state_path, weights_only=False)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    metrics_file = open(out / "metrics.jsonl", "a" if step else "w")
+    if dist.rank == 0:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    metrics_file = open(out / "metrics.jsonl", "a" if step else "w") if dist.rank == 0 else None
     pad = encoder.tokenizer.pad_token_id
-    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                              enabled=cfg.dtype == "bfloat16")
     history = []
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", disable=not progress)
     t0 = time.time()
@@ -144,13 +193,14 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         logs: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             idx = _batch_indices(step * cfg.grad_accum + micro, len(examples), cfg.batch_size, cfg.seed)
-            batch = [examples[i] for i in idx]
+            batch = [examples[i] for i in idx[dist.rank :: dist.world]]
             with autocast:
-                loss, parts = (_mimic_loss if cfg.stage == "mimic" else _pref_loss)(model, encoder, batch, pad,
-                                                                                      cfg, tap, device)
+                loss, parts = (_mimic_loss if cfg.stage == "mimic" else _pref_loss)(
+                    forward_model, encoder, batch, pad, cfg, tap, device, dist)
             (loss / cfg.grad_accum).backward()
             for k, v in parts.items():
-                logs[k] = logs.get(k, 0.0) + (v if isinstance(v, float) else 0.0) / cfg.grad_accum
+                if isinstance(v, float):
+                    logs[k] = logs.get(k, 0.0) + dist.sum(v) / dist.world / cfg.grad_accum
             logs["expert_load"] = parts.get("expert_load", [])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
@@ -158,8 +208,9 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         step += 1
         record = {"step": step, **logs, "grad_norm": float(grad_norm), "lr": _lr_at(step - 1, cfg),
                   "elapsed_s": round(time.time() - t0, 3)}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
         history.append(record)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -167,9 +218,12 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
             shown["load"] = "/".join(f"{x:.2f}" for x in logs["expert_load"])
             bar.set_postfix(shown)
         if (cfg.save_every and step % cfg.save_every == 0) or step == stop_at:
-            save_checkpoint(model, opt, step, out, encoder)
+            if dist.rank == 0:
+                save_checkpoint(model, opt, step, out, encoder)
+            dist.barrier()
     bar.close()
-    metrics_file.close()
+    if metrics_file is not None:
+        metrics_file.close()
     return history
 
 
@@ -190,7 +244,7 @@ def _inputs(encoder: SampleEncoder, seqs: list[list[int]], images: list, pad: in
     return inputs
 
 
-def _mimic_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str):
+def _mimic_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
     inputs = _inputs(encoder, [e.ids for e in batch], [e.image for e in batch], pad, device)
     logits = model(**inputs).logits
     rows, cols = [], []
@@ -201,15 +255,17 @@ def _mimic_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, de
     targets = inputs["input_ids"][torch.tensor(rows), torch.tensor(cols) + 1]
     topk_ids = torch.tensor([t for e in batch for t in e.topk_ids], device=device)
     topk_lp = torch.tensor([t for e in batch for t in e.topk_logprobs], device=device)
-    kl = sparse_kl(student, topk_ids, topk_lp, tail=cfg.kd_tail, temperature=cfg.temperature).mean()
-    ce = torch.nn.functional.cross_entropy(student.float(), targets)
+    dist = dist or Dist()
+    per_rank_tokens = dist.sum(float(len(rows))) / dist.world  # token mean over the global batch
+    kl = sparse_kl(student, topk_ids, topk_lp, tail=cfg.kd_tail, temperature=cfg.temperature).sum() / per_rank_tokens
+    ce = torch.nn.functional.cross_entropy(student.float(), targets, reduction="sum") / per_rank_tokens
     aux, z, load = tap.losses(inputs["attention_mask"])
     loss = cfg.kd_weight * kl + cfg.ce_weight * ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
     return loss, {"loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "aux_loss": aux.item(),
                   "tokens": float(len(rows)), "expert_load": load}
 
 
-def _pref_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str):
+def _pref_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
     seqs = [e.chosen_ids for e in batch] + [e.rejected_ids for e in batch]
     images = [e.image for e in batch] * 2
     inputs = _inputs(encoder, seqs, images, pad, device)
@@ -222,8 +278,9 @@ def _pref_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, dev
     losses, r_c, r_r = preference_loss(logps[:n], logps[n:], ref_c, ref_r, beta=cfg.beta,
                                        loss_type=cfg.pref_loss, label_smoothing=cfg.label_smoothing)
     dpo = losses.mean()
-    n_chosen_tokens = sum(len(e.chosen_positions) for e in batch)
-    ce = -logps[:n].sum() / n_chosen_tokens
+    dist = dist or Dist()
+    per_rank_tokens = dist.sum(float(sum(len(e.chosen_positions) for e in batch))) / dist.world
+    ce = -logps[:n].sum() / per_rank_tokens
     aux, z, load = tap.losses(inputs["attention_mask"])
     loss = dpo + cfg.pref_ce_weight * ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
     return loss, {"loss": loss.item(), "dpo_loss": dpo.item(), "pref_accuracy": (r_c > r_r).float().mean().item(),

@@ -119,3 +119,30 @@ def test_shards_of_another_tokenizer_or_empty_dir_are_refused(hf_dump, moe_stude
     (tmp_path / "empty").mkdir()
     with pytest.raises(ShardError, match="no manifest"):
         check_shards([tmp_path / "empty"], "mimic", enc)
+
+
+def test_two_ddp_ranks_match_one_process(hf_dump, world, moe_student, tmp_path):
+    """torchrun, 2 CPU ranks (gloo) vs one process on the same global batch. The router aux loss
+    is per rank (as in Switch and Megatron), so it is off here to compare exactly."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text("stage: mimic\nsteps: 3\nbatch_size: 8\nlr: 0.002\nwarmup: 1\naux_loss_coef: 0.0\n")
+    single = TrainConfig.from_yaml(cfg_file)
+    train([hf_dump], moe_student, tmp_path / "one", single, image_root=world, progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(hf_dump), "--student",
+           str(moe_student), "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(world)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    start = load_file(moe_student / "model.safetensors")
+    moved = [k for k in a if not torch.equal(a[k], start[k])]
+    assert moved, "training changed nothing"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
