@@ -212,12 +212,22 @@ def eval_cmd(
     data: Path = typer.Option(..., help="Eval JSONL (id, image, question, answer, type)."),
     out: Path | None = typer.Option(None, help="Write metrics JSON here."),
     image_root: Path | None = typer.Option(None),
+    shards: list[Path] | None = typer.Option(None, help="Teacher dumps of held-out data: adds kl_to_teacher."),
+    shards_image_root: Path | None = typer.Option(None, help="Root of those shards' image paths."),
 ) -> None:
-    """Held-out accuracy by type and POPE-style hallucination metrics."""
+    """Held-out accuracy by type, POPE-style hallucination metrics, expert utilisation, KL to teacher."""
     check_environment()
     from shared.evaluation import evaluate_model
 
     metrics = evaluate_model(model, data, image_root)
+    if shards:
+        from student_train.data import ShardError
+        from student_train.evaluate import kl_to_teacher
+
+        try:
+            metrics["kl_to_teacher"] = kl_to_teacher(model, shards, shards_image_root)
+        except ShardError as e:
+            fail(str(e))
     text = json.dumps(metrics, indent=2)
     if out is not None:
         out.write_text(text + "\n")
@@ -234,13 +244,16 @@ def demo(
     shards: int = typer.Option(4),
     top_k: int = typer.Option(32),
     backend: str = typer.Option("vllm"),
+    student_steps: int = typer.Option(1500, help="Steps of the SFT and mimic students (same budget)."),
+    pref_steps: int = typer.Option(300, help="Preference-distillation steps after mimic."),
 ) -> None:
     """The tiny end-to-end demo on the embedded world; writes OUT/report.json."""
     check_environment()
     from pipelines.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(out=out, n_mimic=n_mimic, n_pref=n_pref, n_eval=n_eval, teacher_steps=teacher_steps,
-                        shards=shards, top_k=top_k, backend=backend))
+                        shards=shards, top_k=top_k, backend=backend, student_steps=student_steps,
+                        pref_steps=pref_steps))
 
 
 def main() -> None:

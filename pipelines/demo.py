@@ -15,6 +15,7 @@ from pathlib import Path
 from shared.evaluation import evaluate_model
 from shared.shards import dump_info, verify_dump
 from shared.world import make_world
+from student_train.evaluate import kl_to_teacher
 from student_train.moe import active_parameters, make_dense_student, upcycle
 from student_train.train import TrainConfig, train
 from teacher_dump.run import DumpConfig, dump_teacher
@@ -33,8 +34,8 @@ class DemoConfig:
     shards: int = 4
     top_k: int = 32
     backend: str = "vllm"
-    student_steps: int = 300
-    pref_steps: int = 60
+    student_steps: int = 1500
+    pref_steps: int = 300
     student_batch: int = 16
     configs: Path = Path(__file__).parent / "configs"
 
@@ -89,6 +90,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         step(f"train {name}")
         train(shards, start, run_dir, tcfg, image_root=world)
 
+    step("held-out teacher dump")
+    held_dump = out / "eval_shards"
+    held_mimic = out / "eval_world_mimic"  # held-out conversations, for agreement with the teacher
+    if not (held_mimic / "mimic.jsonl").exists():
+        make_world(held_mimic, cfg.eval_seed + 1, 300, 0, 0)
+    dump_teacher(DumpConfig(model=teacher, out=held_dump, mimic_data=held_mimic / "mimic.jsonl",
+                            shards=1, top_k=cfg.top_k, backend="hf", progress=False))
+
     step("eval")
     rows = []
     for name, path in [("teacher", teacher), ("sft", out / "sft"), ("mimic", out / "mimic"),
@@ -97,8 +106,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         from transformers import AutoModelForImageTextToText
 
         n_active = active_parameters(AutoModelForImageTextToText.from_pretrained(str(path)))
+        kl = kl_to_teacher(path, [held_dump], held_mimic)
         rows.append({"model": name, "path": str(path), "accuracy": metrics["accuracy"],
-                     "hallucination_rate": metrics.get("hallucination_rate"), "active_params": n_active, **metrics})
+                     "hallucination_rate": metrics.get("hallucination_rate"), "active_params": n_active,
+                     "kl_to_teacher": kl, **metrics})
     report = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "rows": rows, "shards": dump_info(out / "shards")}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_table(rows, report["shards"])
@@ -106,11 +117,12 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _print_table(rows: list[dict], shards: dict) -> None:
-    print(f"\n{'model':<12} {'accuracy':>9} {'halluc.':>8} {'POPE F1':>8} {'active':>9}  by type")
+    print(f"\n{'model':<12} {'accuracy':>9} {'halluc.':>8} {'POPE F1':>8} {'KL->T':>7} {'active':>9}  by type")
     for r in rows:
         by_type = " ".join(f"{k}={v:.2f}" for k, v in r["accuracy_by_type"].items())
         acc, hal, f1 = r["accuracy"], r["hallucination_rate"], r["pope"]["f1"]
-        print(f"{r['model']:<12} {acc:>9.3f} {hal:>8.3f} {f1:>8.3f} {r['active_params']:>9}  {by_type}")
+        kl = r["kl_to_teacher"]
+        print(f"{r['model']:<12} {acc:>9.3f} {hal:>8.3f} {f1:>8.3f} {kl:>7.3f} {r['active_params']:>9}  {by_type}")
     m = shards.get("mimic", {})
     print(f"\nshards: {m.get('rows')} mimic rows, {m.get('tokens')} tokens, {m.get('bytes_per_token')} B/token, "
           f"top-k {shards['top_k']}, backend {shards['backend']}")

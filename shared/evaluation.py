@@ -92,5 +92,19 @@ def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, 
     records = [json.loads(line) for line in open(data) if line.strip()][:limit]
     processor = load_processor(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    counts: list[torch.Tensor] = []
+    text = model.config.text_config
+    top_k = getattr(text, "num_experts_per_tok", 0)
+    handles = [
+        m.register_forward_hook(lambda mod, i, o: counts.append(torch.bincount(
+            o[0].topk(top_k, -1).indices.reshape(-1), minlength=o[0].shape[-1])))
+        for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "num_experts")
+    ]
     answers = greedy_answers(model, SampleEncoder(processor), records, image_root or Path(data).parent)
-    return score(records, answers)
+    for h in handles:
+        h.remove()
+    metrics = score(records, answers)
+    if counts:
+        total = torch.stack(counts).sum(0).float()
+        metrics["expert_utilisation"] = (total / total.sum()).tolist()  # share of routed slots per expert
+    return metrics

@@ -146,3 +146,23 @@ def test_two_ddp_ranks_match_one_process(hf_dump, world, moe_student, tmp_path):
     assert moved, "training changed nothing"
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_eval_cli_reports_accuracy_pope_experts_and_kl(moe_student, teacher, world, held_out_dump, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    held_dump, held_world = held_out_dump
+    res = CliRunner().invoke(app, ["eval", "--model", str(moe_student), "--data", str(world / "eval.jsonl"),
+                                   "--out", str(tmp_path / "m.json"), "--shards", str(held_dump),
+                                   "--shards-image-root", str(held_world)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert {"accuracy", "hallucination_rate", "accuracy_by_type", "pope", "kl_to_teacher"} <= set(m)
+    assert m["n"] == 8 and set(m["pope"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
+    assert len(m["expert_utilisation"]) == 4 and abs(sum(m["expert_utilisation"]) - 1) < 1e-6
+    assert m["kl_to_teacher"] > 0.01
+    from student_train.evaluate import kl_to_teacher
+
+    assert kl_to_teacher(teacher, [held_dump], held_world) < 1e-4  # the teacher agrees with itself
