@@ -139,9 +139,14 @@ def hallucinated_caption(objects: list[WorldObject], rng: random.Random) -> str:
 
 
 def make_pref(objects: list[WorldObject], rng: random.Random) -> tuple[str, str, str]:
-    """(question, chosen, rejected) where the rejected answer hallucinates."""
+    """(question, chosen, rejected) where the rejected answer is wrong about the picture: it
+    hallucinates an absent object or attribute, or (for half the existence questions) denies a
+    present object, so that preferring "no" blindly is not rewarded."""
     kind = rng.choice(("exists", "caption", "color"))
     if kind == "exists":
+        if rng.random() < 0.5:
+            obj = rng.choice(objects)
+            return f"Is there a {obj.name} in the image?", "yes", "no"
         color, shape = absent_object(objects, rng, adversarial=rng.random() < 0.7)
         return f"Is there a {color} {shape} in the image?", "no", "yes"
     if kind == "caption":

@@ -15,7 +15,13 @@ from PIL import Image
 from shared.fingerprint import tokenizer_fingerprint
 from shared.manifest import Manifest
 from shared.mllm import SampleEncoder
-from shared.prompt import conversation_segments, encode_segments, expand_placeholder, pref_segments
+from shared.prompt import (
+    EncodedSample,
+    conversation_segments,
+    encode_segments,
+    expand_placeholder,
+    pref_segments,
+)
 from shared.shards import shard_paths
 
 
@@ -80,8 +86,6 @@ def _with_response_ids(encoder: SampleEncoder, segments: list[tuple[str, bool]],
         piece = next(it) if is_response else encode_segments(encoder.tokenizer, [(text, False)]).ids
         ids.extend(piece)
         mask.extend([is_response] * len(piece))
-    from shared.prompt import EncodedSample
-
     full, full_mask = expand_placeholder(EncodedSample(ids, mask, [], ""), encoder.placeholder_id,
                                          encoder.image_expansion)
     return full, [p for p, m in enumerate(full_mask) if m]

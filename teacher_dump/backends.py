@@ -72,19 +72,12 @@ class HFBackend:
                                for k, v in pix.items()})
             elif any(r.image is not None for r in chunk):
                 # Mixed batches: score one at a time rather than fake an image.
-                results.extend(r for req in chunk for r in self.score_one(req))
+                results.extend(r for req in chunk for r in self.score([req]))
                 continue
             logits = self.model(**inputs).logits
             for row, req in enumerate(chunk):
                 results.append(self._pick(logits[row], req))
         return results
-
-    def score_one(self, req: ScoreRequest) -> list[ScoreResult]:
-        saved, self.batch_size = self.batch_size, 1
-        try:
-            return self.score([req])
-        finally:
-            self.batch_size = saved
 
     @staticmethod
     def _pick(logits: torch.Tensor, req: ScoreRequest) -> ScoreResult:
