@@ -150,18 +150,21 @@ class VLLMBackend:
             )
         flat = out.prompt_logprobs
         k = req.top_k
-        target = np.empty(len(req.positions), np.float32)
-        ids = np.empty((len(req.positions), k), np.int32)
-        lps = np.empty((len(req.positions), k), np.float32)
-        for j, p in enumerate(req.positions):
-            # Per position: the actual prompt token first, then the top-k in rank order.
-            s, e = flat.start_indices[p], flat.end_indices[p]
-            if flat.token_ids[s] != req.ids[p] or e - s != k + 1:
-                raise RuntimeError(f"unexpected vLLM prompt_logprobs layout at position {p}")
-            target[j] = flat.logprobs[s]
-            ids[j] = flat.token_ids[s + 1 : e]
-            lps[j] = flat.logprobs[s + 1 : e]
-        return ScoreResult(target, ids, lps) if k > 0 else ScoreResult(target)
+        # Per position: the actual prompt token first, then the top-k in rank order. Gathered with
+        # numpy in one go: a Python loop over positions cost ~20% of the dump's throughput.
+        pos = np.asarray(req.positions)
+        starts = np.asarray(flat.start_indices)[pos]
+        token_ids = np.asarray(flat.token_ids, dtype=np.int64)
+        logprobs = np.asarray(flat.logprobs, dtype=np.float32)
+        if np.any(np.asarray(flat.end_indices)[pos] - starts != k + 1) or np.any(
+            token_ids[starts] != np.asarray(req.ids)[pos]
+        ):
+            raise RuntimeError("unexpected vLLM prompt_logprobs layout (target first, then top-k)")
+        idx = starts[:, None] + np.arange(1, k + 1)
+        target = logprobs[starts]
+        if k == 0:
+            return ScoreResult(target)
+        return ScoreResult(target, token_ids[idx].astype(np.int32), logprobs[idx])
 
 
 def make_backend(name: str, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 512,
