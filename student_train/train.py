@@ -179,7 +179,14 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     out.mkdir(parents=True, exist_ok=True)
     if dist.rank == 0:
         (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    metrics_file = open(out / "metrics.jsonl", "a" if step else "w") if dist.rank == 0 else None
+    metrics_file = None
+    if dist.rank == 0:
+        metrics_path = out / "metrics.jsonl"
+        # A run killed after its last checkpoint logged steps that will be redone: drop them.
+        kept = [line for line in (metrics_path.read_text().splitlines() if step and metrics_path.exists() else [])
+                if json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+        metrics_file = open(metrics_path, "a")
     pad = encoder.tokenizer.pad_token_id
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bfloat16")

@@ -166,3 +166,44 @@ def test_eval_cli_reports_accuracy_pope_experts_and_kl(moe_student, teacher, wor
     from student_train.evaluate import kl_to_teacher
 
     assert kl_to_teacher(teacher, [held_dump], held_world) < 1e-4  # the teacher agrees with itself
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(hf_dump, world, moe_student, tmp_path):
+    """SIGKILL mid-run, between checkpoints: the rerun replays from the checkpoint and ends with the
+    same weights and metrics as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    cfg_file = tmp_path / "kill.yaml"
+    cfg_file.write_text("stage: mimic\nsteps: 40\nbatch_size: 4\nlr: 0.002\nwarmup: 2\nsave_every: 5\n")
+    full = train([hf_dump], moe_student, tmp_path / "full", TrainConfig.from_yaml(cfg_file), image_root=world,
+                 progress=False)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(hf_dump),
+           "--student", str(moe_student), "--out", str(out), "--config", str(cfg_file), "--image-root", str(world)]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parents[1], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 12:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the kill must land mid-run"
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert 10 <= state["step"] < 40 and state["step"] % 5 == 0
+
+    res = subprocess.run(cmd + ["--resume"], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert rows[-1]["loss"] == full[-1]["loss"]
