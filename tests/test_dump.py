@@ -40,7 +40,7 @@ def test_layout_and_manifest(vllm_dump: Path, world: Path, teacher: Path):
     assert verify_dump(vllm_dump) == []
 
 
-def _independent_logprobs(teacher: Path, world: Path, row: dict) -> torch.Tensor:
+def _independent_logprobs(teacher: Path, world: Path, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-vocab log_softmax of the teacher's logits, computed here from the stored token ids."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
