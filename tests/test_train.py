@@ -65,7 +65,8 @@ def test_mimic_lowers_kl_on_held_out_shards(hf_dump, world, moe_student, held_ou
     assert abs(sum(rows[-1]["expert_load"]) - 1) < 1e-5
 
 
-def _margin(model_dir: Path, dump_dir: Path, world: Path) -> float:
+def _margin(model_dir: Path, dump_dir: Path, world: Path) -> tuple[float, float]:
+    """Mean implicit-reward margin over all pairs (beta = 1) and the share of pairs it ranks right."""
     from transformers import AutoModelForImageTextToText
 
     enc = SampleEncoder(load_processor(model_dir))
@@ -78,7 +79,8 @@ def _margin(model_dir: Path, dump_dir: Path, world: Path) -> float:
                                [e.chosen_positions for e in ex] + [e.rejected_positions for e in ex])
     n = len(ex)
     ref = torch.tensor([e.ref_chosen - e.ref_rejected for e in ex])
-    return ((lp[:n] - lp[n:]) - ref).mean().item()
+    margins = (lp[:n] - lp[n:]) - ref
+    return margins.mean().item(), (margins > 0).float().mean().item()
 
 
 def test_pref_raises_preference_margin_and_accuracy(hf_dump, world, moe_student, tmp_path):
@@ -86,8 +88,9 @@ def test_pref_raises_preference_margin_and_accuracy(hf_dump, world, moe_student,
     cfg = TrainConfig(stage="pref", steps=15, batch_size=8, lr=3e-3, warmup=2, beta=0.5)
     history = train([hf_dump], moe_student, tmp_path / "pref", cfg, image_root=world, progress=False)
     after = _margin(tmp_path / "pref", hf_dump, world)
-    assert after > before + 1.0, (before, after)
-    assert history[-1]["pref_accuracy"] > 0.8 and {"dpo_loss", "pref_accuracy", "aux_loss"} <= set(history[-1])
+    print("margin, accuracy before/after:", before, after)
+    assert after[0] > before[0] + 1.0 and after[1] > before[1] and after[1] >= 0.75, (before, after)
+    assert {"dpo_loss", "pref_accuracy", "reward_margin", "aux_loss"} <= set(history[-1])
 
 
 def test_interrupted_training_resumes_to_the_same_result(hf_dump, world, moe_student, tmp_path):
