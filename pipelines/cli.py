@@ -197,7 +197,7 @@ def train_cmd(
         cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     if cfg.stage not in ("mimic", "pref"):
         fail(f"--stage must be mimic or pref (got {cfg.stage!r})")
-    if (out / "trainer_state.pt").exists() and not resume:
+    if (out / "latest_checkpoint").exists() and not resume:
         fail(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     try:
         history = train(shards, student, out, cfg, image_root=image_root, resume=resume)

@@ -82,13 +82,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     for name, (yaml_name, stage, start) in runs.items():
         run_dir = out / name
-        if (run_dir / "model.safetensors").exists() and (run_dir / "trainer_state.pt").exists():
+        if (run_dir / "model.safetensors").exists():  # written once a run has finished
             continue
         steps = cfg.pref_steps if stage == "pref" else cfg.student_steps
         tcfg = TrainConfig.from_yaml(cfg.configs / yaml_name, steps=steps, batch_size=cfg.student_batch,
                                      seed=cfg.seed)
         step(f"train {name}")
-        train(shards, start, run_dir, tcfg, image_root=world)
+        train(shards, start, run_dir, tcfg, image_root=world, resume=True)
 
     step("held-out teacher dump")
     held_dump = out / "eval_shards"

@@ -157,8 +157,8 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
     progress = progress and dist.rank == 0
     out = Path(out)
-    state_path = out / "trainer_state.pt"
-    start_dir = out if resume and state_path.exists() else student
+    checkpoint = latest_checkpoint(out) if resume else None
+    start_dir = checkpoint or student
     encoder = SampleEncoder(load_processor(student))
     files = check_shards(shards, cfg.stage, encoder)
     examples = (load_mimic if cfg.stage == "mimic" else load_pref)(files, encoder, image_root)
@@ -172,8 +172,8 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.startswith("cuda"))
     step = 0
-    if start_dir == out:
-        state = torch.load(state_path, weights_only=False)
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     out.mkdir(parents=True, exist_ok=True)
@@ -227,6 +227,9 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         if (cfg.save_every and step % cfg.save_every == 0) or step == stop_at:
             if dist.rank == 0:
                 save_checkpoint(model, opt, step, out, encoder)
+                if step == cfg.steps:  # the finished model, loadable from OUT itself
+                    model.save_pretrained(str(out))
+                    encoder.processor.save_pretrained(str(out))
             dist.barrier()
     bar.close()
     if metrics_file is not None:
@@ -234,13 +237,31 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     return history
 
 
+LATEST = "latest_checkpoint"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The last complete checkpoint directory under OUT, or None."""
+    pointer = Path(out) / LATEST
+    return Path(out) / pointer.read_text().strip() if pointer.exists() else None
+
+
 def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder) -> None:
-    """safetensors weights (from_pretrained-loadable) + processor + optimizer and data position."""
-    model.save_pretrained(str(out))
-    encoder.processor.save_pretrained(str(out))
-    tmp = out / "trainer_state.pt.tmp"
-    torch.save({"optimizer": opt.state_dict(), "step": step}, tmp)
-    tmp.replace(out / "trainer_state.pt")
+    """OUT/checkpoint-STEP/: safetensors weights (from_pretrained-loadable), processor, optimizer and
+    data position. The OUT/latest_checkpoint pointer moves only once the directory is complete, so a
+    kill while saving leaves the previous checkpoint in force; older checkpoints are then removed."""
+    import shutil
+
+    from shared.manifest import atomic_write_bytes
+
+    ckpt = out / f"checkpoint-{step:07d}"
+    model.save_pretrained(str(ckpt))
+    encoder.processor.save_pretrained(str(ckpt))
+    torch.save({"optimizer": opt.state_dict(), "step": step}, ckpt / "trainer_state.pt")
+    atomic_write_bytes(out / LATEST, ckpt.name.encode())
+    for old in out.glob("checkpoint-*"):
+        if old != ckpt:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _inputs(encoder: SampleEncoder, seqs: list[list[int]], images: list, pad: int, device: str) -> dict:

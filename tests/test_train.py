@@ -200,7 +200,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(hf_dump, world, moe_st
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the kill must land mid-run"
-    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    from student_train.train import latest_checkpoint
+
+    state = torch.load(latest_checkpoint(out) / "trainer_state.pt", weights_only=False)
     assert 10 <= state["step"] < 40 and state["step"] % 5 == 0
 
     res = subprocess.run(cmd + ["--resume"], cwd=Path(__file__).parents[1], capture_output=True, text=True)
