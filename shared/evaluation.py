@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from shared.mllm import SampleEncoder, load_processor
+from shared.mllm import SampleEncoder, load_processor, moe_routers
 from shared.prompt import END_OF_TURN, conversation_segments
 
 
@@ -98,7 +98,7 @@ def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, 
     handles = [
         m.register_forward_hook(lambda mod, i, o: counts.append(torch.bincount(
             o[0].topk(top_k, -1).indices.reshape(-1), minlength=o[0].shape[-1])))
-        for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "num_experts")
+        for m in moe_routers(model)
     ]
     answers = greedy_answers(model, SampleEncoder(processor), records, image_root or Path(data).parent)
     for h in handles:

@@ -36,8 +36,10 @@ class SampleEncoder:
         if hasattr(self.image_expansion, "tolist"):
             self.image_expansion = self.image_expansion.tolist()
 
-    def encode(self, segments: Sequence[tuple[str, bool]]) -> ModelInputs:
-        sample: EncodedSample = encode_segments(self.tokenizer, segments)
+    def encode(
+        self, segments: Sequence[tuple[str, bool]], responses: Sequence[Sequence[int]] | None = None
+    ) -> ModelInputs:
+        sample: EncodedSample = encode_segments(self.tokenizer, segments, responses)
         ids, mask = expand_placeholder(sample, self.placeholder_id, self.image_expansion)
         return ModelInputs(ids, sample.ids, mask, sample.turn_lengths, sample.text)
 
@@ -50,6 +52,11 @@ def load_processor(model_dir: str | Path) -> Any:
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(str(model_dir))
+
+
+def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The router modules of a transformers MoE text model (their forward returns router logits first)."""
+    return [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "num_experts")]
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,12 +41,28 @@ def conversation_segments(turns: Sequence[dict[str, str]]) -> list[tuple[str, bo
     return segments
 
 
-def encode_segments(tokenizer: Any, segments: Sequence[tuple[str, bool]]) -> EncodedSample:
+def with_placeholder(turns: list[dict], has_image: bool) -> list[dict]:
+    """LLaVA data sometimes omits `<image>`; like LLaVA, put it before the first question."""
+    if not has_image or any(IMAGE_PLACEHOLDER in t["value"] for t in turns):
+        return turns
+    first = {"from": turns[0]["from"], "value": f"{IMAGE_PLACEHOLDER}\n{turns[0]['value']}"}
+    return [first, *turns[1:]]
+
+
+def encode_segments(
+    tokenizer: Any, segments: Sequence[tuple[str, bool]], responses: Sequence[Sequence[int]] | None = None
+) -> EncodedSample:
+    """Tokenise segment by segment; with `responses`, response segments take those ids instead
+    (the student uses the teacher's stored response ids as labels)."""
     ids: list[int] = []
     mask: list[bool] = []
     turn_lengths: list[int] = []
+    stored = iter(responses) if responses is not None else None
     for text, is_response in segments:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if is_response and stored is not None:
+            piece = list(next(stored))
+        else:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         mask.extend([is_response] * len(piece))
         if is_response:

@@ -15,13 +15,7 @@ from PIL import Image
 from shared.fingerprint import tokenizer_fingerprint
 from shared.manifest import Manifest
 from shared.mllm import SampleEncoder
-from shared.prompt import (
-    EncodedSample,
-    conversation_segments,
-    encode_segments,
-    expand_placeholder,
-    pref_segments,
-)
+from shared.prompt import conversation_segments, pref_segments, with_placeholder
 from shared.shards import shard_paths
 
 
@@ -78,17 +72,10 @@ def _image(ref: str | None, image_root: Path | None) -> Image.Image | None:
 
 def _with_response_ids(encoder: SampleEncoder, segments: list[tuple[str, bool]],
                        responses: list[list[int]]) -> tuple[list[int], list[int]]:
-    """Prompt segments tokenised by the student; response segments replaced by stored ids."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    it = iter(responses)
-    for text, is_response in segments:
-        piece = next(it) if is_response else encode_segments(encoder.tokenizer, [(text, False)]).ids
-        ids.extend(piece)
-        mask.extend([is_response] * len(piece))
-    full, full_mask = expand_placeholder(EncodedSample(ids, mask, [], ""), encoder.placeholder_id,
-                                         encoder.image_expansion)
-    return full, [p for p, m in enumerate(full_mask) if m]
+    """Prompt tokenised by the student; response segments take the stored ids. Returns the
+    expanded ids and the label positions."""
+    enc = encoder.encode(segments, responses)
+    return enc.ids, [p for p, m in enumerate(enc.response_mask) if m]
 
 
 def load_mimic(files: list[Path], encoder: SampleEncoder, image_root: Path | None) -> list[MimicExample]:
@@ -96,8 +83,7 @@ def load_mimic(files: list[Path], encoder: SampleEncoder, image_root: Path | Non
     for f in files:
         for row in pq.read_table(f).to_pylist():
             turns = json.loads(row["conversations_json"])
-            if row["image"] and not any("<image>" in t["value"] for t in turns):
-                turns = [{"from": turns[0]["from"], "value": "<image>\n" + turns[0]["value"]}, *turns[1:]]
+            turns = with_placeholder(turns, bool(row["image"]))
             lengths, responses, start = row["response_turn_lengths"], [], 0
             for n in lengths:
                 responses.append(row["response_ids"][start : start + n])

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from shared.mllm import SampleEncoder, load_processor, pad_batch
+from shared.mllm import SampleEncoder, load_processor, moe_routers, pad_batch
 from student_train.data import check_shards, load_mimic, load_pref, sequence_logprobs
 from student_train.losses import load_balancing_loss, preference_loss, router_z_loss, sparse_kl
 
@@ -66,9 +66,8 @@ class RouterTap:
     def __init__(self, model: torch.nn.Module):
         self.logits: list[torch.Tensor] = []
         self.handles = []
-        for name, module in model.named_modules():
-            if name.endswith("mlp.gate") and hasattr(module, "num_experts"):
-                self.handles.append(module.register_forward_hook(lambda m, i, o: self.logits.append(o[0])))
+        for module in moe_routers(model):
+            self.handles.append(module.register_forward_hook(lambda m, i, o: self.logits.append(o[0])))
         text = model.config.text_config
         self.top_k = getattr(text, "num_experts_per_tok", 1)
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from shared.manifest import ShardEntry
 from shared.mllm import ModelInputs, SampleEncoder
-from shared.prompt import IMAGE_PLACEHOLDER, conversation_segments, pref_segments
+from shared.prompt import conversation_segments, pref_segments, with_placeholder
 from teacher_dump.backends import ScoreRequest, ScoreResult, TeacherBackend
 from teacher_dump.inputs import Record
 from teacher_dump.shard_writer import write_shard
@@ -34,14 +34,6 @@ def load_image(rec: Record) -> tuple[Image.Image | None, str]:
         return None, ""
     data = rec.image_bytes if rec.image_bytes is not None else Path(rec.image_path).read_bytes()
     return Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha256(data).hexdigest()
-
-
-def with_placeholder(turns: list[dict], has_image: bool) -> list[dict]:
-    """LLaVA data sometimes omits `<image>`; like LLaVA, put it before the first question."""
-    if not has_image or any(IMAGE_PLACEHOLDER in t["value"] for t in turns):
-        return turns
-    first = {"from": turns[0]["from"], "value": f"{IMAGE_PLACEHOLDER}\n{turns[0]['value']}"}
-    return [first, *turns[1:]]
 
 
 def encode_record(encoder: SampleEncoder, rec: Record) -> list[ModelInputs]:
