@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--skip-vllm", action="store_true")
     args = ap.parse_args()
 
-    from shared.mllm import SampleEncoder, load_processor
+    from shared.mllm import collate_images, load_encoder
     from shared.world import make_world
     from teacher_dump.backends import HFBackend, VLLMBackend
     from teacher_dump.inputs import read_records
@@ -56,8 +56,11 @@ def main() -> None:
         make_world(tmp / "train_world", seed=0, n_mimic=2000, n_pref=0, n_eval=0)
         make_tiny_teacher(tmp / "train_world", teacher, steps=args.teacher_steps)
     records, _ = read_records(tmp / "world" / "mimic.jsonl", "mimic", None)
-    encoder = SampleEncoder(load_processor(teacher))
-    requests = [_request(encode_record(encoder, r)[0], load_image(r)[0], 32) for r in records]
+    encoder = load_encoder(teacher)
+    requests = []
+    for r in records:
+        image = load_image(r)[0]
+        requests.append(_request(encode_record(encoder, r, encoder.image_features(image))[0], image, 32))
     n_tokens = sum(len(r.positions) for r in requests)
     print(f"teacher {teacher}, {len(records)} records, {n_tokens} response tokens, vocab {len(encoder.tokenizer)}")
 
@@ -75,7 +78,7 @@ def main() -> None:
             for s in range(0, len(requests), hf.batch_size):
                 chunk = requests[s : s + hf.batch_size]
                 ids, attn = pad_batch([r.ids for r in chunk], hf.pad_id)
-                pix = hf.encoder.image_tensors([r.image for r in chunk])
+                pix = collate_images([r.features for r in chunk])
                 hf.model(input_ids=ids, attention_mask=attn, **pix)
 
     hf_bare()
@@ -108,7 +111,7 @@ def main() -> None:
         full = []
         for r in requests:
             ids = torch.tensor([r.ids])
-            pix = hf.encoder.image_tensors([r.image])
+            pix = collate_images([r.features])
             logits = hf.model(input_ids=ids, **pix).logits[0]
             full.append(torch.log_softmax(logits[torch.tensor(r.positions) - 1].double(), -1))
         logp = torch.cat(full)  # [N, V]

@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
 
-    from shared.mllm import SampleEncoder, load_processor
-    from student_train.data import check_shards, load_mimic
+    from shared.mllm import load_encoder
+    from student_train.data import check_shards, encode_mimic, label_positions, load_mimic
     from student_train.moe import StudentConfig, active_parameters, make_dense_student, upcycle
     from student_train.train import TrainConfig, _batch_indices, _inputs, train
 
@@ -59,22 +59,22 @@ def main() -> None:
     print(f"   mimic KD (top-k + rest) {_tokens_per_s(kd):8.0f}   CE only {_tokens_per_s(ce):8.0f}   "
           f"KD/CE {_tokens_per_s(kd) / _tokens_per_s(ce):.2f}")
 
-    enc = SampleEncoder(load_processor(tmp / "moe"))
+    enc = load_encoder(tmp / "moe")
     files = check_shards([args.shards], "mimic", enc)
     t = time.perf_counter()
-    examples = load_mimic(files, enc, args.image_root)
+    examples = load_mimic(files, args.image_root)
     t_load = time.perf_counter() - t
     n_batches = 50
     t = time.perf_counter()
     tokens = 0
     for step in range(n_batches):
-        batch = [examples[i] for i in _batch_indices(step, len(examples), args.batch_size, 0)]
-        _inputs(enc, [e.ids for e in batch], [e.image for e in batch], enc.tokenizer.pad_token_id, "cpu")
-        tokens += sum(len(e.label_positions) for e in batch)
+        batch = [encode_mimic(enc, examples[i]) for i in _batch_indices(step, len(examples), args.batch_size, 0)]
+        _inputs([e.ids for e in batch], [e.image for e in batch], enc.pad_id, "cpu")
+        tokens += sum(len(label_positions(e)) for e in batch)
     collate = tokens / (time.perf_counter() - t)
     print("2. data loading")
     print(f"   shards -> examples: {len(examples)} rows in {t_load:.1f} s ({len(examples) / t_load:.0f} rows/s)")
-    print(f"   batches (collate + image processing): {collate:8.0f} tokens/s vs trainer {_tokens_per_s(kd):8.0f} "
+    print(f"   batches (template + images + collate): {collate:8.0f} tokens/s vs trainer {_tokens_per_s(kd):8.0f} "
           f"tokens/s: loader/trainer {collate / _tokens_per_s(kd):.1f}x")
 
     from transformers import AutoModelForImageTextToText

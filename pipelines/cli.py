@@ -94,6 +94,7 @@ def dump_teacher_cmd(
 ) -> None:
     """Run the teacher over the data on Ray and write top-k shards + a manifest (resumable)."""
     check_environment()
+    from shared.prompt import TemplateError
     from teacher_dump.inputs import InputError
     from teacher_dump.run import DumpConfig, dump_teacher
 
@@ -104,7 +105,7 @@ def dump_teacher_cmd(
     )
     try:
         dump_teacher(cfg)
-    except (InputError, FileNotFoundError) as e:
+    except (InputError, TemplateError, FileNotFoundError) as e:
         fail(str(e))
     from shared.shards import dump_info
 

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from shared.mllm import SampleEncoder, load_processor, moe_routers
-from shared.prompt import END_OF_TURN, conversation_segments
+from shared.mllm import SampleEncoder, collate_images, load_encoder, moe_routers, pad_batch
+from shared.prompt import pref_messages
 
 
 def normalise(answer: str) -> str:
@@ -21,32 +21,26 @@ def normalise(answer: str) -> str:
 @torch.no_grad()
 def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root: Path,
                    batch_size: int = 64, max_new_tokens: int = 24) -> list[str]:
-    """Greedy decoding, batched with left padding; stops at the end-of-turn token."""
+    """Greedy decoding with the model's own chat template, batched with left padding; stops at any
+    of the model's end-of-turn tokens."""
     tok = encoder.tokenizer
-    eot = tok.convert_tokens_to_ids(END_OF_TURN)
+    eos = sorted(encoder.eos_ids)
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        prompts = []
-        for rec in chunk:
-            q = rec["question"] if "<image>" in rec["question"] else "<image>\n" + rec["question"]
-            segs = conversation_segments([{"from": "human", "value": q}])
-            prompts.append(encoder.encode(segs).ids)
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
-        pix = encoder.image_tensors([Image.open(root / rec["image"]).convert("RGB") for rec in chunk])
+        prompts = [
+            encoder.encode_prompt(pref_messages(rec["question"], None, True),
+                                  encoder.image_features(Image.open(root / rec["image"]).convert("RGB")))
+            for rec in chunk
+        ]
+        ids, attn = pad_batch([p.ids for p in prompts], encoder.pad_id, left=True)
         out = model.generate(
-            input_ids=ids, attention_mask=attn, **pix, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=eot, pad_token_id=tok.pad_token_id,
+            input_ids=ids, attention_mask=attn, **collate_images([p.image for p in prompts]),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=encoder.pad_id,
         )
-        for row in out[:, width:].tolist():
-            if eot in row:
-                row = row[: row.index(eot)]
-            answers.append(tok.decode(row, skip_special_tokens=True))
+        for row in out[:, ids.shape[1] :].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            answers.append(tok.decode(row[:cut], skip_special_tokens=True))
     return answers
 
 
@@ -90,7 +84,7 @@ def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, 
     from transformers import AutoModelForImageTextToText
 
     records = [json.loads(line) for line in open(data) if line.strip()][:limit]
-    processor = load_processor(model_dir)
+    encoder = load_encoder(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     counts: list[torch.Tensor] = []
     text = model.config.text_config
@@ -100,7 +94,7 @@ def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, 
             o[0].topk(top_k, -1).indices.reshape(-1), minlength=o[0].shape[-1])))
         for m in moe_routers(model)
     ]
-    answers = greedy_answers(model, SampleEncoder(processor), records, image_root or Path(data).parent)
+    answers = greedy_answers(model, encoder, records, image_root or Path(data).parent)
     for h in handles:
         h.remove()
     metrics = score(records, answers)

@@ -1,8 +1,10 @@
-"""Loading an MLLM's processor and turning samples into model inputs (teacher hf backend, tiny
-teacher training and the student all go through here)."""
+"""Loading an MLLM's processor and turning samples into model inputs with the model's own chat
+template and per-image token expansion (teacher backends, tiny teacher training, the student and
+evaluation all go through here)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,41 +13,155 @@ from typing import Any
 import torch
 from PIL import Image
 
-from shared.prompt import IMAGE_PLACEHOLDER, EncodedSample, encode_segments, expand_placeholder
+from shared.families import Family, family_of
+from shared.prompt import Messages, TemplateError, render_with_spans
+
+# Processor outputs that describe text, not the image.
+_TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+@dataclass
+class ImageFeatures:
+    """One image as this model sees it: its token run and the tensors its forward takes."""
+
+    ids: list[int]
+    tensors: dict[str, torch.Tensor]  # leading dim 1 (one image), or flattened patches (Qwen-VL)
 
 
 @dataclass
 class ModelInputs:
-    ids: list[int]  # expanded (image tokens in place)
-    prompt_ids: list[int]  # unexpanded (one placeholder per image)
-    response_mask: list[bool]
-    turn_lengths: list[int]
-    text: str
+    ids: list[int]  # expanded (the image's token run in place)
+    prompt_ids: list[int]  # unexpanded: what vLLM is given with the image
+    response_mask: list[bool]  # True where ids[i] is a response token (a label)
+    turn_lengths: list[int]  # response tokens per assistant turn
+    text: str  # the rendered conversation (unexpanded), for humans and independent checks
+    image: ImageFeatures | None
 
 
 class SampleEncoder:
-    """Segment-wise tokenisation plus the model's image-token expansion, learnt once from the
-    processor so that it matches what the model (and vLLM) expect."""
+    """Messages (+ image) -> ids and response mask, rendered by the model's chat template.
 
-    def __init__(self, processor: Any):
+    `encode(..., responses=...)` puts stored response ids in place of the rendered answers: the
+    student builds its prompt with its own template and learns the teacher's response tokens.
+    """
+
+    def __init__(self, processor: Any, name: str = "model", model_type: str = "", eos_ids: Sequence[int] = ()):
         self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.placeholder_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-        blank = Image.new("RGB", (32, 32))
-        self.image_expansion: list[int] = processor(text=IMAGE_PLACEHOLDER, images=[blank])["input_ids"][0]
-        if hasattr(self.image_expansion, "tolist"):
-            self.image_expansion = self.image_expansion.tolist()
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.name = name
+        self.family: Family = family_of(model_type)
+        self.template = (getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+                         or self.family.chat_template)
+        if not self.template:
+            raise TemplateError(f"{name}: ships no chat template; add one to its processor (chat_template.jinja) "
+                                "or a family entry in shared/families.py")
+        self.image_token: str = getattr(processor, "image_token", None) or "<image>"
+        self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.eos_ids = {int(i) for i in eos_ids} | {self.tokenizer.eos_token_id} - {None}
+        self.pad_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def encode(
-        self, segments: Sequence[tuple[str, bool]], responses: Sequence[Sequence[int]] | None = None
-    ) -> ModelInputs:
-        sample: EncodedSample = encode_segments(self.tokenizer, segments, responses)
-        ids, mask = expand_placeholder(sample, self.placeholder_id, self.image_expansion)
-        return ModelInputs(ids, sample.ids, mask, sample.turn_lengths, sample.text)
+    # -- text ---------------------------------------------------------------------------------
+    def render(self, messages: Messages, add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
 
-    def image_tensors(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        out = self.processor.image_processor([[im] for im in images], return_tensors="pt")
-        return {k: v for k, v in out.items() if k in ("pixel_values", "pixel_attention_mask")}
+    def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def _response_ranges(self, text: str, chunks: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and, per assistant chunk, the token range of its response: from the
+        chunk's first token through its first end-of-turn token."""
+        ids, offsets = self._tokens(text)
+        ranges = []
+        for lo, hi in chunks:
+            if any(s < lo < e or s < hi < e for s, e in offsets):
+                raise TemplateError(f"{self.name}: a token crosses the boundary of an assistant turn in {text!r}; "
+                                    "prompt and response cannot be tokenised apart")
+            inside = [t for t, (s, e) in enumerate(offsets) if lo <= s and e <= hi and e > s]
+            end = next((t for t in inside if ids[t] in self.eos_ids), None)
+            if not inside or end is None:
+                eos = sorted(self.tokenizer.convert_ids_to_tokens(sorted(self.eos_ids)))
+                raise TemplateError(f"{self.name}: its chat template ends an assistant turn without an end-of-turn "
+                                    f"token (one of {eos}); the student could not learn to stop")
+            ranges.append((inside[0], end + 1))
+        return ids, ranges
+
+    def encode(self, messages: Messages, image: ImageFeatures | None = None,
+               responses: Sequence[Sequence[int]] | None = None) -> ModelInputs:
+        rendered = render_with_spans(self.render, messages, self.name)
+        ids, ranges = self._response_ranges(rendered.text, rendered.chunks)
+        if responses is not None and len(responses) != len(ranges):
+            raise ValueError(f"{len(responses)} stored responses for {len(ranges)} assistant turns")
+        out: list[int] = []
+        mask: list[bool] = []
+        lengths: list[int] = []
+        pos = 0
+        for turn, (lo, hi) in enumerate(ranges):
+            piece = list(responses[turn]) if responses is not None else ids[lo:hi]
+            out += ids[pos:lo] + piece
+            mask += [False] * (lo - pos) + [True] * len(piece)
+            lengths.append(len(piece))
+            pos = hi
+        out += ids[pos:]
+        mask += [False] * (len(ids) - pos)
+        return self._with_image(out, mask, lengths, rendered.text, image)
+
+    def encode_prompt(self, messages: Messages, image: ImageFeatures | None = None) -> ModelInputs:
+        """The generation prompt for the last user turn (evaluation)."""
+        text = self.render(messages, True)
+        ids, _ = self._tokens(text)
+        return self._with_image(ids, [False] * len(ids), [], text, image)
+
+    # -- images -------------------------------------------------------------------------------
+    def image_features(self, image: Image.Image | None) -> ImageFeatures | None:
+        """The processor applied to this image: its own token count (image splitting, anyres and
+        dynamic resolution included) and its tensors. Once per sample."""
+        if image is None:
+            return None
+        text = "" if self.family.image_at_start else self.image_token
+        out = self.processor(text=text, images=[image], add_special_tokens=False, return_tensors="pt")
+        ids = out["input_ids"][0].tolist()
+        return ImageFeatures(ids, {k: v for k, v in out.items() if k not in _TEXT_KEYS})
+
+    def _with_image(self, ids: list[int], mask: list[bool], lengths: list[int], text: str,
+                    image: ImageFeatures | None) -> ModelInputs:
+        found = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        want = 1 if image is not None and not self.family.image_at_start else 0
+        if len(found) != want:
+            raise ValueError(f"{self.name}: {len(found)} image tokens ({self.image_token}) in the rendered sample, "
+                             f"expected {want}; an {self.image_token} inside an answer, or a template that drops "
+                             "images?")
+        if image is None:
+            return ModelInputs(ids, ids, mask, lengths, text, None)
+        if self.family.image_at_start:
+            return ModelInputs(image.ids + ids, ids, [False] * len(image.ids) + mask, lengths, text, image)
+        (p,) = found
+        expanded = ids[:p] + image.ids + ids[p + 1 :]
+        return ModelInputs(expanded, ids, mask[:p] + [False] * len(image.ids) + mask[p + 1 :], lengths, text, image)
+
+
+def collate_images(features: Sequence[ImageFeatures | None]) -> dict[str, torch.Tensor]:
+    """Batch the tensors of the images present (in order: models fill image tokens in sequence).
+    Per-image tensors (leading dim 1) are zero-padded to the largest (crops, patches: the models
+    drop all-zero padding crops or read the true sizes from `image_sizes`); flattened patch tensors
+    (Qwen-VL) are concatenated."""
+    present = [f.tensors for f in features if f is not None]
+    if not present:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for key in present[0]:
+        ts = [t[key] for t in present]
+        if all(t.dim() >= 2 and t.shape[0] == 1 for t in ts):
+            shape = [max(t.shape[d] for t in ts) for d in range(1, ts[0].dim())]
+            batch = ts[0].new_zeros((len(ts), *shape))
+            for i, t in enumerate(ts):
+                batch[(i, *(slice(0, n) for n in t.shape[1:]))] = t[0]
+            out[key] = batch
+        else:
+            out[key] = torch.cat(ts, 0)
+    return out
 
 
 def load_processor(model_dir: str | Path) -> Any:
@@ -54,17 +170,31 @@ def load_processor(model_dir: str | Path) -> Any:
     return AutoProcessor.from_pretrained(str(model_dir))
 
 
+def load_encoder(model_dir: str | Path) -> SampleEncoder:
+    """The encoder of a local model directory: processor, chat template, family, end-of-turn ids."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    eos: list[int] = []
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        eos = [value] if isinstance(value, int) else list(value or [])
+    return SampleEncoder(load_processor(model_dir), name=str(model_dir), model_type=config.get("model_type", ""),
+                         eos_ids=eos)
+
+
 def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The router modules of a transformers MoE text model (their forward returns router logits first)."""
     return [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "num_experts")]
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists; returns (input_ids, attention_mask)."""
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists (right, or left for generation); returns (input_ids, attention_mask)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        attn[i, : len(s)] = 1
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(list(s), dtype=torch.long)
+        attn[i, span] = 1
     return ids, attn

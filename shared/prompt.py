@@ -1,91 +1,98 @@
-"""Turning conversations into token ids with a response mask, the same way for every backend.
+"""Conversations -> standard chat messages -> the model's own chat template, with response spans.
 
-Text is tokenised segment by segment (never across a prompt/response boundary), so we know
-exactly which ids are response tokens. The single `<image>` placeholder id is then replaced by the
-model's own expansion (e.g. Idefics3: <fake><global-img><image>*n<fake>), which the caller gets once
-from the model's processor.
+LLaVA-style data (human/gpt turns, an `<image>` placeholder in the text) becomes standard
+messages (`{"role", "content": [{"type": "image"}, {"type": "text", "text": ...}]}`), which the
+model's chat template renders. Response spans come from the template itself: for assistant turn
+i, the rendering of messages[:i] with `add_generation_prompt=True` must be a prefix of the
+rendering of messages[:i+1]; what follows it is that turn's chunk. The caller (shared.mllm) keeps
+the chunk's tokens up to and including the first end-of-turn token as the response, so the
+student learns to stop. A template that rewrites earlier turns (no prefix property) is refused:
+we never guess where a response starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IMAGE_PLACEHOLDER = "<image>"
-END_OF_TURN = "<end_of_utterance>"
-USER_PREFIX = "User:"
-ASSISTANT_PREFIX = "\nAssistant:"
+IMAGE_PLACEHOLDER = "<image>"  # the placeholder of LLaVA-style *data*; models render their own token
+
+Messages = list[dict[str, Any]]
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot be split into prompt and response; names the model."""
+
+
+def _content(text: str, image_here: bool) -> list[dict[str, Any]]:
+    """Text with `<image>` placeholders -> content items; whitespace next to a placeholder goes
+    (the template decides the layout around an image)."""
+    items: list[dict[str, Any]] = []
+    parts = text.split(IMAGE_PLACEHOLDER)
+    for i, part in enumerate(parts):
+        if i > 0:
+            items.append({"type": "image"})
+        part = part.strip() if len(parts) > 1 else part
+        if part:
+            items.append({"type": "text", "text": part})
+    if image_here:
+        items.insert(0, {"type": "image"})
+    return items
+
+
+def llava_messages(turns: Sequence[dict[str, str]], has_image: bool) -> Messages:
+    """LLaVA turns -> messages. Data that omits `<image>` gets the image before the first question,
+    as LLaVA does."""
+    placed = any(IMAGE_PLACEHOLDER in t["value"] for t in turns)
+    messages: Messages = []
+    for i, turn in enumerate(turns):
+        role = "user" if turn["from"] == "human" else "assistant"
+        if role == "assistant":
+            messages.append({"role": role, "content": [{"type": "text", "text": turn["value"]}]})
+        else:
+            messages.append({"role": role, "content": _content(turn["value"], has_image and not placed and i == 0)})
+    return messages
+
+
+def pref_messages(question: str, answer: str | None, has_image: bool) -> Messages:
+    """A preference prompt (and one of its answers): one user turn, one assistant turn."""
+    turns = [{"from": "human", "value": question}]
+    if answer is not None:
+        turns.append({"from": "gpt", "value": answer})
+    return llava_messages(turns, has_image)
 
 
 @dataclass
-class EncodedSample:
-    ids: list[int]  # unexpanded: one placeholder id per image
-    response_mask: list[bool]  # True where ids[i] is a response token (a label)
-    turn_lengths: list[int]  # response tokens per assistant turn
-    text: str  # the joined text, for humans
+class Rendered:
+    text: str
+    chunks: list[tuple[int, int]]  # character span of each assistant turn's chunk in `text`
 
 
-def conversation_segments(turns: Sequence[dict[str, str]]) -> list[tuple[str, bool]]:
-    """LLaVA-style turns -> [(text, is_response)] in the tiny chat format.
-
-    User:<image>\\nQ<end_of_utterance>\\nAssistant: A<end_of_utterance>\\nUser:...
-    """
-    segments: list[tuple[str, bool]] = []
-    for turn in turns:
-        if turn["from"] == "human":
-            lead = "\n" if segments else ""
-            segments.append((f"{lead}{USER_PREFIX}{turn['value']}{END_OF_TURN}{ASSISTANT_PREFIX}", False))
-        else:
-            segments.append((f" {turn['value']}{END_OF_TURN}", True))
-    return segments
+Render = Callable[[Messages, bool], str]  # (messages, add_generation_prompt) -> text
 
 
-def with_placeholder(turns: list[dict], has_image: bool) -> list[dict]:
-    """LLaVA data sometimes omits `<image>`; like LLaVA, put it before the first question."""
-    if not has_image or any(IMAGE_PLACEHOLDER in t["value"] for t in turns):
-        return turns
-    first = {"from": turns[0]["from"], "value": f"{IMAGE_PLACEHOLDER}\n{turns[0]['value']}"}
-    return [first, *turns[1:]]
+def render_with_spans(render: Render, messages: Messages, model: str) -> Rendered:
+    """The full rendering and, per assistant turn, the span the template gives it."""
+    text = render(messages, False)
+    chunks: list[tuple[int, int]] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prefix = render(messages[:i], True)
+        upto = render(messages[: i + 1], False)
+        if not upto.startswith(prefix) or not text.startswith(upto):
+            raise TemplateError(
+                f"{model}: its chat template does not render conversations incrementally (turn {i} changes "
+                "what came before it), so prompt and response cannot be told apart; use a template that "
+                "renders earlier turns unchanged"
+            )
+        if chunks and len(prefix) < chunks[-1][1]:
+            raise TemplateError(f"{model}: its chat template renders assistant turns that overlap")
+        chunks.append((len(prefix), len(upto)))
+    return Rendered(text, chunks)
 
 
-def encode_segments(
-    tokenizer: Any, segments: Sequence[tuple[str, bool]], responses: Sequence[Sequence[int]] | None = None
-) -> EncodedSample:
-    """Tokenise segment by segment; with `responses`, response segments take those ids instead
-    (the student uses the teacher's stored response ids as labels)."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    turn_lengths: list[int] = []
-    stored = iter(responses) if responses is not None else None
-    for text, is_response in segments:
-        if is_response and stored is not None:
-            piece = list(next(stored))
-        else:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids.extend(piece)
-        mask.extend([is_response] * len(piece))
-        if is_response:
-            turn_lengths.append(len(piece))
-    return EncodedSample(ids, mask, turn_lengths, "".join(t for t, _ in segments))
-
-
-def expand_placeholder(
-    sample: EncodedSample, placeholder_id: int, expansion: Sequence[int]
-) -> tuple[list[int], list[bool]]:
-    """Replace each placeholder id by the model's image token run (never a response token)."""
-    ids: list[int] = []
-    mask: list[bool] = []
-    for tok, m in zip(sample.ids, sample.response_mask):
-        if tok == placeholder_id:
-            ids.extend(expansion)
-            mask.extend([False] * len(expansion))
-        else:
-            ids.append(tok)
-            mask.append(m)
-    return ids, mask
-
-
-def pref_segments(question: str, answer: str, has_image: bool) -> list[tuple[str, bool]]:
-    q = question if (not has_image or IMAGE_PLACEHOLDER in question) else f"{IMAGE_PLACEHOLDER}\n{question}"
-    return conversation_segments([{"from": "human", "value": q}, {"from": "gpt", "value": answer}])
+def prompt_text(render: Render, messages: Messages) -> str:
+    """What a model is given to answer the last user turn (generation prompt included)."""
+    return render(messages, True)

@@ -14,8 +14,8 @@ from PIL import Image
 
 from shared.fingerprint import tokenizer_fingerprint
 from shared.manifest import Manifest
-from shared.mllm import SampleEncoder
-from shared.prompt import conversation_segments, pref_segments, with_placeholder
+from shared.mllm import ModelInputs, SampleEncoder
+from shared.prompt import Messages, llava_messages, pref_messages
 from shared.shards import shard_paths
 
 
@@ -25,8 +25,8 @@ class ShardError(ValueError):
 
 @dataclass
 class MimicExample:
-    ids: list[int]
-    label_positions: list[int]  # positions p in ids whose token is a label (predicted from p-1)
+    messages: Messages  # rendered by the student's own template
+    responses: list[list[int]]  # the teacher's response ids per assistant turn (the labels)
     topk_ids: list[list[int]]
     topk_logprobs: list[list[float]]
     image: Image.Image | None
@@ -34,10 +34,10 @@ class MimicExample:
 
 @dataclass
 class PrefExample:
+    chosen: Messages
+    rejected: Messages
     chosen_ids: list[int]
     rejected_ids: list[int]
-    chosen_positions: list[int]
-    rejected_positions: list[int]
     ref_chosen: float
     ref_rejected: float
     image: Image.Image | None
@@ -70,40 +70,48 @@ def _image(ref: str | None, image_root: Path | None) -> Image.Image | None:
     return Image.open(io.BytesIO(path.read_bytes())).convert("RGB")
 
 
-def _with_response_ids(encoder: SampleEncoder, segments: list[tuple[str, bool]],
-                       responses: list[list[int]]) -> tuple[list[int], list[int]]:
-    """Prompt tokenised by the student; response segments take the stored ids. Returns the
-    expanded ids and the label positions."""
-    enc = encoder.encode(segments, responses)
-    return enc.ids, [p for p, m in enumerate(enc.response_mask) if m]
-
-
-def load_mimic(files: list[Path], encoder: SampleEncoder, image_root: Path | None) -> list[MimicExample]:
+def load_mimic(files: list[Path], image_root: Path | None) -> list[MimicExample]:
     out = []
     for f in files:
         for row in pq.read_table(f).to_pylist():
-            turns = json.loads(row["conversations_json"])
-            turns = with_placeholder(turns, bool(row["image"]))
+            has_image = bool(row["image"])
             lengths, responses, start = row["response_turn_lengths"], [], 0
             for n in lengths:
                 responses.append(row["response_ids"][start : start + n])
                 start += n
-            ids, positions = _with_response_ids(encoder, conversation_segments(turns), responses)
-            out.append(MimicExample(ids, positions, row["topk_ids"], row["topk_logprobs"],
+            messages = llava_messages(json.loads(row["conversations_json"]), has_image)
+            out.append(MimicExample(messages, responses, row["topk_ids"], row["topk_logprobs"],
                                     _image(row["image"], image_root)))
     return out
 
 
-def load_pref(files: list[Path], encoder: SampleEncoder, image_root: Path | None) -> list[PrefExample]:
+def load_pref(files: list[Path], image_root: Path | None) -> list[PrefExample]:
     out = []
     for f in files:
         for row in pq.read_table(f).to_pylist():
-            segs = pref_segments(row["question"], "", bool(row["image"]))
-            c_ids, c_pos = _with_response_ids(encoder, segs, [row["chosen_ids"]])
-            r_ids, r_pos = _with_response_ids(encoder, segs, [row["rejected_ids"]])
-            out.append(PrefExample(c_ids, r_ids, c_pos, r_pos, row["chosen_logprob_sum"],
-                                   row["rejected_logprob_sum"], _image(row["image"], image_root)))
+            has_image = bool(row["image"])
+            out.append(PrefExample(
+                pref_messages(row["question"], row["chosen"], has_image),
+                pref_messages(row["question"], row["rejected"], has_image),
+                row["chosen_ids"], row["rejected_ids"], row["chosen_logprob_sum"], row["rejected_logprob_sum"],
+                _image(row["image"], image_root)))
     return out
+
+
+def label_positions(enc: ModelInputs) -> list[int]:
+    """Positions p whose token is a label (predicted from the logits at p - 1)."""
+    return [p for p, m in enumerate(enc.response_mask) if m]
+
+
+def encode_mimic(encoder: SampleEncoder, ex: MimicExample) -> ModelInputs:
+    """The student's own prompt around the teacher's stored response ids."""
+    return encoder.encode(ex.messages, encoder.image_features(ex.image), responses=ex.responses)
+
+
+def encode_pref(encoder: SampleEncoder, ex: PrefExample) -> tuple[ModelInputs, ModelInputs]:
+    image = encoder.image_features(ex.image)  # one image, processed once for both answers
+    return (encoder.encode(ex.chosen, image, responses=[ex.chosen_ids]),
+            encoder.encode(ex.rejected, image, responses=[ex.rejected_ids]))
 
 
 def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:

@@ -16,8 +16,16 @@ from typing import Any
 
 import torch
 
-from shared.mllm import SampleEncoder, load_processor, moe_routers, pad_batch
-from student_train.data import check_shards, load_mimic, load_pref, sequence_logprobs
+from shared.mllm import ImageFeatures, SampleEncoder, collate_images, load_encoder, moe_routers, pad_batch
+from student_train.data import (
+    check_shards,
+    encode_mimic,
+    encode_pref,
+    label_positions,
+    load_mimic,
+    load_pref,
+    sequence_logprobs,
+)
 from student_train.losses import load_balancing_loss, preference_loss, router_z_loss, sparse_kl
 
 
@@ -158,9 +166,9 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     out = Path(out)
     checkpoint = latest_checkpoint(out) if resume else None
     start_dir = checkpoint or student
-    encoder = SampleEncoder(load_processor(student))
+    encoder = load_encoder(student)
     files = check_shards(shards, cfg.stage, encoder)
-    examples = (load_mimic if cfg.stage == "mimic" else load_pref)(files, encoder, image_root)
+    examples = (load_mimic if cfg.stage == "mimic" else load_pref)(files, image_root)
     torch.manual_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_pretrained(str(start_dir), dtype=torch.float32).to(device)
     model.train()
@@ -186,7 +194,7 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
                 if json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
         metrics_file = open(metrics_path, "a")
-    pad = encoder.tokenizer.pad_token_id
+    pad = encoder.pad_id
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bfloat16")
     history = []
@@ -263,21 +271,22 @@ def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder) ->
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _inputs(encoder: SampleEncoder, seqs: list[list[int]], images: list, pad: int, device: str) -> dict:
+def _inputs(seqs: list[list[int]], images: list[ImageFeatures | None], pad: int, device: str) -> dict:
     ids, attn = pad_batch(seqs, pad)
     inputs = {"input_ids": ids.to(device), "attention_mask": attn.to(device)}
-    if all(im is not None for im in images):
-        inputs.update({k: v.to(device) for k, v in encoder.image_tensors(images).items()})
+    inputs.update({k: v.to(device) for k, v in collate_images(images).items()})
     return inputs
 
 
 def _mimic_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
-    inputs = _inputs(encoder, [e.ids for e in batch], [e.image for e in batch], pad, device)
+    encoded = [encode_mimic(encoder, e) for e in batch]
+    inputs = _inputs([e.ids for e in encoded], [e.image for e in encoded], pad, device)
     logits = model(**inputs).logits
     rows, cols = [], []
-    for b, e in enumerate(batch):
-        rows.extend([b] * len(e.label_positions))
-        cols.extend(p - 1 for p in e.label_positions)  # logits at p-1 predict the token at p
+    for b, e in enumerate(encoded):
+        positions = label_positions(e)
+        rows.extend([b] * len(positions))
+        cols.extend(p - 1 for p in positions)  # logits at p-1 predict the token at p
     student = logits[torch.tensor(rows), torch.tensor(cols)]  # [N, V]
     targets = inputs["input_ids"][torch.tensor(rows), torch.tensor(cols) + 1]
     topk_ids = torch.tensor([t for e in batch for t in e.topk_ids], device=device)
@@ -293,11 +302,11 @@ def _mimic_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, de
 
 
 def _pref_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
-    seqs = [e.chosen_ids for e in batch] + [e.rejected_ids for e in batch]
-    images = [e.image for e in batch] * 2
-    inputs = _inputs(encoder, seqs, images, pad, device)
+    pairs = [encode_pref(encoder, e) for e in batch]
+    encoded = [c for c, _ in pairs] + [r for _, r in pairs]
+    inputs = _inputs([e.ids for e in encoded], [e.image for e in encoded], pad, device)
     logits = model(**inputs).logits
-    positions = [e.chosen_positions for e in batch] + [e.rejected_positions for e in batch]
+    positions = [label_positions(e) for e in encoded]
     logps = sequence_logprobs(logits, inputs["input_ids"], positions)
     n = len(batch)
     ref_c = torch.tensor([e.ref_chosen for e in batch], device=device)
@@ -306,7 +315,7 @@ def _pref_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, dev
                                        loss_type=cfg.pref_loss, label_smoothing=cfg.label_smoothing)
     dpo = losses.mean()
     dist = dist or Dist()
-    per_rank_tokens = dist.sum(float(sum(len(e.chosen_positions) for e in batch))) / dist.world
+    per_rank_tokens = dist.sum(float(sum(len(p) for p in positions[:n]))) / dist.world
     ce = -logps[:n].sum() / per_rank_tokens
     aux, z, load = tap.losses(inputs["attention_mask"])
     loss = dpo + cfg.pref_ce_weight * ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z

@@ -16,13 +16,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shared.mllm import ImageFeatures, collate_images, load_encoder, pad_batch
+
 
 @dataclass
 class ScoreRequest:
     ids: list[int]  # expanded token ids (image tokens in place)
     prompt_ids: list[int]  # unexpanded ids (one placeholder per image), what vLLM is given
     positions: list[int]  # indices into `ids` to score (response tokens), all >= 1
-    image: Image.Image | None
+    image: Image.Image | None  # vLLM processes the image itself
+    features: ImageFeatures | None  # the processor's tensors for it (hf backend)
     top_k: int  # 0: only the target's log-prob
 
 
@@ -47,33 +50,24 @@ class HFBackend:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", batch_size: int = 32, device: str = "auto"):
         from transformers import AutoModelForImageTextToText
 
-        from shared.mllm import SampleEncoder, load_processor
-
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.encoder = SampleEncoder(load_processor(model_dir))
         self.model = AutoModelForImageTextToText.from_pretrained(
             str(model_dir), dtype=getattr(torch, dtype)
         ).to(self.device).eval()
         self.batch_size = batch_size
-        self.pad_id = self.encoder.tokenizer.pad_token_id or 0
+        self.pad_id = load_encoder(model_dir).pad_id
 
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
-        from shared.mllm import pad_batch
-
         results: list[ScoreResult] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             ids, attn = pad_batch([r.ids for r in chunk], self.pad_id)
             inputs = {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
-            if all(r.image is not None for r in chunk):
-                pix = self.encoder.image_tensors([r.image for r in chunk])
-                inputs.update({k: v.to(self.device, self.model.dtype if v.is_floating_point() else v.dtype)
-                               for k, v in pix.items()})
-            elif any(r.image is not None for r in chunk):
-                # Mixed batches: score one at a time rather than fake an image.
-                results.extend(r for req in chunk for r in self.score([req]))
-                continue
+            # Text-only rows simply contribute no image: models fill image tokens in order.
+            pix = collate_images([r.features for r in chunk])
+            inputs.update({k: v.to(self.device, self.model.dtype if v.is_floating_point() else v.dtype)
+                           for k, v in pix.items()})
             logits = self.model(**inputs).logits
             for row, req in enumerate(chunk):
                 results.append(self._pick(logits[row], req))

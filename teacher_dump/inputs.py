@@ -123,6 +123,9 @@ def _check_mimic(rec: dict) -> dict[str, Any]:
         ok = isinstance(turn, dict) and turn.get("from") in ("human", "gpt") and isinstance(turn.get("value"), str)
         if not ok:
             raise ValueError(f"turn {t} must be {{'from': 'human'|'gpt', 'value': str}}")
+    for t, turn in enumerate(turns):
+        if turn["from"] == "gpt" and IMAGE_PLACEHOLDER in turn["value"]:
+            raise ValueError(f"turn {t}: {IMAGE_PLACEHOLDER} inside an answer; only questions carry the image")
     if turns[0]["from"] != "human":
         raise ValueError("conversation must start with a human turn")
     if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
@@ -139,6 +142,8 @@ def _check_pref(rec: dict) -> dict[str, Any]:
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"'{key}' missing or empty")
         out[key] = v
+    if IMAGE_PLACEHOLDER in out["chosen"] + out["rejected"]:
+        raise ValueError(f"{IMAGE_PLACEHOLDER} inside an answer; only the question carries the image")
     if out["chosen"] == out["rejected"]:
         raise ValueError("'chosen' equals 'rejected'")
     return out

@@ -12,10 +12,11 @@ from typing import Any
 
 from shared.fingerprint import sha256_file, sha256_json, teacher_fingerprint, tokenizer_fingerprint
 from shared.manifest import Manifest, atomic_write_bytes
-from shared.mllm import SampleEncoder, load_processor
+from shared.mllm import SampleEncoder, load_encoder
+from shared.prompt import TemplateError
 from shared.schema import KINDS, MANIFEST_NAME, REJECTED_NAME, shard_name
 from teacher_dump.inputs import InputError, Record, Rejection, format_rejection, read_records
-from teacher_dump.worker import ShardTask, encode_record
+from teacher_dump.worker import ShardTask, encode_record, load_image
 
 
 @dataclass
@@ -53,7 +54,19 @@ def load_inputs(cfg: DumpConfig, encoder: SampleEncoder) -> tuple[dict[str, list
         good, bad = read_records(Path(path), kind, cfg.image_root)
         kept = []
         for rec in good:
-            longest = max(len(e.ids) for e in encode_record(encoder, rec))
+            try:
+                pil = load_image(rec)[0]
+            except Exception as e:  # PIL raises several types for truncated or corrupt images
+                bad.append(Rejection(str(path), rec.input_row, rec.sample_id,
+                                     f"image {rec.image_ref or '<bytes>'} cannot be decoded ({type(e).__name__}: {e})"))
+                continue
+            try:
+                longest = max(len(e.ids) for e in encode_record(encoder, rec, encoder.image_features(pil)))
+            except TemplateError:
+                raise  # the model's template, not this record: no point in going on
+            except ValueError as e:
+                bad.append(Rejection(str(path), rec.input_row, rec.sample_id, str(e)))
+                continue
             if longest > cfg.max_model_len:
                 bad.append(Rejection(str(path), rec.input_row, rec.sample_id,
                                      f"{longest} tokens > --max-model-len {cfg.max_model_len}"))
@@ -145,9 +158,8 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
     if not (Path(cfg.model) / "config.json").is_file():
         raise InputError(f"{cfg.model}: no config.json; --model must be a local model directory")
     out = Path(cfg.out)
-    processor = load_processor(cfg.model)
-    encoder = SampleEncoder(processor)
-    vocab = len(processor.tokenizer)
+    encoder = load_encoder(cfg.model)
+    vocab = len(encoder.tokenizer)
     if cfg.top_k > vocab:
         raise InputError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab})")
 
@@ -165,7 +177,7 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
             inputs[kind] = {"file": Path(path).name, "sha256": _input_digest(Path(path)), "records": len(records[kind])}
     run = {
         "teacher": teacher_fingerprint(Path(cfg.model)),
-        "tokenizer_sha256": tokenizer_fingerprint(processor.tokenizer),
+        "tokenizer_sha256": tokenizer_fingerprint(encoder.tokenizer),
         "vocab_size": vocab,
         "top_k": cfg.top_k,
         "backend": cfg.backend,

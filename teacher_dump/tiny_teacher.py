@@ -16,11 +16,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from shared.mllm import SampleEncoder, load_processor, pad_batch
-from shared.prompt import END_OF_TURN, IMAGE_PLACEHOLDER, conversation_segments
+from shared.mllm import collate_images, load_encoder, pad_batch
+from shared.prompt import IMAGE_PLACEHOLDER, llava_messages
 from shared.world import IMAGE_SIZE, all_texts
 
+END_OF_TURN = "<end_of_utterance>"
 SPECIAL_TOKENS = ["<pad>", "<unk>", IMAGE_PLACEHOLDER, "<fake_token_around_image>", "<global-img>", END_OF_TURN]
+
+# The tiny teacher's own chat template (Idefics3-like):
+#   User:<image>\nQ<end_of_utterance>\nAssistant: A<end_of_utterance>\nUser:Q2...
+TINY_CHAT_TEMPLATE = (  # newlines as {{ '\\n' }}: chat templates are compiled with trim_blocks
+    "{% for message in messages %}{% if message['role'] == 'user' %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "User:{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{{ '\\n' }}{% else %}"
+    "{{ item['text'] }}{% endif %}{% endfor %}<end_of_utterance>{% else %}{{ '\\n' }}Assistant: "
+    "{% for item in message['content'] %}{{ item['text'] }}{% endfor %}<end_of_utterance>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n' }}Assistant:{% endif %}"
+)
 
 
 @dataclass
@@ -87,7 +98,8 @@ def build_tiny_mllm(out: Path, cfg: TinyMLLMConfig, seed: int) -> None:
         max_image_size={"longest_edge": IMAGE_SIZE},
         do_image_splitting=False,
     )
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=image_seq_len,
+                                  chat_template=TINY_CHAT_TEMPLATE)
     processor.save_pretrained(str(out))
     tokenizer = processor.tokenizer
     config = Idefics3Config(
@@ -142,14 +154,15 @@ def sft_train(
     from tqdm import tqdm
     from transformers import AutoModelForImageTextToText
 
-    processor = load_processor(model_dir)
-    encoder = SampleEncoder(processor)
+    encoder = load_encoder(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32)
     model.train()
     data = _load_world_conversations(world)
-    encoded = [encoder.encode(conversation_segments(turns)) for turns, _ in data]
-    images = [Image.open(p).convert("RGB") for _, p in data]
-    pixels = encoder.image_tensors(images)
+    encoded = []
+    for turns, path in data:
+        image = encoder.image_features(Image.open(path).convert("RGB"))
+        encoded.append(encoder.encode(llava_messages(turns, True), image))
+    pixels = collate_images([e.image for e in encoded])  # the world's images share one size
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -166,7 +179,7 @@ def sft_train(
             rng.shuffle(perm)
             order.extend(perm)
         idx, order = order[:batch_size], order[batch_size:]
-        ids, attn = pad_batch([encoded[i].ids for i in idx], processor.tokenizer.pad_token_id)
+        ids, attn = pad_batch([encoded[i].ids for i in idx], encoder.pad_id)
         labels = torch.full_like(ids, -100)
         for row, i in enumerate(idx):
             m = torch.tensor(encoded[i].response_mask)

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 
 from shared.manifest import ShardEntry
-from shared.mllm import ModelInputs, SampleEncoder
-from shared.prompt import conversation_segments, pref_segments, with_placeholder
+from shared.mllm import ImageFeatures, ModelInputs, SampleEncoder
+from shared.prompt import llava_messages, pref_messages
 from teacher_dump.backends import ScoreRequest, ScoreResult, TeacherBackend
 from teacher_dump.inputs import Record
 from teacher_dump.shard_writer import write_shard
@@ -36,18 +36,19 @@ def load_image(rec: Record) -> tuple[Image.Image | None, str]:
     return Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha256(data).hexdigest()
 
 
-def encode_record(encoder: SampleEncoder, rec: Record) -> list[ModelInputs]:
-    """Mimic: one sequence; pref: the chosen and the rejected sequence."""
-    has_image = rec.image_path is not None or rec.image_bytes is not None
+def encode_record(encoder: SampleEncoder, rec: Record, image: ImageFeatures | None) -> list[ModelInputs]:
+    """Mimic: one sequence; pref: the chosen and the rejected sequence (one image, processed once)."""
+    has_image = image is not None
     if rec.kind == "mimic":
-        return [encoder.encode(conversation_segments(with_placeholder(rec.fields["conversations"], has_image)))]
+        return [encoder.encode(llava_messages(rec.fields["conversations"], has_image), image)]
     q = rec.fields["question"]
-    return [encoder.encode(pref_segments(q, rec.fields[key], has_image)) for key in ("chosen", "rejected")]
+    return [encoder.encode(pref_messages(q, rec.fields[key], has_image), image) for key in ("chosen", "rejected")]
 
 
 def _request(enc: ModelInputs, image: Image.Image | None, top_k: int) -> ScoreRequest:
     positions = [i for i, m in enumerate(enc.response_mask) if m]
-    return ScoreRequest(ids=enc.ids, prompt_ids=enc.prompt_ids, positions=positions, image=image, top_k=top_k)
+    return ScoreRequest(ids=enc.ids, prompt_ids=enc.prompt_ids, positions=positions, image=image,
+                        features=enc.image, top_k=top_k)
 
 
 def rest_mass(topk_logprobs: np.ndarray) -> np.ndarray:
@@ -64,7 +65,7 @@ def shard_rows(
     for rec in records:
         image, digest = load_image(rec)
         images.append((rec.image_ref, digest))
-        encs = encode_record(encoder, rec)
+        encs = encode_record(encoder, rec, encoder.image_features(image))
         encoded.append(encs)
         k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
         requests.extend(_request(e, image, k) for e in encs)
@@ -96,8 +97,7 @@ def shard_rows(
             c_ids = [t for t, m in zip(chosen.ids, chosen.response_mask) if m]
             r_ids = [t for t, m in zip(rejected.ids, rejected.response_mask) if m]
             tokens += len(c_ids) + len(r_ids)
-            has_image = bool(digest)
-            prompt_text = pref_segments(rec.fields["question"], rec.fields["chosen"], has_image)[0][0]
+            prompt_text = encoder.render(pref_messages(rec.fields["question"], None, bool(digest)), True)
             rows.append({
                 **common,
                 "teacher_prompt": prompt_text,
@@ -118,10 +118,10 @@ class TeacherWorker:
     """Holds one engine for its whole life; one call = one shard written under `out_dir`."""
 
     def __init__(self, model_dir: str, backend: str, dtype: str, max_model_len: int, top_k: int, out_dir: str):
-        from shared.mllm import load_processor
+        from shared.mllm import load_encoder
         from teacher_dump.backends import make_backend
 
-        self.encoder = SampleEncoder(load_processor(model_dir))
+        self.encoder = load_encoder(model_dir)
         self.backend = make_backend(backend, model_dir, dtype=dtype, max_model_len=max_model_len, max_top_k=top_k)
         self.top_k = top_k
         self.out_dir = Path(out_dir)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.mllm import SampleEncoder, load_processor, pad_batch
-from shared.prompt import conversation_segments
+from shared.mllm import collate_images, load_encoder, load_processor, pad_batch
+from shared.prompt import llava_messages
 from student_train.moe import active_parameters, make_dense_student, upcycle
 
 
@@ -21,11 +21,12 @@ def dense(tmp_path_factory, teacher):
 def _batch(model_dir, world):
     import json
 
-    enc = SampleEncoder(load_processor(model_dir))
+    enc = load_encoder(model_dir)
     recs = [json.loads(line) for line in (world / "mimic.jsonl").read_text().splitlines()[:4]]
-    ids, attn = pad_batch([enc.encode(conversation_segments(r["conversations"])).ids for r in recs], 0)
-    pix = enc.image_tensors([Image.open(world / r["image"]).convert("RGB") for r in recs])
-    return {"input_ids": ids, "attention_mask": attn, **pix}
+    encoded = [enc.encode(llava_messages(r["conversations"], True),
+                          enc.image_features(Image.open(world / r["image"]).convert("RGB"))) for r in recs]
+    ids, attn = pad_batch([e.ids for e in encoded], 0)
+    return {"input_ids": ids, "attention_mask": attn, **collate_images([e.image for e in encoded])}
 
 
 def test_upcycled_equals_dense_at_init_and_reloads(dense, world, tmp_path):

@@ -8,8 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.mllm import SampleEncoder, load_processor
-from student_train.data import ShardError, check_shards, load_mimic, load_pref, sequence_logprobs
+from shared.mllm import load_encoder
+from student_train.data import (
+    ShardError,
+    check_shards,
+    encode_pref,
+    label_positions,
+    load_mimic,
+    load_pref,
+    sequence_logprobs,
+)
 from student_train.moe import make_dense_student, upcycle
 from student_train.train import RouterTap, TrainConfig, _inputs, _mimic_loss, train
 
@@ -37,11 +45,11 @@ def held_out_dump(tmp_path_factory, teacher) -> tuple[Path, Path]:
 def _mean_kl(model_dir: Path, dump_dir: Path, world: Path) -> float:
     from transformers import AutoModelForImageTextToText
 
-    enc = SampleEncoder(load_processor(model_dir))
-    examples = load_mimic(check_shards([dump_dir], "mimic", enc), enc, world)
+    enc = load_encoder(model_dir)
+    examples = load_mimic(check_shards([dump_dir], "mimic", enc), world)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():
-        _, parts = _mimic_loss(model, enc, examples, enc.tokenizer.pad_token_id, TrainConfig(), RouterTap(model),
+        _, parts = _mimic_loss(model, enc, examples, enc.pad_id, TrainConfig(), RouterTap(model),
                                "cpu")
     return parts["kl"]
 
@@ -69,14 +77,14 @@ def _margin(model_dir: Path, dump_dir: Path, world: Path) -> tuple[float, float]
     """Mean implicit-reward margin over all pairs (beta = 1) and the share of pairs it ranks right."""
     from transformers import AutoModelForImageTextToText
 
-    enc = SampleEncoder(load_processor(model_dir))
-    ex = load_pref(check_shards([dump_dir], "pref", enc), enc, world)
+    enc = load_encoder(model_dir)
+    ex = load_pref(check_shards([dump_dir], "pref", enc), world)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
-    seqs = [e.chosen_ids for e in ex] + [e.rejected_ids for e in ex]
-    inputs = _inputs(enc, seqs, [e.image for e in ex] * 2, enc.tokenizer.pad_token_id, "cpu")
+    pairs = [encode_pref(enc, e) for e in ex]
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    inputs = _inputs([s.ids for s in seqs], [s.image for s in seqs], enc.pad_id, "cpu")
     with torch.no_grad():
-        lp = sequence_logprobs(model(**inputs).logits, inputs["input_ids"],
-                               [e.chosen_positions for e in ex] + [e.rejected_positions for e in ex])
+        lp = sequence_logprobs(model(**inputs).logits, inputs["input_ids"], [label_positions(s) for s in seqs])
     n = len(ex)
     ref = torch.tensor([e.ref_chosen - e.ref_rejected for e in ex])
     margins = (lp[:n] - lp[n:]) - ref
@@ -116,7 +124,7 @@ def test_shards_of_another_tokenizer_or_empty_dir_are_refused(hf_dump, moe_stude
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["run"]["tokenizer_sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
-    enc = SampleEncoder(load_processor(moe_student))
+    enc = load_encoder(moe_student)
     with pytest.raises(ShardError, match="another tokenizer"):
         check_shards([other], "mimic", enc)
     (tmp_path / "empty").mkdir()
