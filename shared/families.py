@@ -11,7 +11,7 @@ from dataclasses import dataclass
 BLIP2_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}{% if not loop.first %} {% endif %}Question: "
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    " Answer:{% else %} {{ message['content'][0]['text'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% else %} Answer: {{ message['content'][0]['text'] }}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %} Answer:{% endif %}"
 )
 

@@ -55,7 +55,7 @@ class SampleEncoder:
         if not self.template:
             raise TemplateError(f"{name}: ships no chat template; add one to its processor (chat_template.jinja) "
                                 "or a family entry in shared/families.py")
-        self.image_token: str = getattr(processor, "image_token", None) or "<image>"
+        self.image_token: str = str(getattr(processor, "image_token", None) or "<image>")  # BLIP-2: an AddedToken
         self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eos_ids = {int(i) for i in eos_ids} | {self.tokenizer.eos_token_id} - {None}
         self.pad_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -12,13 +12,14 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from shared.world import IMAGE_SIZE
 
-_PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "chat_template.jinja", "preprocessor_config.json")
+# What a model directory holds besides its processor, tokenizer and chat template files.
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "lmod_recipe.json")
 
 
 @dataclass
@@ -36,10 +37,11 @@ class StudentConfig:
 
 
 def copy_processor(src: Path, dst: Path) -> None:
+    """Processor, tokenizer and chat template files (whatever the family keeps), not the weights."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in _PROCESSOR_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, dst / name)
+    for path in Path(src).iterdir():
+        if path.is_file() and path.name not in _MODEL_FILES and path.suffix not in (".safetensors", ".bin", ".pt"):
+            shutil.copy2(path, dst / path.name)
 
 
 def make_dense_student(teacher_dir: Path, out: Path, cfg: StudentConfig | None = None, seed: int = 0) -> None:
@@ -76,67 +78,168 @@ def make_dense_student(teacher_dir: Path, out: Path, cfg: StudentConfig | None =
     model.save_pretrained(str(out))
 
 
+@dataclass(frozen=True)
+class MoECounterpart:
+    """A transformers MoE text model that computes exactly what a dense one does when every expert
+    is a copy of the dense FFN and the top-k weights are renormalised."""
+
+    model_type: str
+    experts_key: str  # config key holding the number of experts
+    interleaved: bool  # dense layers may sit between MoE ones (mlp_only_layers)
+    extra: tuple[tuple[str, Any], ...] = ()  # fixed config values that keep it exact
+
+
+_QWEN2_MOE = MoECounterpart("qwen2_moe", "num_experts", True, (
+    # The shared expert is kept (the class has one) but zeroed: it then adds nothing.
+    ("shared_expert_intermediate_size", 1), ("norm_topk_prob", True), ("decoder_sparse_step", 1)))
+_MIXTRAL = MoECounterpart("mixtral", "num_local_experts", False)  # renormalises top-k by construction
+
+# Dense text model type -> its MoE counterparts, preferred first. Llama/Mistral take Mixtral when
+# every layer is MoE, else Qwen2-MoE's layout (no q/k/v biases, zeroed shared expert); Qwen3-MoE
+# would not do for them: its q/k norms change a Llama's attention.
+MOE_COUNTERPARTS: dict[str, tuple[MoECounterpart, ...]] = {
+    "qwen2": (_QWEN2_MOE,),
+    "qwen3": (MoECounterpart("qwen3_moe", "num_experts", True,
+                             (("norm_topk_prob", True), ("decoder_sparse_step", 1))),),
+    "qwen3_vl_text": (MoECounterpart("qwen3_vl_moe_text", "num_experts", True, (("decoder_sparse_step", 1),)),),
+    "llama": (_MIXTRAL, _QWEN2_MOE),
+    "mistral": (_MIXTRAL, _QWEN2_MOE),
+}
+# Wrappers whose class is tied to the text model's kind (the others take any text config).
+MOE_WRAPPERS = {"qwen3_vl": "qwen3_vl_moe"}
+# Whether vLLM's wrapper of the family accepts the MoE text model (it serves the upcycled student).
+VLLM_SERVES_MOE = {
+    "idefics3": "no: vLLM's Idefics3 hard-codes a Llama text model",
+    "smolvlm": "no: vLLM's SmolVLM is its Idefics3 (Llama text model)",
+    "llava": "yes (vLLM's LLaVA takes any registered text model; GPU stack)",
+    "llava_next": "yes (vLLM's LLaVA-NeXT takes any registered text model; GPU stack)",
+    "qwen3_vl": "yes, as Qwen3-VL-MoE (GPU stack)",
+}
+
+
+def parse_moe_layers(spec: str | None, n_layers: int) -> list[int]:
+    """'every-other' (default: 1, 3, 5, ... as MoE-LLaVA), 'all', or '1,3,...'."""
+    if spec in (None, "", "every-other"):
+        layers = [i for i in range(n_layers) if i % 2 == 1]
+    elif spec == "all":
+        layers = list(range(n_layers))
+    else:
+        try:
+            layers = sorted({int(x) for x in spec.split(",")})
+        except ValueError:
+            raise ValueError(f"--moe-layers {spec!r}: use every-other, all, or comma-separated indices") from None
+    if not layers or any(not 0 <= i < n_layers for i in layers):
+        raise ValueError(f"moe layers {layers} must be a non-empty subset of 0..{n_layers - 1}")
+    return layers
+
+
 def default_moe_layers(n_layers: int) -> list[int]:
-    """MoE on every other layer, starting with the second (MoE-LLaVA's default)."""
-    return [i for i in range(n_layers) if i % 2 == 1]
+    return parse_moe_layers(None, n_layers)
+
+
+def _counterpart(text_type: str, interleaved: bool, base: Path) -> MoECounterpart:
+    options = MOE_COUNTERPARTS.get(text_type)
+    if not options:
+        raise ValueError(f"{base}: its text model {text_type!r} has no MoE counterpart in lmod; supported: "
+                         f"{', '.join(sorted(MOE_COUNTERPARTS))}")
+    for option in options:
+        if option.interleaved or not interleaved:
+            return option
+    raise ValueError(f"{base}: no MoE class for {text_type!r} with dense layers between MoE ones; use --moe-layers all")
+
+
+def _expert_weights(dense: torch.Tensor, target_shape: torch.Size, key: str) -> torch.Tensor:
+    """One dense matrix -> E stacked copies in the layout the MoE class keeps (some transpose)."""
+    if tuple(target_shape[1:]) == tuple(dense.shape):
+        return dense.unsqueeze(0).repeat(target_shape[0], 1, 1)
+    if tuple(target_shape[1:]) == tuple(dense.T.shape):
+        return dense.T.unsqueeze(0).repeat(target_shape[0], 1, 1).contiguous()
+    raise ValueError(f"upcycling: {key} has shape {tuple(target_shape)}, the dense FFN {tuple(dense.shape)}")
 
 
 def upcycle(
-    dense_dir: Path, out: Path, num_experts: int = 4, top_k: int = 2, moe_layers: list[int] | None = None,
-    noise: float = 0.0, aux_loss_coef: float = 0.01, seed: int = 0,
+    dense_dir: Path, out: Path, num_experts: int = 4, top_k: int = 2, moe_layers: list[int] | str | None = None,
+    noise: float = 0.0, aux_loss_coef: float = 0.01, seed: int = 0, check: bool = True,
 ) -> list[int]:
-    """Write the MoE student under `out`; returns the layers that became MoE."""
-    from transformers import AutoModelForImageTextToText, Idefics3Config, Idefics3ForConditionalGeneration
+    """Write the MoE student under `out`: the dense MLLM's text FFNs become `num_experts` copies in
+    the MoE counterpart of its text model, with fresh routers; vision tower, projector, processor,
+    tokenizer and chat template carried over. Returns the layers that became MoE. With `check`, a
+    text-only forward pass confirms the result equals the dense model (before any noise)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
-    dense = AutoModelForImageTextToText.from_pretrained(str(dense_dir), dtype=torch.float32)
+    dense_dir, out = Path(dense_dir), Path(out)
+    dense = AutoModelForImageTextToText.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
     dcfg = dense.config
-    text = dcfg.text_config
-    if text.model_type != "qwen3":
-        raise ValueError(f"{dense_dir}: upcycling needs a Qwen3 text model, found {text.model_type!r}")
+    text = dcfg.get_text_config()
     n_layers = text.num_hidden_layers
-    layers = sorted(default_moe_layers(n_layers) if moe_layers is None else moe_layers)
-    if not layers or any(not 0 <= i < n_layers for i in layers):
-        raise ValueError(f"moe layers {layers} must be a non-empty subset of 0..{n_layers - 1}")
+    layers = moe_layers if isinstance(moe_layers, list) else parse_moe_layers(moe_layers, n_layers)
+    layers = parse_moe_layers(",".join(map(str, layers)), n_layers)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k {top_k} must be between 1 and num_experts {num_experts}")
+    target = _counterpart(text.model_type, len(layers) < n_layers, dense_dir)
+    if getattr(text, "mlp_bias", False):
+        raise ValueError(f"{dense_dir}: FFN biases are not supported by the MoE classes lmod upcycles into")
     moe_text = text.to_dict()
-    moe_text.update({
-        "model_type": "qwen3_moe", "num_experts": num_experts, "num_experts_per_tok": top_k,
-        "moe_intermediate_size": text.intermediate_size, "decoder_sparse_step": 1,
-        "mlp_only_layers": [i for i in range(n_layers) if i not in layers],
-        # Renormalised top-k weights sum to 1: identical experts reproduce the dense FFN exactly.
-        "norm_topk_prob": True, "router_aux_loss_coef": aux_loss_coef, "output_router_logits": False,
-    })
-    for key in ("architectures", "transformers_version", "dtype", "torch_dtype"):
+    for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
         moe_text.pop(key, None)
-    config = Idefics3Config(
-        vision_config=dcfg.vision_config.to_dict(), text_config=moe_text, scale_factor=dcfg.scale_factor,
-        image_token_id=dcfg.image_token_id, pad_token_id=dcfg.pad_token_id, tie_word_embeddings=False,
-    )
+    moe_text.update(dict(target.extra))
+    moe_text.update({
+        target.experts_key: num_experts, "num_experts_per_tok": top_k, "moe_intermediate_size": text.intermediate_size,
+        "router_aux_loss_coef": aux_loss_coef, "output_router_logits": False,
+    })
+    if target.interleaved:
+        moe_text["mlp_only_layers"] = [i for i in range(n_layers) if i not in layers]
+    if target.model_type == "qwen2_moe":
+        # Qwen2 has q/k/v biases; a Llama's attention_bias would also bias o_proj (refused below).
+        moe_text["qkv_bias"] = text.model_type == "qwen2" or bool(getattr(text, "attention_bias", False))
+        moe_text["use_sliding_window"] = bool(getattr(text, "use_sliding_window", False))
+    moe_text = AutoConfig.for_model(target.model_type, **moe_text)
+    full = dcfg.to_dict()
+    wrapper = MOE_WRAPPERS.get(dcfg.model_type, dcfg.model_type)
+    for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
+        full.pop(key, None)
+    text_key = next(k for k in ("text_config", "llm_config") if k in full)
+    full[text_key] = moe_text.to_dict()
+    config = AutoConfig.for_model(wrapper, **full)
     torch.manual_seed(seed)
-    moe = Idefics3ForConditionalGeneration(config)
-    dense_sd = dense.state_dict()
-    moe_sd = moe.state_dict()
+    moe = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    dense_sd, moe_sd = dense.state_dict(), moe.state_dict()
+    used: set[str] = set()
     new_sd = {}
     for key, value in moe_sd.items():
-        if key in dense_sd:
+        if key in dense_sd and dense_sd[key].shape == value.shape:
             new_sd[key] = dense_sd[key]
+            used.add(key)
         elif key.endswith("mlp.experts.gate_up_proj"):
             prefix = key[: -len("experts.gate_up_proj")]
             fused = torch.cat([dense_sd[prefix + "gate_proj.weight"], dense_sd[prefix + "up_proj.weight"]], 0)
-            new_sd[key] = fused.unsqueeze(0).repeat(num_experts, 1, 1)
+            new_sd[key] = _expert_weights(fused, value.shape, key)
+            used |= {prefix + "gate_proj.weight", prefix + "up_proj.weight"}
         elif key.endswith("mlp.experts.down_proj"):
             prefix = key[: -len("experts.down_proj")]
-            new_sd[key] = dense_sd[prefix + "down_proj.weight"].unsqueeze(0).repeat(num_experts, 1, 1)
+            new_sd[key] = _expert_weights(dense_sd[prefix + "down_proj.weight"], value.shape, key)
+            used.add(prefix + "down_proj.weight")
         elif key.endswith("mlp.gate.weight"):
             new_sd[key] = torch.randn_like(value) * text.initializer_range  # a fresh router
+        elif ".shared_expert" in key or key.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            new_sd[key] = torch.zeros_like(value)  # parts the dense model lacks: zero adds nothing
         else:
-            raise KeyError(f"upcycling: no source for {key}")
+            raise ValueError(f"upcycling {dense_dir}: no dense source for {key}")
         if noise > 0 and ".experts." in key:
             new_sd[key] = new_sd[key] + noise * new_sd[key].std() * torch.randn_like(new_sd[key])
+    dropped = [k for k in dense_sd if k not in used]
+    if dropped:
+        raise ValueError(f"upcycling {dense_dir} into {target.model_type} would drop weights: {dropped[:4]}")
     moe.load_state_dict(new_sd, strict=True)
     moe.generation_config = dense.generation_config
-    copy_processor(Path(dense_dir), Path(out))
+    if check and noise == 0:
+        ids = torch.arange(16)[None] % max(2, text.vocab_size - 1) + 1
+        with torch.no_grad():
+            diff = (moe(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max().item()
+        if diff > 1e-3:
+            raise ValueError(f"upcycling {dense_dir}: the {target.model_type} student differs from the dense model "
+                             f"by {diff:.2e} at init; its text model is not upcycled exactly")
+    copy_processor(dense_dir, out)
     moe.save_pretrained(str(out))
     return layers
 
