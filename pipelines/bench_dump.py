@@ -1,7 +1,9 @@
 """Teacher-dump benchmark: measured side by side in one run, on this machine.
 
   1. response tokens/s of the whole dump path (encode, score, build rows, write zstd Parquet)
-     vs. the same engine's bare forward pass on the same inputs, for vllm and hf;
+     vs. the same engine's bare forward pass on the same inputs, for vllm and hf, on the tiny
+     teacher and on an image-heavy SmolVLM-style teacher (image tokens ~10x the response tokens),
+     with the share of vLLM's time spent on log-probs of positions that are thrown away;
   2. bytes per response token on disk at k = 8, 32, 64;
   3. KL(full teacher distribution || stored top-k + rest reconstruction), the rest mass spread
      evenly over the other tokens.
@@ -15,8 +17,10 @@ an almost flat distribution, which would flatter nothing and tell nothing about 
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,66 @@ def _timed(fn, repeat: int = 2) -> float:
     return best
 
 
+def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> None:
+    """dump/bare for both backends on one teacher, and where vLLM's prompt-logprob cost goes."""
+    from shared.mllm import batch_inputs, load_encoder
+    from teacher_dump.backends import HFBackend, VLLMBackend
+    from teacher_dump.shard_writer import table_bytes
+    from teacher_dump.worker import _request, encode_record, load_image, shard_rows
+
+    encoder = load_encoder(teacher)
+    requests = []
+    for r in records:
+        image = load_image(r)[0]
+        requests.append(_request(encode_record(encoder, r, encoder.image_features(image))[0], image, 32))
+    n_tokens = sum(len(r.positions) for r in requests)
+    n_positions = sum(len(r.ids) - 1 for r in requests)
+    n_image = sum(len(r.features.ids) for r in requests if r.features is not None)
+    print(f"\n{label}: {len(records)} records, {n_tokens} response tokens, {n_image} image tokens "
+          f"({n_image / n_tokens:.1f}x the response), {n_positions} scored positions")
+
+    def dump_path(backend) -> None:
+        rows, _ = shard_rows(backend, encoder, records, 32)
+        table_bytes("mimic", rows)
+
+    hf = HFBackend(teacher)
+
+    def hf_bare() -> None:
+        with torch.no_grad():
+            for s in range(0, len(requests), hf.batch_size):
+                chunk = requests[s : s + hf.batch_size]
+                hf.model(**batch_inputs(encoder, [r.ids for r in chunk], [r.features for r in chunk]))
+
+    hf_bare()
+    t_bare, t_dump = _timed(hf_bare), _timed(lambda: dump_path(hf))
+    print(f"  hf    bare forward {n_tokens / t_bare:9.0f}   dump k=32 {n_tokens / t_dump:9.0f} response tokens/s   "
+          f"dump/bare {t_bare / t_dump:.2f}")
+    if skip_vllm:
+        return
+    from vllm import SamplingParams
+
+    engine = VLLMBackend(teacher, max_model_len=1024)
+    prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.image}} for r in requests]
+
+    def run(backend: VLLMBackend, **kw) -> float:
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **kw)
+        return _timed(lambda: backend.llm.generate(prompts, params, use_tqdm=False))
+
+    run(engine)
+    dump_path(engine)
+    t_bare, t_target = run(engine), run(engine, prompt_logprobs=0, flat_logprobs=True)
+    t_top = run(engine, prompt_logprobs=32, flat_logprobs=True)
+    t_dump = _timed(partial(dump_path, engine))
+    thrown = 1 - n_tokens / n_positions
+    print(f"  vllm  bare forward {n_tokens / t_bare:9.0f}   dump k=32 {n_tokens / t_dump:9.0f} response tokens/s   "
+          f"dump/bare {t_bare / t_dump:.2f}")
+    print(f"  vllm  prompt log-probs cost {t_top - t_bare:.2f} s over the bare {t_bare:.2f} s (target only: "
+          f"{t_target - t_bare:.2f} s); vLLM scores every prompt position, {thrown:.0%} of them prompt or image "
+          f"positions lmod throws away: ~{(t_top - t_bare) * thrown / t_dump:.0%} of the dump's time")
+    del engine  # its engine process ends before the next teacher's starts
+    gc.collect()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", type=Path)
@@ -40,9 +104,10 @@ def main() -> None:
     ap.add_argument("--skip-vllm", action="store_true")
     args = ap.parse_args()
 
-    from shared.mllm import collate_images, load_encoder
+    from shared.mllm import batch_inputs, load_encoder
+    from shared.tiny_families import build_tiny_family, family_tokenizer
     from shared.world import make_world
-    from teacher_dump.backends import HFBackend, VLLMBackend
+    from teacher_dump.backends import HFBackend
     from teacher_dump.inputs import read_records
     from teacher_dump.shard_writer import table_bytes
     from teacher_dump.tiny_teacher import make_tiny_teacher
@@ -56,47 +121,21 @@ def main() -> None:
         make_world(tmp / "train_world", seed=0, n_mimic=2000, n_pref=0, n_eval=0)
         make_tiny_teacher(tmp / "train_world", teacher, steps=args.teacher_steps)
     records, _ = read_records(tmp / "world" / "mimic.jsonl", "mimic", None)
+
+    print("1. throughput (best of 2, after warm-up), side by side")
+    _throughput(f"tiny teacher {teacher}", teacher, records, args.skip_vllm)
+    # Real MLLMs spend most positions on the image: a SmolVLM-style stand-in with image splitting
+    # (5 crops of 16 tokens for the world's images) gives prompts of ~10x more image than response.
+    heavy = build_tiny_family("smolvlm", tmp / "smolvlm_heavy", family_tokenizer(tmp / "tok"),
+                              image_tokens_per_crop=16)
+    _throughput("image-heavy SmolVLM-style teacher (random init)", heavy, records, args.skip_vllm)
+
     encoder = load_encoder(teacher)
+    hf = HFBackend(teacher)
     requests = []
     for r in records:
         image = load_image(r)[0]
         requests.append(_request(encode_record(encoder, r, encoder.image_features(image))[0], image, 32))
-    n_tokens = sum(len(r.positions) for r in requests)
-    print(f"teacher {teacher}, {len(records)} records, {n_tokens} response tokens, vocab {len(encoder.tokenizer)}")
-
-    def dump_path(backend, k: int) -> tuple[list[dict], int]:
-        rows, tokens = shard_rows(backend, encoder, records, k)
-        table_bytes("mimic", rows)
-        return rows, tokens
-
-    print("\n1. throughput (response tokens/s, best of 2, after warm-up)")
-    hf = HFBackend(teacher)
-    from shared.mllm import pad_batch
-
-    def hf_bare() -> None:
-        with torch.no_grad():
-            for s in range(0, len(requests), hf.batch_size):
-                chunk = requests[s : s + hf.batch_size]
-                ids, attn = pad_batch([r.ids for r in chunk], hf.pad_id)
-                pix = collate_images([r.features for r in chunk])
-                hf.model(input_ids=ids, attention_mask=attn, **pix)
-
-    hf_bare()
-    t_bare, t_dump = _timed(hf_bare), _timed(lambda: dump_path(hf, 32))
-    print(f"  hf    bare forward {n_tokens / t_bare:9.0f}   dump k=32 {n_tokens / t_dump:9.0f}   "
-          f"dump/bare {t_bare / t_dump:.2f}")
-    if not args.skip_vllm:
-        from vllm import SamplingParams
-
-        vb = VLLMBackend(teacher, max_model_len=512)
-        prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.image}} for r in requests]
-        bare = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
-        vb.llm.generate(prompts, bare, use_tqdm=False)
-        dump_path(vb, 32)
-        t_bare = _timed(lambda: vb.llm.generate(prompts, bare, use_tqdm=False))
-        t_dump = _timed(lambda: dump_path(vb, 32))
-        print(f"  vllm  bare forward {n_tokens / t_bare:9.0f}   dump k=32 {n_tokens / t_dump:9.0f}   "
-              f"dump/bare {t_bare / t_dump:.2f}")
 
     print("\n2. bytes per response token on disk (zstd Parquet, mimic rows)")
     full_rows = {}
@@ -110,9 +149,7 @@ def main() -> None:
     with torch.no_grad():
         full = []
         for r in requests:
-            ids = torch.tensor([r.ids])
-            pix = collate_images([r.features])
-            logits = hf.model(input_ids=ids, **pix).logits[0]
+            logits = hf.model(**batch_inputs(encoder, [r.ids], [r.features])).logits[0]
             full.append(torch.log_softmax(logits[torch.tensor(r.positions) - 1].double(), -1))
         logp = torch.cat(full)  # [N, V]
     vocab = logp.shape[-1]

@@ -33,10 +33,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
 
-    from shared.mllm import load_encoder
+    from shared.mllm import batch_inputs, load_encoder
     from student_train.data import check_shards, encode_mimic, label_positions, load_mimic
     from student_train.moe import StudentConfig, active_parameters, make_dense_student, upcycle
-    from student_train.train import TrainConfig, _batch_indices, _inputs, train
+    from student_train.train import TrainConfig, _batch_indices, train
 
     tmp = Path(tempfile.mkdtemp(prefix="lmod-bench-train-"))
     make_dense_student(args.teacher, tmp / "dense")
@@ -69,7 +69,7 @@ def main() -> None:
     tokens = 0
     for step in range(n_batches):
         batch = [encode_mimic(enc, examples[i]) for i in _batch_indices(step, len(examples), args.batch_size, 0)]
-        _inputs([e.ids for e in batch], [e.image for e in batch], enc.pad_id, "cpu")
+        batch_inputs(enc, [e.ids for e in batch], [e.image for e in batch])
         tokens += sum(len(label_positions(e)) for e in batch)
     collate = tokens / (time.perf_counter() - t)
     print("2. data loading")

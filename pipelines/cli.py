@@ -88,7 +88,9 @@ def dump_teacher_cmd(
     dtype: str = typer.Option("float32", help="Teacher dtype: float32 | bfloat16 | float16."),
     max_model_len: int = typer.Option(512, help="Longest sequence; longer records are invalid."),
     address: str | None = typer.Option(None, help="Ray cluster address; a local Ray starts when absent."),
-    workers: int | None = typer.Option(None, help="Teacher workers (default: one per GPU, else one)."),
+    workers: int | None = typer.Option(None, help="Teacher workers (default: one per GPU group, else one)."),
+    tensor_parallel_size: int = typer.Option(1, help="GPUs per teacher engine (vllm), for teachers too big for one."),
+    gpu_memory_utilization: float | None = typer.Option(None, help="vLLM's share of GPU memory (default 0.9)."),
     force: bool = typer.Option(False, help="Redo all shards, replacing what OUT holds."),
     skip_invalid: bool = typer.Option(False, help="Drop invalid records (to OUT/rejected.jsonl) instead of stopping."),
 ) -> None:
@@ -101,7 +103,8 @@ def dump_teacher_cmd(
     cfg = DumpConfig(
         model=model, out=out, mimic_data=mimic_data, pref_data=pref_data, image_root=image_root, shards=shards,
         top_k=top_k, backend=backend, dtype=dtype, max_model_len=max_model_len, address=address, workers=workers,
-        force=force, skip_invalid=skip_invalid,
+        force=force, skip_invalid=skip_invalid, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
     )
     try:
         dump_teacher(cfg)
@@ -150,24 +153,52 @@ def student_make_tiny(
     out: Path = typer.Option(..., help="Where to write the MoE student (and OUT-dense, the dense one)."),
     num_experts: int = typer.Option(4),
     top_k: int = typer.Option(2),
-    moe_layers: str | None = typer.Option(None, help="Comma-separated layer indices (default: every other)."),
+    moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
     noise: float = typer.Option(0.0, help="Relative noise added to each expert copy."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Build the tiny dense student and upcycle it into the sparse MoE student."""
+    """Build the tiny dense student, then upcycle it (the same code as `lmod student upcycle`)."""
     check_environment()
-    from student_train.moe import make_dense_student, upcycle
+    from student_train.moe import make_dense_student
 
     if (out / "config.json").exists():
         fail(f"{out} already holds a model; choose another --out")
     dense = out.with_name(out.name + "-dense")
     make_dense_student(teacher, dense, seed=seed)
-    layers = [int(x) for x in moe_layers.split(",")] if moe_layers else None
+    _upcycle(dense, out, num_experts, top_k, moe_layers, noise, seed)
+
+
+@student_app.command("upcycle")
+def student_upcycle(
+    base: Path = typer.Option(..., help="A dense MLLM directory (transformers format), e.g. SmolVLM-256M."),
+    out: Path = typer.Option(..., help="Where to write the MoE student."),
+    num_experts: int = typer.Option(4),
+    top_k: int = typer.Option(2),
+    moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
+    noise: float = typer.Option(0.0, help="Relative noise added to each expert copy (0: equals the dense model)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Sparse upcycling: the text model's FFNs become experts of its MoE counterpart (Qwen2 -> Qwen2-MoE,
+    Qwen3 -> Qwen3-MoE, Qwen3-VL -> Qwen3-VL-MoE, Llama/Mistral -> Mixtral or Qwen2-MoE's layout)."""
+    check_environment()
+    if not (base / "config.json").is_file():
+        fail(f"{base}: no config.json; --base must be a local dense model directory")
+    if (out / "config.json").exists():
+        fail(f"{out} already holds a model; choose another --out")
+    _upcycle(base, out, num_experts, top_k, moe_layers, noise, seed)
+
+
+def _upcycle(base: Path, out: Path, num_experts: int, top_k: int, moe_layers: str, noise: float, seed: int) -> None:
+    from student_train.moe import VLLM_SERVES_MOE, upcycle
+
     try:
-        got = upcycle(dense, out, num_experts=num_experts, top_k=top_k, moe_layers=layers, noise=noise, seed=seed)
+        layers = upcycle(base, out, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, noise=noise,
+                         seed=seed)
     except ValueError as e:
         fail(str(e))
-    typer.echo(json.dumps({"student": str(out), "dense": str(dense), "moe_layers": got}))
+    model_type = json.loads((out / "config.json").read_text())["model_type"]
+    typer.echo(json.dumps({"student": str(out), "base": str(base), "moe_layers": layers,
+                           "vllm_serves_it": VLLM_SERVES_MOE.get(model_type, "unknown for this family")}))
 
 
 @app.command("train")

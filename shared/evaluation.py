@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from shared.mllm import SampleEncoder, collate_images, load_encoder, moe_routers, pad_batch
+from shared.mllm import SampleEncoder, batch_inputs, load_encoder, moe_routers
 from shared.prompt import pref_messages
 
 
@@ -33,12 +33,12 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
                                   encoder.image_features(Image.open(root / rec["image"]).convert("RGB")))
             for rec in chunk
         ]
-        ids, attn = pad_batch([p.ids for p in prompts], encoder.pad_id, left=True)
+        inputs = batch_inputs(encoder, [p.ids for p in prompts], [p.image for p in prompts], left=True)
+        width = inputs["input_ids"].shape[1]
         out = model.generate(
-            input_ids=ids, attention_mask=attn, **collate_images([p.image for p in prompts]),
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=encoder.pad_id,
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=encoder.pad_id,
         )
-        for row in out[:, ids.shape[1] :].tolist():
+        for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
             answers.append(tok.decode(row[:cut], skip_special_tokens=True))
     return answers

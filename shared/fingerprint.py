@@ -36,6 +36,34 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return sha256_json({"vocab": vocab, "special": special})
 
 
+def vocabulary_facts(tokenizer: Any) -> dict[str, Any]:
+    """What the student stage needs to decide whether stored ids mean the same to it: the hash of
+    every token -> id (added tokens included; special-token *roles* do not change ids), the hash of
+    the base vocabulary alone, the tokenizer's length and its added tokens. Embedding matrices may
+    be padded beyond `size` (Qwen: 151,936 rows for ~151,665 tokens): that is not compared."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    added = {str(t): int(i) for i, t in sorted(tokenizer.added_tokens_decoder.items())}
+    base = [(t, i) for t, i in vocab if t not in added]
+    return {"vocab_sha256": sha256_json(vocab), "base_vocab_sha256": sha256_json(base), "size": len(tokenizer),
+            "added_tokens": added}
+
+
+def vocabulary_mismatch(teacher: dict[str, Any], student: dict[str, Any]) -> str | None:
+    """None when the stored ids mean the same to both; else what differs, in a few words."""
+    if teacher["vocab_sha256"] == student["vocab_sha256"]:
+        return None
+    if teacher["base_vocab_sha256"] == student["base_vocab_sha256"]:
+        t, s = teacher["added_tokens"], student["added_tokens"]
+        only_t = sorted(set(t.items()) - set(s.items()), key=lambda kv: kv[1])
+        only_s = sorted(set(s.items()) - set(t.items()), key=lambda kv: kv[1])
+        fmt = lambda items: ", ".join(f"{tok!r}={i}" for tok, i in items[:6]) or "none"  # noqa: E731
+        return (f"the tokenizers share their base vocabulary but differ in added special tokens (teacher only: "
+                f"{fmt(only_t)}; student only: {fmt(only_s)}); add the teacher's tokens to the student's "
+                "tokenizer with the same ids, or re-dump with the student's tokenizer")
+    return (f"another vocabulary ({teacher['size']} tokens vs the student's {student['size']}); the student must use "
+            "the teacher's tokenizer (teacher and student may differ in template, never in vocabulary)")
+
+
 def teacher_fingerprint(model_dir: Path) -> dict[str, Any]:
     """Config hash plus a weights hash (full content, or headers for very large checkpoints)."""
     model_dir = Path(model_dir)

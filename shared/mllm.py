@@ -164,6 +164,19 @@ def collate_images(features: Sequence[ImageFeatures | None]) -> dict[str, torch.
     return out
 
 
+def batch_inputs(encoder: SampleEncoder, seqs: Sequence[Sequence[int]], images: Sequence[ImageFeatures | None],
+                 device: str | torch.device = "cpu", float_dtype: torch.dtype | None = None,
+                 left: bool = False) -> dict[str, torch.Tensor]:
+    """One forward's inputs: padded ids (right, or left for generation), the present images'
+    tensors and whatever else the family's forward needs."""
+    ids, attn = pad_batch(seqs, encoder.pad_id, left=left)
+    inputs = {"input_ids": ids, "attention_mask": attn, **collate_images(images)}
+    if encoder.family.mm_token_type_ids:
+        inputs["mm_token_type_ids"] = (ids == encoder.image_token_id).long()
+    return {k: v.to(device, float_dtype if float_dtype is not None and v.is_floating_point() else v.dtype)
+            for k, v in inputs.items()}
+
+
 def load_processor(model_dir: str | Path) -> Any:
     from transformers import AutoProcessor
 

@@ -44,6 +44,7 @@ def family_tokenizer(out: Path) -> Any:
     train_tokenizer(out, 512)
     tok = AutoTokenizer.from_pretrained(str(out))
     tok.add_special_tokens({"additional_special_tokens": FAMILY_TOKENS})
+    tok.save_pretrained(str(out))
     return tok
 
 
@@ -61,14 +62,15 @@ def _text_config(kind: str, tok: Any, hidden: int, layers: int, intermediate: in
 
 
 def build_tiny_family(family: str, out: Path, tokenizer: Any, text_model: str | None = None, hidden: int = 128,
-                      layers: int = 2, intermediate: int = 256, seed: int = 0) -> Path:
-    """A random-init tiny MLLM of `family` saved under `out` (weights, processor, chat template)."""
+                      layers: int = 2, intermediate: int = 256, seed: int = 0, image_tokens_per_crop: int = 4) -> Path:
+    """A random-init tiny MLLM of `family` saved under `out` (weights, processor, chat template).
+    `image_tokens_per_crop` (SmolVLM: 4 or 16) sets how image-heavy its prompts are."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     if family == "smolvlm":
         model, processor = _smolvlm(tokenizer, _text_config(text_model or "llama", tokenizer, hidden, layers,
-                                                            intermediate))
+                                                            intermediate), image_tokens_per_crop)
     elif family == "llava_next":
         model, processor = _llava_next(tokenizer, _text_config(text_model or "qwen2", tokenizer, hidden, layers,
                                                                intermediate))
@@ -84,7 +86,7 @@ def build_tiny_family(family: str, out: Path, tokenizer: Any, text_model: str | 
     return out
 
 
-def _smolvlm(tok: Any, text: dict) -> tuple[Any, Any]:
+def _smolvlm(tok: Any, text: dict, image_tokens_per_crop: int) -> tuple[Any, Any]:
     """Idefics3 (SmolVLM v1) with image splitting: the image-token count depends on the image."""
     from transformers import (
         Idefics3Config,
@@ -95,12 +97,13 @@ def _smolvlm(tok: Any, text: dict) -> tuple[Any, Any]:
 
     image_processor = Idefics3ImageProcessorPil(
         do_resize=True, size={"longest_edge": 128}, max_image_size={"longest_edge": 64}, do_image_splitting=True)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
-                                  chat_template=SMOLVLM_TEMPLATE)
+    scale_factor = {4: 2, 16: 1}[image_tokens_per_crop]  # 64 px crops, 16 px patches: 16 / scale_factor^2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok,
+                                  image_seq_len=image_tokens_per_crop, chat_template=SMOLVLM_TEMPLATE)
     config = Idefics3Config(
         vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 1,
                        "image_size": 64, "patch_size": 16},
-        text_config=text, scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
+        text_config=text, scale_factor=scale_factor, image_token_id=tok.convert_tokens_to_ids("<image>"),
         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     return Idefics3ForConditionalGeneration(config), processor
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from shared.fingerprint import tokenizer_fingerprint
+from shared.fingerprint import tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
 from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder
 from shared.prompt import Messages, llava_messages, pref_messages
@@ -44,19 +44,23 @@ class PrefExample:
 
 
 def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder) -> list[Path]:
-    """Shard files of `kind` from every dir, after checking each dir's tokenizer fingerprint."""
-    mine = tokenizer_fingerprint(encoder.tokenizer)
+    """Shard files of `kind` from every dir, after checking that each dir's stored ids mean the
+    same to the student's tokenizer (tokenizers are compared, not embedding shapes)."""
+    mine = vocabulary_facts(encoder.tokenizer)
     files: list[Path] = []
     for d in dirs:
         try:
             manifest = Manifest.load(d)
         except FileNotFoundError as e:
             raise ShardError(str(e)) from None
-        if manifest.run["tokenizer_sha256"] != mine:
-            raise ShardError(
-                f"{d}: shards were made with another tokenizer ({manifest.run['tokenizer_sha256'][:12]} != "
-                f"student's {mine[:12]}); train a student with the teacher's tokenizer or re-dump"
-            )
+        if "vocabulary" in manifest.run:
+            problem = vocabulary_mismatch(manifest.run["vocabulary"], mine)
+        elif manifest.run["tokenizer_sha256"] != tokenizer_fingerprint(encoder.tokenizer):  # older dumps
+            problem = "shards were made with another tokenizer"
+        else:
+            problem = None
+        if problem:
+            raise ShardError(f"{d}: {problem}")
         files.extend(shard_paths(d, kind))
     if not files:
         raise ShardError(f"no {kind} shards in {', '.join(map(str, dirs))}; run `lmod dump-teacher` first")

@@ -23,7 +23,7 @@ def kl_to_teacher(model_dir: Path, shards: list[Path], image_root: Path | None, 
     total = tokens = 0.0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
-        _, parts = _mimic_loss(model, enc, batch, enc.pad_id, cfg, tap, "cpu")
+        _, parts = _mimic_loss(model, enc, batch, cfg, tap, "cpu")
         total += parts["kl"] * parts["tokens"]
         tokens += parts["tokens"]
     return total / max(1.0, tokens)

@@ -32,11 +32,14 @@ def sparse_kl(
     rest is a logsumexp over the other logits (no 1 - sum(p) cancellation), and a teacher rest of 0
     contributes 0 (xlogy), so gradients stay finite at rest masses of 0 or 1.
     """
+    # Teacher entries of log-prob -inf (ids outside the shared vocabulary, masked by the caller)
+    # carry no mass: products are written so that 0 * log 0 = 0.
     if tail == "renorm":
         t_lp = F.log_softmax(_wide(topk_logprobs) / temperature, dim=-1)
-        s_sel = _wide(student_logits).gather(-1, topk_ids) / temperature
+        s_sel = (_wide(student_logits).gather(-1, topk_ids) / temperature).masked_fill(t_lp.isneginf(), float("-inf"))
         s_lp = F.log_softmax(s_sel, dim=-1)
-        return (t_lp.exp() * (t_lp - s_lp)).sum(-1) * temperature**2
+        t_p = t_lp.exp()
+        return (torch.xlogy(t_p, t_p) - t_p * s_lp.masked_fill(t_p == 0, 0.0)).sum(-1) * temperature**2
     if tail == "rest":
         if temperature != 1.0:
             raise ValueError("tail='rest' needs temperature 1: the stored rest mass is at temperature 1")
@@ -46,7 +49,8 @@ def sparse_kl(
         s_rest = torch.logsumexp(masked, dim=-1)  # log of the student's mass outside the top-k
         t_top = _wide(topk_logprobs)
         t_rest_mass = (1.0 - t_top.exp().sum(-1)).clamp(min=0.0)
-        top_term = (t_top.exp() * (t_top - s_top)).sum(-1)
+        t_p = t_top.exp()
+        top_term = (torch.xlogy(t_p, t_p) - t_p * s_top).sum(-1)
         rest_term = torch.xlogy(t_rest_mass, t_rest_mass) - t_rest_mass * s_rest.clamp(min=-1e4)
         return top_term + rest_term
     raise ValueError(f"unknown tail {tail!r}; use 'renorm' or 'rest'")

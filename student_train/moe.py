@@ -113,7 +113,7 @@ VLLM_SERVES_MOE = {
     "smolvlm": "no: vLLM's SmolVLM is its Idefics3 (Llama text model)",
     "llava": "yes (vLLM's LLaVA takes any registered text model; GPU stack)",
     "llava_next": "yes (vLLM's LLaVA-NeXT takes any registered text model; GPU stack)",
-    "qwen3_vl": "yes, as Qwen3-VL-MoE (GPU stack)",
+    "qwen3_vl_moe": "yes: vLLM has Qwen3-VL-MoE (GPU stack)",
 }
 
 

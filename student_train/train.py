@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from shared.mllm import ImageFeatures, SampleEncoder, collate_images, load_encoder, moe_routers, pad_batch
+from shared.mllm import SampleEncoder, batch_inputs, load_encoder, moe_routers
 from student_train.data import (
     check_shards,
     encode_mimic,
@@ -194,7 +194,6 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
                 if json.loads(line)["step"] <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
         metrics_file = open(metrics_path, "a")
-    pad = encoder.pad_id
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bfloat16")
     history = []
@@ -210,7 +209,7 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
             batch = [examples[i] for i in idx[dist.rank :: dist.world]]
             with autocast:
                 loss, parts = (_mimic_loss if cfg.stage == "mimic" else _pref_loss)(
-                    forward_model, encoder, batch, pad, cfg, tap, device, dist)
+                    forward_model, encoder, batch, cfg, tap, device, dist)
             (loss / cfg.grad_accum).backward()
             for k, v in parts.items():
                 if isinstance(v, float):
@@ -271,26 +270,26 @@ def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder) ->
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _inputs(seqs: list[list[int]], images: list[ImageFeatures | None], pad: int, device: str) -> dict:
-    ids, attn = pad_batch(seqs, pad)
-    inputs = {"input_ids": ids.to(device), "attention_mask": attn.to(device)}
-    inputs.update({k: v.to(device) for k, v in collate_images(images).items()})
-    return inputs
-
-
-def _mimic_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
+def _mimic_loss(model, encoder, batch, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
     encoded = [encode_mimic(encoder, e) for e in batch]
-    inputs = _inputs([e.ids for e in encoded], [e.image for e in encoded], pad, device)
+    inputs = batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded], device)
     logits = model(**inputs).logits
     rows, cols = [], []
     for b, e in enumerate(encoded):
         positions = label_positions(e)
         rows.extend([b] * len(positions))
         cols.extend(p - 1 for p in positions)  # logits at p-1 predict the token at p
-    student = logits[torch.tensor(rows), torch.tensor(cols)]  # [N, V]
+    # Rows of a padded embedding beyond the shared vocabulary are no tokens: they get no mass.
+    student = logits[torch.tensor(rows), torch.tensor(cols), : len(encoder.tokenizer)]  # [N, V]
     targets = inputs["input_ids"][torch.tensor(rows), torch.tensor(cols) + 1]
     topk_ids = torch.tensor([t for e in batch for t in e.topk_ids], device=device)
     topk_lp = torch.tensor([t for e in batch for t in e.topk_logprobs], device=device)
+    # A teacher with padded embedding rows may put (tiny) mass on ids no tokenizer produces: it
+    # goes to the rest, not to a student logit. Such entries point at the row's top-1 id instead
+    # (a duplicate of zero weight changes nothing).
+    outside = topk_ids >= student.shape[-1]
+    first = topk_ids[:, :1].masked_fill(outside[:, :1], 0)
+    topk_ids, topk_lp = torch.where(outside, first, topk_ids), topk_lp.masked_fill(outside, float("-inf"))
     dist = dist or Dist()
     per_rank_tokens = dist.sum(float(len(rows))) / dist.world  # token mean over the global batch
     kl = sparse_kl(student, topk_ids, topk_lp, tail=cfg.kd_tail, temperature=cfg.temperature).sum() / per_rank_tokens
@@ -301,13 +300,13 @@ def _mimic_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, de
                   "tokens": float(len(rows)), "expert_load": load}
 
 
-def _pref_loss(model, encoder, batch, pad, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
+def _pref_loss(model, encoder, batch, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
     pairs = [encode_pref(encoder, e) for e in batch]
     encoded = [c for c, _ in pairs] + [r for _, r in pairs]
-    inputs = _inputs([e.ids for e in encoded], [e.image for e in encoded], pad, device)
+    inputs = batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded], device)
     logits = model(**inputs).logits
     positions = [label_positions(e) for e in encoded]
-    logps = sequence_logprobs(logits, inputs["input_ids"], positions)
+    logps = sequence_logprobs(logits[..., : len(encoder.tokenizer)], inputs["input_ids"], positions)
     n = len(batch)
     ref_c = torch.tensor([e.ref_chosen for e in batch], device=device)
     ref_r = torch.tensor([e.ref_rejected for e in batch], device=device)

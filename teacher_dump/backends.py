@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.mllm import ImageFeatures, collate_images, load_encoder, pad_batch
+from shared.mllm import ImageFeatures, batch_inputs, load_encoder
 
 
 @dataclass
@@ -55,19 +55,16 @@ class HFBackend:
             str(model_dir), dtype=getattr(torch, dtype)
         ).to(self.device).eval()
         self.batch_size = batch_size
-        self.pad_id = load_encoder(model_dir).pad_id
+        self.encoder = load_encoder(model_dir)
 
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         results: list[ScoreResult] = []
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
-            ids, attn = pad_batch([r.ids for r in chunk], self.pad_id)
-            inputs = {"input_ids": ids.to(self.device), "attention_mask": attn.to(self.device)}
             # Text-only rows simply contribute no image: models fill image tokens in order.
-            pix = collate_images([r.features for r in chunk])
-            inputs.update({k: v.to(self.device, self.model.dtype if v.is_floating_point() else v.dtype)
-                           for k, v in pix.items()})
+            inputs = batch_inputs(self.encoder, [r.ids for r in chunk], [r.features for r in chunk], self.device,
+                                  self.model.dtype)
             logits = self.model(**inputs).logits
             for row, req in enumerate(chunk):
                 results.append(self._pick(logits[row], req))
@@ -162,9 +159,12 @@ class VLLMBackend:
 
 
 def make_backend(name: str, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 512,
-                 max_top_k: int = 64) -> TeacherBackend:
+                 max_top_k: int = 64, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float | None = None) -> TeacherBackend:
+    """The one place engines are built: `hf` (one device) or `vllm` (tensor-parallel over GPUs)."""
     if name == "hf":
         return HFBackend(model_dir, dtype=dtype)
     if name == "vllm":
-        return VLLMBackend(model_dir, dtype=dtype, max_model_len=max_model_len, max_logprobs=max(max_top_k, 1))
+        return VLLMBackend(model_dir, dtype=dtype, max_model_len=max_model_len, max_logprobs=max(max_top_k, 1),
+                           gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
     raise ValueError(f"unknown backend {name!r}; use 'vllm' or 'hf'")

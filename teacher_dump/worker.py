@@ -117,12 +117,12 @@ def shard_rows(
 class TeacherWorker:
     """Holds one engine for its whole life; one call = one shard written under `out_dir`."""
 
-    def __init__(self, model_dir: str, backend: str, dtype: str, max_model_len: int, top_k: int, out_dir: str):
+    def __init__(self, model_dir: str, backend: str, engine: dict[str, Any], top_k: int, out_dir: str):
         from shared.mllm import load_encoder
         from teacher_dump.backends import make_backend
 
         self.encoder = load_encoder(model_dir)
-        self.backend = make_backend(backend, model_dir, dtype=dtype, max_model_len=max_model_len, max_top_k=top_k)
+        self.backend = make_backend(backend, model_dir, **engine)
         self.top_k = top_k
         self.out_dir = Path(out_dir)
 

@@ -3,10 +3,12 @@ tests (a vLLM engine start costs about a minute on 2 cores, so it happens once).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -54,3 +56,68 @@ def hf_dump(tmp_path_factory, world, teacher) -> Path:
     out = tmp_path_factory.mktemp("dump_hf")
     dump(world, teacher, out, "hf")
     return out
+
+
+# Real families' tiny stand-ins (shared by test_families and test_recipes).
+SIZES = [(64, 64), (128, 64), (64, 128), (112, 112)]
+
+
+@pytest.fixture(scope="session")
+def family_world(tmp_path_factory) -> Path:
+    """A small world whose images come in several sizes (image-token counts then differ)."""
+    from shared.world import make_world
+
+    out = tmp_path_factory.mktemp("family_world")
+    make_world(out, seed=5, n_mimic=12, n_pref=6, n_eval=4)
+    for name in ("mimic.jsonl", "pref.jsonl"):
+        rows = [json.loads(line) for line in (out / name).read_text().splitlines()]
+        for i, row in enumerate(rows):
+            size = SIZES[i % len(SIZES)]
+            resized = f"images/{Path(row['image']).stem}-{size[0]}x{size[1]}.png"
+            Image.open(out / row["image"]).convert("RGB").resize(size).save(out / resized)
+            row["image"] = resized
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_tok(tmp_path_factory):
+    from shared.tiny_families import family_tokenizer
+
+    return family_tokenizer(tmp_path_factory.mktemp("family_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, family_tok) -> dict[str, Path]:
+    from shared.tiny_families import TINY_FAMILIES, build_tiny_family
+
+    root = tmp_path_factory.mktemp("families")
+    tok = family_tok
+    models = {f: build_tiny_family(f, root / f, tok) for f in TINY_FAMILIES}
+    # Dense student bases: another seed, a narrower FFN.
+    models.update({f"{f}-base": build_tiny_family(f, root / f"{f}-base", tok, intermediate=192, seed=1)
+                   for f in ("smolvlm", "llava_next")})
+    return models
+
+
+def _dump(model: Path, world: Path, out: Path, backend: str):
+    from teacher_dump.run import DumpConfig, dump_teacher
+
+    return dump_teacher(DumpConfig(model=model, out=out, mimic_data=world / "mimic.jsonl",
+                                   pref_data=world / "pref.jsonl", shards=2, top_k=8, backend=backend,
+                                   max_model_len=512, progress=False))
+
+
+@pytest.fixture(scope="session")
+def family_dumps(tmp_path_factory, family_models, family_world) -> dict[tuple[str, str], Path]:
+    from shared.tiny_families import TINY_FAMILIES
+
+    dumps = {}
+    for family in TINY_FAMILIES:
+        model = family_models[family]
+        backends = ("hf",) if family == "llava_next" else ("hf", "vllm")
+        for backend in backends:
+            out = tmp_path_factory.mktemp(f"dump_{family}_{backend}")
+            _dump(model, family_world, out, backend)
+            dumps[family, backend] = out
+    return dumps

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.mllm import collate_images, load_encoder, load_processor, pad_batch
+from shared.mllm import batch_inputs, load_encoder, load_processor
 from shared.prompt import llava_messages
 from student_train.moe import active_parameters, make_dense_student, upcycle
 
@@ -25,8 +25,7 @@ def _batch(model_dir, world):
     recs = [json.loads(line) for line in (world / "mimic.jsonl").read_text().splitlines()[:4]]
     encoded = [enc.encode(llava_messages(r["conversations"], True),
                           enc.image_features(Image.open(world / r["image"]).convert("RGB"))) for r in recs]
-    ids, attn = pad_batch([e.ids for e in encoded], 0)
-    return {"input_ids": ids, "attention_mask": attn, **collate_images([e.image for e in encoded])}
+    return batch_inputs(enc, [e.ids for e in encoded], [e.image for e in encoded])
 
 
 def test_upcycled_equals_dense_at_init_and_reloads(dense, world, tmp_path):

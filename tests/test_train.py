@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.mllm import load_encoder
+from shared.mllm import batch_inputs, load_encoder
 from student_train.data import (
     ShardError,
     check_shards,
@@ -19,7 +19,7 @@ from student_train.data import (
     sequence_logprobs,
 )
 from student_train.moe import make_dense_student, upcycle
-from student_train.train import RouterTap, TrainConfig, _inputs, _mimic_loss, train
+from student_train.train import RouterTap, TrainConfig, _mimic_loss, train
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _mean_kl(model_dir: Path, dump_dir: Path, world: Path) -> float:
     examples = load_mimic(check_shards([dump_dir], "mimic", enc), world)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():
-        _, parts = _mimic_loss(model, enc, examples, enc.pad_id, TrainConfig(), RouterTap(model),
+        _, parts = _mimic_loss(model, enc, examples, TrainConfig(), RouterTap(model),
                                "cpu")
     return parts["kl"]
 
@@ -82,7 +82,7 @@ def _margin(model_dir: Path, dump_dir: Path, world: Path) -> tuple[float, float]
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
     pairs = [encode_pref(enc, e) for e in ex]
     seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    inputs = _inputs([s.ids for s in seqs], [s.image for s in seqs], enc.pad_id, "cpu")
+    inputs = batch_inputs(enc, [s.ids for s in seqs], [s.image for s in seqs])
     with torch.no_grad():
         lp = sequence_logprobs(model(**inputs).logits, inputs["input_ids"], [label_positions(s) for s in seqs])
     n = len(ex)
@@ -122,14 +122,43 @@ def test_shards_of_another_tokenizer_or_empty_dir_are_refused(hf_dump, moe_stude
     other = tmp_path / "other"
     shutil.copytree(hf_dump, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["run"]["tokenizer_sha256"] = "0" * 64
+    manifest["run"]["vocabulary"].update({"vocab_sha256": "0" * 64, "base_vocab_sha256": "1" * 64})
     (other / "manifest.json").write_text(json.dumps(manifest))
     enc = load_encoder(moe_student)
-    with pytest.raises(ShardError, match="another tokenizer"):
+    with pytest.raises(ShardError, match="another vocabulary"):
         check_shards([other], "mimic", enc)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ShardError, match="no manifest"):
         check_shards([tmp_path / "empty"], "mimic", enc)
+
+
+def test_a_tokenizer_with_other_added_special_tokens_gets_a_specific_error(hf_dump, moe_student, tmp_path):
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(moe_student, student)
+    enc = load_encoder(student)
+    enc.tokenizer.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    enc.tokenizer.save_pretrained(str(student))
+    with pytest.raises(ShardError, match=r"differ in added special tokens.*student only: '<\|tool\|>'="):
+        check_shards([hf_dump], "mimic", load_encoder(student))
+
+
+def test_padded_embedding_rows_are_no_tokens(hf_dump, world, moe_student, tmp_path):
+    """Real checkpoints pad their embeddings beyond the tokenizer (Qwen: 151,936 rows for ~151,665
+    tokens). Tokenizers are compared, not shapes; logits of the padding rows get no teacher mass,
+    so a padded student (with loud padding logits) scores exactly what the unpadded one does."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(moe_student))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab + 37, mean_resizing=False)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[vocab:] = 5.0
+    model.save_pretrained(str(tmp_path / "padded"))
+    load_encoder(moe_student).processor.save_pretrained(str(tmp_path / "padded"))
+    assert _mean_kl(tmp_path / "padded", hf_dump, world) == pytest.approx(_mean_kl(moe_student, hf_dump, world),
+                                                                         rel=1e-5)
 
 
 def test_two_ddp_ranks_match_one_process(hf_dump, world, moe_student, tmp_path):
