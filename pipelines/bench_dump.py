@@ -74,7 +74,7 @@ def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> No
         return
     from vllm import SamplingParams
 
-    engine = VLLMBackend(teacher, max_model_len=1024)
+    engine = VLLMBackend(teacher, max_model_len=512)
     prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.image}} for r in requests]
 
     def run(backend: VLLMBackend, **kw) -> float:

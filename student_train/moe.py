@@ -168,8 +168,7 @@ def upcycle(
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     dense_dir, out = Path(dense_dir), Path(out)
-    dense = AutoModelForImageTextToText.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
-    dcfg = dense.config
+    dcfg = AutoConfig.from_pretrained(str(dense_dir))  # refuse before loading any weights
     text = dcfg.get_text_config()
     n_layers = text.num_hidden_layers
     layers = moe_layers if isinstance(moe_layers, list) else parse_moe_layers(moe_layers, n_layers)
@@ -179,6 +178,7 @@ def upcycle(
     target = _counterpart(text.model_type, len(layers) < n_layers, dense_dir)
     if getattr(text, "mlp_bias", False):
         raise ValueError(f"{dense_dir}: FFN biases are not supported by the MoE classes lmod upcycles into")
+    dense = AutoModelForImageTextToText.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
     moe_text = text.to_dict()
     for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
         moe_text.pop(key, None)
