@@ -210,6 +210,7 @@ def train_cmd(
     config: Path | None = typer.Option(None, help="YAML of TrainConfig fields (see pipelines/configs)."),
     image_root: Path | None = typer.Option(None, help="Root of the shards' image paths."),
     resume: bool = typer.Option(False, help="Continue from OUT's checkpoint."),
+    allow_partial: bool = typer.Option(False, help="Train on a dump whose shards are not all finished."),
     seed: int | None = typer.Option(None),
     steps: int | None = typer.Option(None),
     kd_tail: str | None = typer.Option(None, help="renorm | rest"),
@@ -219,7 +220,7 @@ def train_cmd(
     """Train the student from teacher shards (no teacher in memory)."""
     check_environment()
     from student_train.data import ShardError
-    from student_train.train import TrainConfig, train
+    from student_train.train import TrainConfig, TrainError, train
 
     overrides = {"stage": stage, "seed": seed, "steps": steps, "kd_tail": kd_tail, "pref_loss": pref_loss,
                  "beta": beta}
@@ -232,8 +233,8 @@ def train_cmd(
     if (out / "latest_checkpoint").exists() and not resume:
         fail(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     try:
-        history = train(shards, student, out, cfg, image_root=image_root, resume=resume)
-    except (ShardError, FileNotFoundError) as e:
+        history = train(shards, student, out, cfg, image_root=image_root, resume=resume, allow_partial=allow_partial)
+    except (ShardError, TrainError, FileNotFoundError) as e:
         fail(str(e))
     typer.echo(json.dumps(history[-1] if history else {}))
 

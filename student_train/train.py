@@ -29,6 +29,10 @@ from student_train.data import (
 from student_train.losses import load_balancing_loss, preference_loss, router_z_loss, sparse_kl
 
 
+class TrainError(RuntimeError):
+    """Training cannot go on; the message says at which step and why."""
+
+
 @dataclass
 class TrainConfig:
     stage: str = "mimic"  # mimic | pref
@@ -149,7 +153,8 @@ def _batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
 
 
 def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
-          resume: bool = False, progress: bool = True, stop_after: int | None = None) -> list[dict]:
+          resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          allow_partial: bool = False) -> list[dict]:
     """Train; `stop_after` ends this run early after that many steps (as a kill would, but at a
     checkpoint), for resumption tests and time-boxed runs."""
     from tqdm import tqdm
@@ -167,7 +172,7 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     checkpoint = latest_checkpoint(out) if resume else None
     start_dir = checkpoint or student
     encoder = load_encoder(student)
-    files = check_shards(shards, cfg.stage, encoder)
+    files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial)
     examples = (load_mimic if cfg.stage == "mimic" else load_pref)(files, image_root)
     torch.manual_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_pretrained(str(start_dir), dtype=torch.float32).to(device)
@@ -210,6 +215,10 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
             with autocast:
                 loss, parts = (_mimic_loss if cfg.stage == "mimic" else _pref_loss)(
                     forward_model, encoder, batch, cfg, tap, device, dist)
+            if not torch.isfinite(loss):  # stop before a NaN reaches the weights or a checkpoint
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in parts.items() if isinstance(v, float))
+                raise TrainError(f"step {step + 1}: the loss is not finite ({terms}); nothing of this step was "
+                                 "applied. Check the shards (`lmod shards verify`) and the lr, then --resume")
             (loss / cfg.grad_accum).backward()
             for k, v in parts.items():
                 if isinstance(v, float):

@@ -235,9 +235,13 @@ def _vllm_is_cpu_build() -> bool:
 
 
 def _finished(out: Path, manifest: Manifest, rel: str) -> bool:
+    """A shard counts as done only if its bytes match the manifest's checksum: a corrupted or
+    replaced file is redone, never kept."""
     entry = manifest.shards.get(rel)
     path = out / rel
-    return entry is not None and path.is_file() and path.stat().st_size == entry.bytes
+    if entry is None or not path.is_file() or path.stat().st_size != entry.bytes:
+        return False
+    return sha256_file(path) == entry.sha256
 
 
 def _say(cfg: DumpConfig, msg: str) -> None:

@@ -51,3 +51,20 @@ def test_killed_dump_resumes_without_recomputing(world, teacher, tmp_path):
     for rel in files:
         assert (out / rel).read_bytes() == (fresh / rel).read_bytes(), rel
     assert (out / "manifest.json").read_bytes() == (fresh / "manifest.json").read_bytes()
+
+
+def test_resume_redoes_a_shard_whose_bytes_changed(hf_dump, world, teacher, tmp_path):
+    """A same-size shard with one flipped byte must not count as finished on rerun."""
+    import shutil
+
+    from shared.shards import shard_paths
+
+    out = tmp_path / "dump"
+    shutil.copytree(hf_dump, out)
+    path = shard_paths(out, "mimic")[0]
+    good = path.read_bytes()
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    dump(world, teacher, out, "hf")
+    assert path.read_bytes() == good and verify_dump(out) == []

@@ -249,3 +249,81 @@ def test_killed_training_resumes_from_its_last_checkpoint(hf_dump, world, moe_st
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 41))
     assert rows[-1]["loss"] == full[-1]["loss"]
+
+
+def test_images_of_another_world_with_the_same_names_are_refused(hf_dump, held_out_dump):
+    """`--image-root` of another world holding the same file names: the stored sha256 catches it."""
+    import pyarrow.parquet as pq
+
+    from shared.shards import shard_paths
+
+    _, other_world = held_out_dump
+    files = shard_paths(hf_dump, "mimic")
+    assert (other_world / pq.read_table(files[0]).to_pylist()[0]["image"]).is_file()  # same name, other picture
+    with pytest.raises(ShardError, match=r"row 0 \(id .*\): .* is not the image the teacher saw"):
+        load_mimic(files, other_world)
+
+
+def _copy_with(dump: Path, dst: Path, edit=None) -> Path:
+    """A copy of a dump; `edit(rows)` rewrites the first mimic shard and the manifest follows (as if the
+    teacher had written it)."""
+    import hashlib
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shared.schema import MIMIC_SCHEMA
+    from shared.shards import shard_paths
+
+    shutil.copytree(dump, dst)
+    if edit is not None:
+        path = shard_paths(dst, "mimic")[0]
+        rows = pq.read_table(path).to_pylist()
+        edit(rows)
+        pq.write_table(pa.Table.from_pylist(rows, schema=MIMIC_SCHEMA), path, compression="zstd")
+        manifest = json.loads((dst / "manifest.json").read_text())
+        entry = manifest["shards"][f"mimic/{path.name}"]
+        entry.update({"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+        (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_a_shard_with_a_flipped_byte_is_refused_not_trained_on(hf_dump, world, moe_student, tmp_path):
+    from shared.shards import shard_paths
+
+    bad = _copy_with(hf_dump, tmp_path / "dump")
+    path = shard_paths(bad, "mimic")[1]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    cfg = TrainConfig(stage="mimic", steps=2, batch_size=4)
+    with pytest.raises(ShardError, match=f"{path.name}: its bytes differ from the manifest's checksum"):
+        train([bad], moe_student, tmp_path / "out", cfg, image_root=world, progress=False)
+
+
+def test_a_non_finite_loss_stops_training_before_it_reaches_the_weights(hf_dump, world, moe_student, tmp_path):
+    from student_train.train import TrainError
+
+    def poison(rows):
+        for row in rows:
+            row["topk_logprobs"][0][0] = float("nan")
+
+    bad = _copy_with(hf_dump, tmp_path / "dump", poison)
+    cfg = TrainConfig(stage="mimic", steps=3, batch_size=48)  # every row in the first batch
+    with pytest.raises(TrainError, match="step 1: the loss is not finite"):
+        train([bad], moe_student, tmp_path / "out", cfg, image_root=world, progress=False)
+    assert not (tmp_path / "out" / "latest_checkpoint").exists()
+
+
+def test_an_unfinished_dump_is_refused_unless_partial_is_intended(hf_dump, moe_student, tmp_path):
+    partial = _copy_with(hf_dump, tmp_path / "dump")
+    manifest = json.loads((partial / "manifest.json").read_text())
+    gone = sorted(k for k in manifest["shards"] if k.startswith("mimic/"))[-1]
+    del manifest["shards"][gone]
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    (partial / gone).unlink()
+    enc = load_encoder(moe_student)
+    with pytest.raises(ShardError, match="only 2 of 3 mimic shards are finished.*--allow-partial"):
+        check_shards([partial], "mimic", enc)
+    assert len(check_shards([partial], "mimic", enc, allow_partial=True)) == 2
