@@ -110,6 +110,8 @@ def dump_teacher_cmd(
         dump_teacher(cfg)
     except (InputError, TemplateError, FileNotFoundError) as e:
         fail(str(e))
+    except PermissionError as e:
+        fail(f"{e.filename}: {e.strerror}; choose an --out you can write to")
     from shared.shards import dump_info
 
     typer.echo(json.dumps(dump_info(out), indent=2))

