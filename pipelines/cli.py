@@ -22,6 +22,12 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def require_model(path: Path, option: str) -> None:
+    """A local model directory, or a one-line error (transformers would go looking on the hub)."""
+    if not (path / "config.json").is_file():
+        fail(f"{path}: no config.json; {option} must be a local model directory")
+
+
 def check_environment() -> None:
     """PyPI's torchvision beside the CPU torch breaks transformers' model imports: say so plainly."""
     import importlib.util
@@ -226,12 +232,14 @@ def train_cmd(
 
     overrides = {"stage": stage, "seed": seed, "steps": steps, "kd_tail": kd_tail, "pref_loss": pref_loss,
                  "beta": beta}
-    if config is not None:
-        cfg = TrainConfig.from_yaml(config, **overrides)
-    else:
-        cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    if cfg.stage not in ("mimic", "pref"):
-        fail(f"--stage must be mimic or pref (got {cfg.stage!r})")
+    try:
+        if config is not None:
+            cfg = TrainConfig.from_yaml(config, **overrides)
+        else:
+            cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, OSError) as e:
+        fail(f"config: {e}")
+    require_model(student, "--student")
     if (out / "latest_checkpoint").exists() and not resume:
         fail(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     try:
@@ -252,9 +260,15 @@ def eval_cmd(
 ) -> None:
     """Held-out accuracy by type, POPE-style hallucination metrics, expert utilisation, KL to teacher."""
     check_environment()
-    from shared.evaluation import evaluate_model
+    from shared.evaluation import EvalDataError, evaluate_model
 
-    metrics = evaluate_model(model, data, image_root)
+    require_model(model, "--model")
+    if out is not None and not out.parent.is_dir():
+        fail(f"{out.parent}: no such directory for --out")
+    try:
+        metrics = evaluate_model(model, data, image_root)  # every line is checked before the model loads
+    except EvalDataError as e:
+        fail(str(e))
     if shards:
         from student_train.data import ShardError
         from student_train.evaluate import kl_to_teacher

@@ -80,10 +80,40 @@ def score(records: list[dict], answers: list[str]) -> dict[str, Any]:
     return metrics
 
 
+class EvalDataError(ValueError):
+    """Unusable evaluation data; the message names the file and line."""
+
+
+def read_eval_records(data: Path, image_root: Path) -> list[dict]:
+    """Every record checked before any model runs: JSON, `question`/`answer` strings, an image
+    that exists. Line numbers are 1-based lines of the file (blank lines counted)."""
+    try:
+        lines = Path(data).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EvalDataError(f"{data}: cannot read it ({e})") from None
+    records = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{data}:{no}: malformed JSON ({e.msg}); fix the line") from None
+        missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str)]
+        if missing:
+            raise EvalDataError(f"{data}:{no}: {', '.join(repr(k) for k in missing)} missing or not a string")
+        if not (image_root / rec["image"]).is_file():
+            raise EvalDataError(f"{data}:{no}: image not found: {image_root / rec['image']} (check --image-root)")
+        records.append(rec)
+    if not records:
+        raise EvalDataError(f"{data}: no records; nothing to evaluate")
+    return records
+
+
 def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, limit: int | None = None) -> dict:
     from transformers import AutoModelForImageTextToText
 
-    records = [json.loads(line) for line in open(data) if line.strip()][:limit]
+    records = read_eval_records(data, image_root or Path(data).parent)[:limit]
     encoder = load_encoder(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     counts: list[torch.Tensor] = []

@@ -69,7 +69,40 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def __post_init__(self) -> None:
+        """Checked once, before any model or shard is loaded."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                ok = True
+            if not ok:
+                hint = ""
+                if isinstance(value, str) and kind is float:  # YAML 1.1 reads 1e-3 (no dot) as text
+                    hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
+                raise ValueError(f"{f.name}: {value!r} is not {'a' if kind is not int else 'an'} {kind.__name__}{hint}")
+        choices = {"stage": ("mimic", "pref"), "kd_tail": ("renorm", "rest"), "pref_loss": ("dpo", "ipo", "kto_pair"),
+                   # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
+                   "dtype": ("float32", "bfloat16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: {getattr(self, name)!r}; use {' | '.join(allowed)}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
+        for name in ("warmup", "save_every", "weight_decay", "kd_weight", "ce_weight", "pref_ce_weight",
+                     "aux_loss_coef", "z_loss_coef", "label_smoothing"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 0")
+        for name in ("lr", "beta", "temperature", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
 
 
 class RouterTap:
@@ -170,6 +203,8 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     progress = progress and dist.rank == 0
     out = Path(out)
     checkpoint = latest_checkpoint(out) if resume else None
+    if resume:
+        _check_resumable(out, checkpoint, cfg)
     start_dir = checkpoint or student
     encoder = load_encoder(student)
     files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial)
@@ -195,8 +230,9 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     if dist.rank == 0:
         metrics_path = out / "metrics.jsonl"
         # A run killed after its last checkpoint logged steps that will be redone: drop them.
+        # A kill mid-write leaves a partial last line: it goes too.
         kept = [line for line in (metrics_path.read_text().splitlines() if step and metrics_path.exists() else [])
-                if json.loads(line)["step"] <= step]
+                if _logged_step(line) <= step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
         metrics_file = open(metrics_path, "a")
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
@@ -253,6 +289,28 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
 
 
 LATEST = "latest_checkpoint"
+# Keys a resumed run may change: they do not alter what is computed.
+_RESUMABLE_CHANGES = ("log_every", "save_every")
+
+
+def _check_resumable(out: Path, checkpoint: Path | None, cfg: TrainConfig) -> None:
+    if checkpoint is None or not checkpoint.is_dir():
+        raise TrainError(f"{out}: no checkpoint to resume from; drop --resume to start a new run there")
+    saved_path = out / "train_config.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    changed = {k: (saved[k], v) for k, v in asdict(cfg).items()
+               if k in saved and saved[k] != v and k not in _RESUMABLE_CHANGES}
+    if changed:
+        diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise TrainError(f"{out}: --resume with a changed config ({diff}); resume with the run's own config "
+                         f"({saved_path}), or train into another --out")
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # unreadable (cut mid-write): never kept
 
 
 def latest_checkpoint(out: Path) -> Path | None:

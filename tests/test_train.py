@@ -327,3 +327,67 @@ def test_an_unfinished_dump_is_refused_unless_partial_is_intended(hf_dump, moe_s
     with pytest.raises(ShardError, match="only 2 of 3 mimic shards are finished.*--allow-partial"):
         check_shards([partial], "mimic", enc)
     assert len(check_shards([partial], "mimic", enc, allow_partial=True)) == 2
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("yaml_text,expected", [
+    ("steps: five\n", "steps: 'five' is not an int"),
+    ("steps: 0\n", "steps: 0 must be >= 1"),
+    ("lr: 1e-3\n", "write 1.0e-3"),
+    ("dtype: float16\n", "dtype: 'float16'; use float32 | bfloat16"),
+    ("kd_tail: full\n", "kd_tail: 'full'; use renorm | rest"),
+])
+def test_bad_configs_are_one_line_errors_before_anything_loads(yaml_text, expected, hf_dump, moe_student, tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    res = _cli("train", "--stage", "mimic", "--shards", hf_dump, "--student", moe_student, "--out", tmp_path / "o",
+               "--config", tmp_path / "c.yaml")
+    assert res.exit_code == 2 and expected in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_dirs_and_bad_eval_files_are_named(world, moe_student, hf_dump, tmp_path):
+    res = _cli("train", "--stage", "mimic", "--shards", hf_dump, "--student", tmp_path / "nope",
+               "--out", tmp_path / "o")
+    assert res.exit_code == 2 and "nope: no config.json; --student must be a local model directory" in res.output
+    res = _cli("eval", "--model", tmp_path / "nope", "--data", world / "eval.jsonl")
+    assert res.exit_code == 2 and "--model must be a local model directory" in res.output
+    lines = (world / "eval.jsonl").read_text().splitlines()
+    cases = {
+        "bad.jsonl": ("\n".join([lines[0], "", lines[1][:-4]]) + "\n", "bad.jsonl:3: malformed JSON"),
+        "noanswer.jsonl": (json.dumps({k: v for k, v in json.loads(lines[0]).items() if k != "answer"}) + "\n",
+                           "noanswer.jsonl:1: 'answer' missing"),
+        "empty.jsonl": ("\n", "empty.jsonl: no records"),
+    }
+    for name, (text, expected) in cases.items():
+        (world / name).write_text(text)
+        try:
+            res = _cli("eval", "--model", moe_student, "--data", world / name)
+        finally:
+            (world / name).unlink()
+        assert res.exit_code == 2 and expected in res.output, (name, res.output)
+    res = _cli("eval", "--model", moe_student, "--data", world / "eval.jsonl", "--out", tmp_path / "no" / "m.json")
+    assert res.exit_code == 2 and "no such directory for --out" in res.output
+
+
+def test_resume_refuses_a_changed_config_and_nothing_to_resume(hf_dump, world, moe_student, tmp_path):
+    from student_train.train import TrainError
+
+    cfg = TrainConfig(stage="mimic", steps=2, batch_size=4, lr=2e-3, warmup=1)
+    with pytest.raises(TrainError, match="no checkpoint to resume from"):
+        train([hf_dump], moe_student, tmp_path / "empty", cfg, image_root=world, progress=False, resume=True)
+    train([hf_dump], moe_student, tmp_path / "run", cfg, image_root=world, progress=False, stop_after=1)
+    changed = TrainConfig(stage="mimic", steps=2, batch_size=8, lr=1e-3, warmup=1)
+    with pytest.raises(TrainError, match=r"changed config \(batch_size: 4 -> 8, lr: 0.002 -> 0.001\)"):
+        train([hf_dump], moe_student, tmp_path / "run", changed, image_root=world, progress=False, resume=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 2, "lo')  # a kill mid-write
+    rest = train([hf_dump], moe_student, tmp_path / "run", cfg, image_root=world, progress=False, resume=True)
+    assert rest[-1]["step"] == 2
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
