@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,24 +226,52 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
                  "shards": {k: sum(t.kind == k for t in tasks) for k in KINDS}},
         "rejected": len(rejected),
     }
-    manifest = _check_existing(out, run, cfg.force)
-    if manifest is None:
-        if cfg.force:
-            for kind in KINDS:
-                shutil.rmtree(out / kind, ignore_errors=True)
-        manifest = Manifest(run=run)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.skip_invalid:
-        lines = [json.dumps({"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason}) for r in rejected]
-        atomic_write_bytes(out / REJECTED_NAME, "".join(line + "\n" for line in lines).encode())
-    manifest.save(out)
+    with _exclusive(out):
+        manifest = _check_existing(out, run, cfg.force)
+        if manifest is None:
+            if cfg.force:
+                for kind in KINDS:
+                    shutil.rmtree(out / kind, ignore_errors=True)
+            manifest = Manifest(run=run)
+        if cfg.skip_invalid:
+            lines = [json.dumps({"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason})
+                     for r in rejected]
+            atomic_write_bytes(out / REJECTED_NAME, "".join(line + "\n" for line in lines).encode())
+        manifest.save(out)
 
-    todo = [t for t in tasks if not _finished(out, manifest, t.rel_path)]
-    skipped = len(tasks) - len(todo)
-    _say(cfg, f"lmod: {len(tasks)} shards planned, {skipped} already finished, {len(todo)} to run")
-    if todo:
-        _run_tasks(cfg, manifest, todo, len(tasks), skipped)
+        todo = [t for t in tasks if not _finished(out, manifest, t.rel_path)]
+        skipped = len(tasks) - len(todo)
+        _say(cfg, f"lmod: {len(tasks)} shards planned, {skipped} already finished, {len(todo)} to run")
+        if todo:
+            _run_tasks(cfg, manifest, todo, len(tasks), skipped)
     return manifest
+
+
+LOCK_NAME = ".lmod-dump.lock"
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One dump per directory at a time (an advisory lock on a local filesystem); once it is held,
+    temp files that killed runs left behind are removed (nobody else can be writing them)."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_NAME, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise InputError(f"{out}: another lmod dump-teacher is writing here ({holder}); wait for it to end "
+                             "or use another --out") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        for stale in [*out.glob(".*.tmp-*"), *out.glob("*/.*.tmp-*")]:
+            stale.unlink(missing_ok=True)
+        yield
 
 
 def _vllm_is_cpu_build() -> bool:

@@ -200,3 +200,23 @@ def test_recovery_copied_teacher_broken_manifest_empty_run_and_file_out(world, t
     (tmp_path / "a_file").write_text("x")
     res = _cli(*_dump_args(world, teacher, tmp_path / "a_file"))
     assert res.exit_code == 2 and "is not a directory" in res.output
+
+
+def test_a_second_dump_into_the_same_out_is_locked_out_and_stale_temp_files_go(world, teacher, tmp_path):
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lmod-dump.lock", "a+") as held:  # as a running dump holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242\n")
+        held.flush()
+        res = _cli(*_dump_args(world, teacher, out))
+    assert res.exit_code == 2 and "another lmod dump-teacher is writing here (pid 4242)" in res.output
+    assert not (out / "manifest.json").exists()
+    (out / "mimic").mkdir()
+    stale = out / "mimic" / ".shard-00000-of-00002.parquet.tmp-999"
+    stale.write_bytes(b"half a shard")
+    res = _cli(*_dump_args(world, teacher, out))
+    assert res.exit_code == 0, res.output
+    assert not stale.exists()
