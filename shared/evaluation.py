@@ -44,20 +44,27 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
     return answers
 
 
+def _first_word(answer: str) -> str:
+    words = normalise(answer).replace(",", " ").split()
+    return words[0].strip(".!") if words else ""
+
+
 def score(records: list[dict], answers: list[str]) -> dict[str, Any]:
     """Accuracy by type; POPE-style metrics on the yes/no existence questions ("yes" = positive)."""
     by_type: dict[str, list[bool]] = defaultdict(list)
     tp = fp = fn = tn = 0
     for rec, ans in zip(records, answers):
         ok = normalise(ans) == normalise(rec["answer"])
-        by_type[rec.get("type", "all")].append(ok)
         if rec.get("type") == "pope":
-            said_yes = normalise(ans) == "yes"
+            # A real model says "Yes, there is a ..." : its first word is the answer (as POPE's scripts).
+            said_yes = _first_word(ans) == "yes"
             truth_yes = normalise(rec["answer"]) == "yes"
+            ok = said_yes == truth_yes
             tp += said_yes and truth_yes
             fp += said_yes and not truth_yes
             fn += (not said_yes) and truth_yes
             tn += (not said_yes) and not truth_yes
+        by_type[rec.get("type", "all")].append(ok)
     total = [ok for oks in by_type.values() for ok in oks]
     metrics: dict[str, Any] = {
         "n": len(total),
@@ -84,9 +91,19 @@ class EvalDataError(ValueError):
     """Unusable evaluation data; the message names the file and line."""
 
 
+def _from_pope(rec: dict) -> dict:
+    """POPE's own question files (`question_id`, `image`, `text`, `label`) -> lmod's eval records."""
+    if not isinstance(rec, dict):
+        raise TypeError("not a JSON object")
+    if "text" in rec and "label" in rec and "question" not in rec:
+        return {"id": str(rec.get("question_id", "")), "image": rec.get("image"), "question": rec["text"],
+                "answer": rec["label"], "type": "pope"}
+    return rec
+
+
 def read_eval_records(data: Path, image_root: Path) -> list[dict]:
-    """Every record checked before any model runs: JSON, `question`/`answer` strings, an image
-    that exists. Line numbers are 1-based lines of the file (blank lines counted)."""
+    """Every record checked before any model runs: JSON, `question`/`answer` strings (or POPE's
+    `text`/`label`), an image that exists. Line numbers are 1-based lines of the file."""
     try:
         lines = Path(data).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -96,9 +113,11 @@ def read_eval_records(data: Path, image_root: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = _from_pope(json.loads(line))
         except json.JSONDecodeError as e:
             raise EvalDataError(f"{data}:{no}: malformed JSON ({e.msg}); fix the line") from None
+        except TypeError:
+            raise EvalDataError(f"{data}:{no}: not a JSON object") from None
         missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str)]
         if missing:
             raise EvalDataError(f"{data}:{no}: {', '.join(repr(k) for k in missing)} missing or not a string")

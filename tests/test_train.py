@@ -391,3 +391,24 @@ def test_resume_refuses_a_changed_config_and_nothing_to_resume(hf_dump, world, m
     rest = train([hf_dump], moe_student, tmp_path / "run", cfg, image_root=world, progress=False, resume=True)
     assert rest[-1]["step"] == 2
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_eval_reads_popes_own_question_files(world, moe_student, tmp_path):
+    """COCO-POPE as published: `question_id`, `image`, `text`, `label`; answers are judged by their
+    first word ("Yes, there is ..." is a yes)."""
+    from shared.evaluation import score
+
+    pope = [json.loads(line) for line in (world / "eval.jsonl").read_text().splitlines()]
+    pope = [{"question_id": i, "image": r["image"], "text": r["question"], "label": r["answer"]}
+            for i, r in enumerate(pope) if r["type"] == "pope"]
+    (world / "pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in pope))
+    try:
+        res = _cli("eval", "--model", moe_student, "--data", world / "pope_random.json", "--out", tmp_path / "m.json")
+    finally:
+        (world / "pope_random.json").unlink()
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["n"] == len(pope) > 0 and set(m["accuracy_by_type"]) == {"pope"} and "hallucination_rate" in m
+    got = score([{"answer": "yes", "type": "pope"}, {"answer": "no", "type": "pope"}],
+                ["Yes, there is a red circle.", "No."])
+    assert got["pope"]["accuracy"] == 1.0 and got["hallucination_rate"] == 0.0
