@@ -283,6 +283,34 @@ def eval_cmd(
     typer.echo(text)
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A training OUT (metrics.jsonl) or a demo directory (report.json)."),
+    tensorboard: bool = typer.Option(False, help="Also write TensorBoard event files (needs `tensorboard`)."),
+) -> None:
+    """PNG plots: training curves (loss, KL or DPO loss and accuracy, expert load per layer), the demo table."""
+    from pipelines.report import read_metrics, report
+
+    try:
+        written = report(run_dir)
+    except ValueError as e:
+        fail(str(e))
+    if tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            fail("--tensorboard needs the `tensorboard` package: pip install tensorboard")
+        for metrics in sorted([run_dir / "metrics.jsonl", *run_dir.glob("*/metrics.jsonl")]):
+            if metrics.is_file():
+                with SummaryWriter(str(metrics.parent / "tensorboard")) as writer:
+                    for row in read_metrics(metrics):
+                        for key, value in row.items():
+                            if isinstance(value, (int, float)) and key != "step":
+                                writer.add_scalar(key, value, row["step"])
+    for path in written:
+        typer.echo(str(path))
+
+
 @app.command("demo")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes everything (resumable)."),

@@ -113,6 +113,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     report = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "rows": rows, "shards": dump_info(out / "shards")}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_table(rows, report["shards"])
+    from pipelines.report import report as plot_report
+
+    for path in plot_report(out):
+        print(f"plot: {path}")
     return report
 
 

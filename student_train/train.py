@@ -115,6 +115,7 @@ class RouterTap:
             self.handles.append(module.register_forward_hook(lambda m, i, o: self.logits.append(o[0])))
         text = model.config.text_config
         self.top_k = getattr(text, "num_experts_per_tok", 1)
+        self.layer_loads: list[list[float]] = []
 
     def losses(self, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
         keep = token_mask.reshape(-1).bool()
@@ -123,8 +124,11 @@ class RouterTap:
             return zero, zero, []
         aux = torch.stack([load_balancing_loss(lg[keep], self.top_k) for lg in self.logits]).mean()
         z = torch.stack([router_z_loss(lg[keep]) for lg in self.logits]).mean()
-        chosen = torch.cat([lg[keep].topk(self.top_k, -1).indices.reshape(-1) for lg in self.logits])
-        load = torch.bincount(chosen, minlength=self.logits[0].shape[-1]).float()
+        n_experts = self.logits[0].shape[-1]
+        per_layer = torch.stack([torch.bincount(lg[keep].topk(self.top_k, -1).indices.reshape(-1),
+                                                minlength=n_experts).float() for lg in self.logits])
+        self.layer_loads = (per_layer / per_layer.sum(-1, keepdim=True)).tolist()  # [layer][expert], for plots
+        load = per_layer.sum(0)
         self.logits = []
         return aux, z, (load / load.sum()).tolist()
 
@@ -260,6 +264,7 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
                 if isinstance(v, float):
                     logs[k] = logs.get(k, 0.0) + dist.sum(v) / dist.world / cfg.grad_accum
             logs["expert_load"] = parts.get("expert_load", [])
+            logs["expert_load_per_layer"] = tap.layer_loads
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -412,3 +412,20 @@ def test_eval_reads_popes_own_question_files(world, moe_student, tmp_path):
     got = score([{"answer": "yes", "type": "pope"}, {"answer": "no", "type": "pope"}],
                 ["Yes, there is a red circle.", "No."])
     assert got["pope"]["accuracy"] == 1.0 and got["hallucination_rate"] == 0.0
+
+
+def test_report_plots_training_curves_and_the_demo_table(hf_dump, world, moe_student, tmp_path):
+    from PIL import Image
+
+    cfg = TrainConfig(stage="mimic", steps=3, batch_size=4, lr=2e-3, warmup=1)
+    train([hf_dump], moe_student, tmp_path / "run" / "mimic", cfg, image_root=world, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "mimic" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows[-1]["expert_load_per_layer"]) == 1 and len(rows[-1]["expert_load_per_layer"][0]) == 4
+    row = {"model": "x", "accuracy": 0.5, "hallucination_rate": 0.2, "pope": {"f1": 0.6}, "kl_to_teacher": 0.1}
+    (tmp_path / "run" / "report.json").write_text(json.dumps({"rows": [row, {**row, "model": "y"}]}))
+    res = _cli("report", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    for png in (tmp_path / "run" / "demo.png", tmp_path / "run" / "mimic" / "training.png"):
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 1000
+    assert _cli("report", tmp_path / "nothing").exit_code == 2

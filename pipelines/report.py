@@ -1,0 +1,109 @@
+"""`lmod report RUN_DIR`: look, don't read. Training curves from `metrics.jsonl` (loss, KL or DPO
+loss and preference accuracy, expert load per MoE layer) and, for a demo run, its table as bars."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a training node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of metrics.jsonl; a last line cut mid-write by a kill is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_training(run_dir: Path, out: Path | None = None) -> Path:
+    """RUN_DIR/metrics.jsonl -> RUN_DIR/training.png (three panels)."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        raise ValueError(f"{run_dir / 'metrics.jsonl'}: no metrics to plot")
+    plt = _pyplot()
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, [r["loss"] for r in rows], label="loss")
+    if "ce" in rows[0]:
+        axes[0].plot(steps, [r["ce"] for r in rows], label="CE", alpha=0.7)
+    axes[0].set(title="loss", xlabel="step")
+    axes[0].legend()
+    if "kl" in rows[0]:
+        axes[1].plot(steps, [r["kl"] for r in rows], color="C2")
+        axes[1].set(title="KL(teacher || student) per token", xlabel="step")
+    else:
+        axes[1].plot(steps, [r["dpo_loss"] for r in rows], color="C3", label="preference loss")
+        twin = axes[1].twinx()
+        twin.plot(steps, [r["pref_accuracy"] for r in rows], color="C4", alpha=0.6, label="pref. accuracy")
+        twin.set_ylim(0, 1)
+        axes[1].set(title="preference loss / accuracy", xlabel="step")
+        axes[1].legend(loc="upper left")
+        twin.legend(loc="upper right")
+    layers = [r.get("expert_load_per_layer") or [r.get("expert_load", [])] for r in rows]
+    n_layers, n_experts = len(layers[-1]), len(layers[-1][0]) if layers[-1] else 0
+    for layer in range(n_layers):
+        for expert in range(n_experts):
+            axes[2].plot(steps, [ls[layer][expert] if layer < len(ls) else float("nan") for ls in layers],
+                         color=f"C{expert}", linestyle=("-", "--", ":", "-.")[layer % 4],
+                         label=f"layer {layer} expert {expert}" if n_layers * n_experts <= 16 else None)
+    if n_experts:
+        axes[2].axhline(1 / n_experts, color="grey", linewidth=0.8)
+        axes[2].set(title="expert load (line style: MoE layer)", xlabel="step")
+        if n_layers * n_experts <= 16:
+            axes[2].legend(fontsize=7, ncol=2)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    target = Path(out) if out else run_dir / "training.png"
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
+def plot_demo_table(report: Path, out: Path | None = None) -> Path:
+    """The demo's report.json -> bars of accuracy, hallucination, POPE F1 and KL to the teacher."""
+    rows = json.loads(Path(report).read_text())["rows"]
+    plt = _pyplot()
+    measures = [("accuracy", lambda r: r["accuracy"]), ("hallucination rate", lambda r: r["hallucination_rate"]),
+                ("POPE F1", lambda r: r["pope"]["f1"]), ("KL to teacher", lambda r: max(0.0, r["kl_to_teacher"]))]
+    fig, axes = plt.subplots(1, len(measures), figsize=(16, 3.8))
+    names = [r["model"] for r in rows]
+    for ax, (title, get) in zip(axes, measures):
+        values = [get(r) for r in rows]
+        bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(rows))])
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.suptitle(f"lmod demo: {Path(report).parent}")
+    fig.tight_layout()
+    target = Path(out) if out else Path(report).with_name("demo.png")
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
+def report(run_dir: Path) -> list[Path]:
+    """Everything plottable under RUN_DIR: a training run, or a demo directory and its stages."""
+    run_dir = Path(run_dir)
+    written = []
+    if (run_dir / "report.json").is_file():
+        written.append(plot_demo_table(run_dir / "report.json"))
+    for metrics in sorted([run_dir / "metrics.jsonl", *run_dir.glob("*/metrics.jsonl")]):
+        if metrics.is_file():
+            written.append(plot_training(metrics.parent))
+    if not written:
+        raise ValueError(f"{run_dir}: no metrics.jsonl or report.json to plot")
+    return written
