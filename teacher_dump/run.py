@@ -189,6 +189,11 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         raise InputError(f"{cfg.model}: no config.json; --model must be a local model directory")
     if not any(Path(cfg.model).glob("*.safetensors")) and not any(Path(cfg.model).glob("*.bin")):
         raise InputError(f"{cfg.model}: no weights (*.safetensors or *.bin); --model must be a saved model directory")
+    config = json.loads((Path(cfg.model) / "config.json").read_text())
+    positions = config.get("text_config", config).get("max_position_embeddings")
+    if positions and cfg.max_model_len > positions:
+        raise InputError(f"--max-model-len {cfg.max_model_len} exceeds the {positions} positions of {cfg.model}'s "
+                         "text model; lower it")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory; --out must be a dump directory")

@@ -220,3 +220,9 @@ def test_a_second_dump_into_the_same_out_is_locked_out_and_stale_temp_files_go(w
     res = _cli(*_dump_args(world, teacher, out))
     assert res.exit_code == 0, res.output
     assert not stale.exists()
+
+
+def test_max_model_len_beyond_the_models_positions_is_refused(world, teacher, tmp_path):
+    args = [a if a != "256" else "4096" for a in _dump_args(world, teacher, tmp_path / "out")]
+    res = _cli(*args)
+    assert res.exit_code == 2 and "--max-model-len 4096 exceeds the 512 positions" in res.output

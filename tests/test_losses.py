@@ -141,16 +141,24 @@ def test_ipo_and_kto_pair_match_trl_formulas():
     torch.testing.assert_close(kto, want)
 
 
-def test_load_balancing_minimal_for_uniform_routing():
-    E, T = 4, 64
-    uniform = torch.zeros(T, E)
-    # Ties in top-k of all-zero logits go to the first experts; use balanced distinct logits instead.
-    balanced = torch.eye(E).repeat(T // E, 1) * 0.0 + torch.randn(T, E) * 1e-6
+def test_load_balancing_equals_switch_formula_and_is_one_when_balanced():
+    E, T, k = 4, 64, 2
+    logits = torch.randn(T, E, dtype=torch.float64) * 2
+    probs = torch.softmax(logits, -1)
+    chosen = [set(torch.topk(probs[t], k).indices.tolist()) for t in range(T)]
+    fraction = [sum(e in c for c in chosen) / (T * k) for e in range(E)]  # share of routed slots
+    mean_prob = [probs[:, e].mean().item() for e in range(E)]
+    want = E * sum(f * p for f, p in zip(fraction, mean_prob))
+    assert load_balancing_loss(logits, top_k=k).item() == pytest.approx(want, rel=1e-6)
+    # Token t prefers experts t mod E and t+1 mod E equally: every expert gets the same share of
+    # slots and the same mean probability, the loss's minimum 1.
+    balanced = torch.zeros(T, E)
+    for t in range(T):
+        balanced[t, [t % E, (t + 1) % E]] = 3.0
+    assert load_balancing_loss(balanced, top_k=k).item() == pytest.approx(1.0, abs=1e-6)
     skewed = torch.zeros(T, E)
     skewed[:, 0] = 5.0
-    assert load_balancing_loss(balanced, top_k=2).item() == pytest.approx(1.0, abs=1e-3)
-    assert load_balancing_loss(skewed, top_k=2).item() > 1.3
-    assert load_balancing_loss(uniform, top_k=1).item() >= 1.0 - 1e-6
+    assert load_balancing_loss(skewed, top_k=k).item() > 1.3
     assert router_z_loss(torch.zeros(T, E)).item() == pytest.approx(math.log(E) ** 2)
 
 
