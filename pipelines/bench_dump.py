@@ -36,18 +36,26 @@ def _timed(fn, repeat: int = 2) -> float:
     return best
 
 
+def _requests(encoder, records: list) -> list:
+    """One scoring request per record (top-32), images processed once each, as the worker does."""
+    from teacher_dump.worker import _request, encode_record, load_image
+
+    out = []
+    for r in records:
+        image = load_image(r)[0]
+        out.append(_request(encode_record(encoder, r, encoder.image_features(image))[0], image, 32))
+    return out
+
+
 def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> None:
     """dump/bare for both backends on one teacher, and where vLLM's prompt-logprob cost goes."""
     from shared.mllm import batch_inputs, load_encoder
     from teacher_dump.backends import HFBackend, VLLMBackend
     from teacher_dump.shard_writer import table_bytes
-    from teacher_dump.worker import _request, encode_record, load_image, shard_rows
+    from teacher_dump.worker import shard_rows
 
     encoder = load_encoder(teacher)
-    requests = []
-    for r in records:
-        image = load_image(r)[0]
-        requests.append(_request(encode_record(encoder, r, encoder.image_features(image))[0], image, 32))
+    requests = _requests(encoder, records)
     n_tokens = sum(len(r.positions) for r in requests)
     n_positions = sum(len(r.ids) - 1 for r in requests)
     n_image = sum(len(r.features.ids) for r in requests if r.features is not None)
@@ -111,7 +119,7 @@ def main() -> None:
     from teacher_dump.inputs import read_records
     from teacher_dump.shard_writer import table_bytes
     from teacher_dump.tiny_teacher import make_tiny_teacher
-    from teacher_dump.worker import _request, encode_record, load_image, shard_rows
+    from teacher_dump.worker import shard_rows
 
     tmp = Path(tempfile.mkdtemp(prefix="lmod-bench-"))
     make_world(tmp / "world", seed=7, n_mimic=args.n, n_pref=0, n_eval=0)
@@ -132,10 +140,7 @@ def main() -> None:
 
     encoder = load_encoder(teacher)
     hf = HFBackend(teacher)
-    requests = []
-    for r in records:
-        image = load_image(r)[0]
-        requests.append(_request(encode_record(encoder, r, encoder.image_features(image))[0], image, 32))
+    requests = _requests(encoder, records)
 
     print("\n2. bytes per response token on disk (zstd Parquet, mimic rows)")
     full_rows = {}

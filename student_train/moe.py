@@ -117,9 +117,11 @@ VLLM_SERVES_MOE = {
 }
 
 
-def parse_moe_layers(spec: str | None, n_layers: int) -> list[int]:
-    """'every-other' (default: 1, 3, 5, ... as MoE-LLaVA), 'all', or '1,3,...'."""
-    if spec in (None, "", "every-other"):
+def parse_moe_layers(spec: str | list[int] | None, n_layers: int) -> list[int]:
+    """'every-other' (default: 1, 3, 5, ... as MoE-LLaVA), 'all', '1,3,...' or a list of indices."""
+    if isinstance(spec, list):
+        layers = sorted(set(spec))
+    elif spec in (None, "", "every-other"):
         layers = [i for i in range(n_layers) if i % 2 == 1]
     elif spec == "all":
         layers = list(range(n_layers))
@@ -131,10 +133,6 @@ def parse_moe_layers(spec: str | None, n_layers: int) -> list[int]:
     if not layers or any(not 0 <= i < n_layers for i in layers):
         raise ValueError(f"moe layers {layers} must be a non-empty subset of 0..{n_layers - 1}")
     return layers
-
-
-def default_moe_layers(n_layers: int) -> list[int]:
-    return parse_moe_layers(None, n_layers)
 
 
 def _counterpart(text_type: str, interleaved: bool, base: Path) -> MoECounterpart:
@@ -171,8 +169,7 @@ def upcycle(
     dcfg = AutoConfig.from_pretrained(str(dense_dir))  # refuse before loading any weights
     text = dcfg.get_text_config()
     n_layers = text.num_hidden_layers
-    layers = moe_layers if isinstance(moe_layers, list) else parse_moe_layers(moe_layers, n_layers)
-    layers = parse_moe_layers(",".join(map(str, layers)), n_layers)
+    layers = parse_moe_layers(moe_layers, n_layers)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k {top_k} must be between 1 and num_experts {num_experts}")
     target = _counterpart(text.model_type, len(layers) < n_layers, dense_dir)
