@@ -17,7 +17,7 @@ from shared.shards import dump_info, verify_dump
 from shared.world import make_world
 from student_train.evaluate import kl_to_teacher
 from student_train.moe import active_parameters, make_dense_student, upcycle
-from student_train.train import TrainConfig, train
+from student_train.train import TrainConfig, latest_checkpoint, train
 from teacher_dump.run import DumpConfig, dump_teacher
 from teacher_dump.tiny_teacher import make_tiny_teacher
 
@@ -88,7 +88,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         tcfg = TrainConfig.from_yaml(cfg.configs / yaml_name, steps=steps, batch_size=cfg.student_batch,
                                      seed=cfg.seed)
         step(f"train {name}")
-        train(shards, start, run_dir, tcfg, image_root=world, resume=True)
+        # An interrupted stage continues from its checkpoint; a fresh one starts (--resume refuses an empty run).
+        train(shards, start, run_dir, tcfg, image_root=world, resume=latest_checkpoint(run_dir) is not None)
 
     step("held-out teacher dump")
     held_dump = out / "eval_shards"
