@@ -1,10 +1,12 @@
 """Student-training benchmark, measured side by side in one run on the tiny student:
 
   1. training tokens/s with mimic KD from shards vs. the same student with CE only (KD overhead);
-  2. data-loader throughput (shard rows -> model inputs) vs. what the trainer consumes;
-  3. the MoE student vs. a dense student of the same active parameters.
+  2. data-loader throughput (shard rows -> collated model inputs, in DataLoader workers) vs. what
+     the trainer consumes;
+  3. the MoE student vs. a dense student of the same active parameters;
+  4. (--scale) peak RSS of training on 1x and 16x the rows (the same steps): streaming keeps it flat.
 
-    python pipelines/bench_train.py --shards DIR --image-root WORLD --teacher TEACHER [--steps 60]
+    python pipelines/bench_train.py --shards DIR --image-root WORLD --teacher TEACHER [--steps 60] [--scale]
 
 Use the demo's outputs: --shards runs/demo/shards --image-root runs/demo/world --teacher runs/demo/teacher.
 """
@@ -12,6 +14,9 @@ Use the demo's outputs: --shards runs/demo/shards --image-root runs/demo/world -
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +29,48 @@ def _tokens_per_s(history: list[dict], skip: int = 5) -> float:
     return tokens / elapsed
 
 
+def replicate_dump(src: Path, dst: Path, rows: int, times: int, rows_per_shard: int = 4000) -> int:
+    """A dump of the first `rows` mimic rows of `src`, repeated `times` times (ids made unique),
+    with a manifest as the teacher would write it. Returns the number of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shared.manifest import Manifest
+    from shared.schema import shard_name
+    from shared.shards import shard_paths
+    from teacher_dump.shard_writer import write_shard
+
+    base = pa.concat_tables([pq.read_table(p) for p in shard_paths(src, "mimic")]).slice(0, rows)
+    total = base.num_rows * times
+    n_shards = -(-total // rows_per_shard)
+    manifest = Manifest.load(src)
+    manifest.shards = {}
+    manifest.run = {**manifest.run, "plan": {**manifest.run.get("plan", {}), "shards": {"mimic": n_shards}}}
+    dst.mkdir(parents=True, exist_ok=True)
+    for i in range(n_shards):
+        lo, hi = i * rows_per_shard, min(total, (i + 1) * rows_per_shard)
+        records = []
+        for r in range(lo, hi):
+            rec = base.slice(r % base.num_rows, 1).to_pylist()[0]
+            records.append({**rec, "sample_id": f"{rec['sample_id']}#{r // base.num_rows}"})
+        tokens = sum(len(r["response_ids"]) for r in records)
+        rel = shard_name("mimic", i, n_shards)
+        manifest.shards[rel] = write_shard(dst, rel, "mimic", i, records, tokens, [lo, hi])
+    manifest.save(dst)
+    return total
+
+
+def _peak_rss_child(shards: str, student: str, image_root: str, out: str, steps: int, batch: int) -> None:
+    import resource
+
+    from student_train.train import TrainConfig, train
+
+    cfg = TrainConfig(stage="mimic", steps=steps, batch_size=batch, warmup=2, log_every=10**9)
+    train([Path(shards)], Path(student), Path(out), cfg, image_root=Path(image_root), progress=False)
+    print(json.dumps({"trainer_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shards", type=Path, required=True)
@@ -31,12 +78,19 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--scale", action="store_true", help="also measure peak RSS at 1x and 16x the rows")
+    ap.add_argument("--scale-rows", type=int, default=2000)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        _peak_rss_child(str(args.shards), args.child[0], str(args.image_root), args.child[1], int(args.child[2]),
+                        int(args.child[3]))
+        return
 
-    from shared.mllm import batch_inputs, load_encoder
-    from student_train.data import check_shards, encode_mimic, label_positions, load_mimic
+    from shared.mllm import load_encoder
+    from student_train.data import MicroBatches, check_shards, loader
     from student_train.moe import StudentConfig, active_parameters, make_dense_student, upcycle
-    from student_train.train import TrainConfig, _batch_indices, train
+    from student_train.train import TrainConfig, train
 
     tmp = Path(tempfile.mkdtemp(prefix="lmod-bench-train-"))
     make_dense_student(args.teacher, tmp / "dense")
@@ -55,27 +109,22 @@ def main() -> None:
     kd = run("kd", tmp / "moe", kd_weight=1.0, ce_weight=0.0)
     ce = run("ce", tmp / "moe", kd_weight=0.0, ce_weight=1.0)
     dense = run("dense", tmp / "dense_wide", kd_weight=1.0, ce_weight=0.0)
+    trainer = _tokens_per_s(kd)
     print(f"1. training tokens/s, MoE student, batch {args.batch_size}, {args.steps} steps (first 5 skipped)")
-    print(f"   mimic KD (top-k + rest) {_tokens_per_s(kd):8.0f}   CE only {_tokens_per_s(ce):8.0f}   "
-          f"KD/CE {_tokens_per_s(kd) / _tokens_per_s(ce):.2f}")
+    print(f"   mimic KD (top-k + rest) {trainer:8.0f}   CE only {_tokens_per_s(ce):8.0f}   "
+          f"KD/CE {trainer / _tokens_per_s(ce):.2f}")
 
-    enc = load_encoder(tmp / "moe")
-    files = check_shards([args.shards], "mimic", enc)
-    t = time.perf_counter()
-    examples = load_mimic(files, args.image_root)
-    t_load = time.perf_counter() - t
-    n_batches = 50
-    t = time.perf_counter()
-    tokens = 0
-    for step in range(n_batches):
-        batch = [encode_mimic(enc, examples[i]) for i in _batch_indices(step, len(examples), args.batch_size, 0)]
-        batch_inputs(enc, [e.ids for e in batch], [e.image for e in batch])
-        tokens += sum(len(label_positions(e)) for e in batch)
-    collate = tokens / (time.perf_counter() - t)
-    print("2. data loading")
-    print(f"   shards -> examples: {len(examples)} rows in {t_load:.1f} s ({len(examples) / t_load:.0f} rows/s)")
-    print(f"   batches (template + images + collate): {collate:8.0f} tokens/s vs trainer {_tokens_per_s(kd):8.0f} "
-          f"tokens/s: loader/trainer {collate / _tokens_per_s(kd):.1f}x")
+    files = check_shards([args.shards], "mimic", load_encoder(tmp / "moe"))
+    data = MicroBatches("mimic", files, tmp / "moe", args.image_root, args.batch_size)
+    print(f"2. data loading ({data.index.rows} rows in {len(data.index.groups)} row groups), "
+          f"{args.batch_size} rows per batch, 60 batches")
+    for workers in (0, 1, 2):
+        batches = loader(data, 0, 60, workers=workers)
+        t = time.perf_counter()
+        tokens = sum(b.tokens for b in batches)
+        rate = tokens / (time.perf_counter() - t)
+        print(f"   {workers} worker(s): {rate:8.0f} tokens/s (start-up included) vs trainer {trainer:8.0f}: "
+              f"loader/trainer {rate / trainer:.1f}x")
 
     from transformers import AutoModelForImageTextToText
 
@@ -87,6 +136,25 @@ def main() -> None:
         kl = sum(r["kl"] for r in hist[-10:]) / 10
         print(f"   {name:<6} active {active_parameters(model):>9}  total {total:>9}  "
               f"tokens/s {_tokens_per_s(hist):8.0f}  KL(last 10 steps) {kl:.4f}")
+
+    if args.scale:
+        print(f"4. peak RSS, {args.steps} training steps, loader workers 2, on 1x and 16x rows")
+        results = {}
+        for times in (1, 16):
+            dump = tmp / f"scaled-{times}x"
+            n = replicate_dump(args.shards, dump, args.scale_rows, times)
+            cmd = [sys.executable, __file__, "--shards", str(dump), "--image-root", str(args.image_root),
+                   "--teacher", str(args.teacher), "--child", str(tmp / "moe"), str(tmp / f"rss-{times}x"),
+                   str(args.steps), str(args.batch_size)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[times] = json.loads(res.stdout.strip().splitlines()[-1])
+            size = sum(p.stat().st_size for p in dump.rglob("*.parquet")) / 2**20
+            got = results[times]
+            print(f"   {times:>2}x: {n:>7} rows, {size:7.1f} MB of shards: trainer peak {got['trainer_mb']:7.0f} MB, "
+                  f"largest loader worker {got['worker_mb']:7.0f} MB")
+        growth = results[16]["trainer_mb"] - results[1]["trainer_mb"]
+        print(f"   16x - 1x: trainer {growth:+.0f} MB, worker "
+              f"{results[16]['worker_mb'] - results[1]['worker_mb']:+.0f} MB (goal: within +150 MB)")
 
 
 if __name__ == "__main__":

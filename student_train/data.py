@@ -1,12 +1,24 @@
-"""Shards -> student examples. The student builds prompts with its own processor and takes the
-stored response ids as labels, so teacher and student may differ in template, never in vocabulary."""
+"""Shards -> student batches, streamed.
+
+Nothing is held per row: a `ShardIndex` keeps one entry per Parquet row group, `BatchOrder` says
+which global rows make micro-batch i (a pure function of the seed, so resume and DDP are exact),
+and `MicroBatches` reads, checks, decodes, encodes and collates one rank's part of a micro-batch;
+torch `DataLoader` workers run it. The student builds prompts with its own processor and takes the
+stored response ids as labels, so teacher and student may differ in template, never in vocabulary.
+"""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,41 +26,28 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from shared.fingerprint import tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
+from shared.fingerprint import sha256_file, tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
 from shared.manifest import Manifest
-from shared.mllm import ModelInputs, SampleEncoder
+from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
 from shared.prompt import Messages, llava_messages, pref_messages
 from shared.shards import shard_paths
 
 
 class ShardError(ValueError):
-    """Shards the student cannot use; the message names the directory and what to do."""
+    """Shards the student cannot use; the message names the file (and row) and what to do."""
 
 
-@dataclass
-class MimicExample:
-    messages: Messages  # rendered by the student's own template
-    responses: list[list[int]]  # the teacher's response ids per assistant turn (the labels)
-    topk_ids: list[list[int]]
-    topk_logprobs: list[list[float]]
-    image: Image.Image | None
+# ----------------------------------------------------------------------------------------------
+# Which shards, and are they the ones the teacher wrote
 
 
-@dataclass
-class PrefExample:
-    chosen: Messages
-    rejected: Messages
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    ref_chosen: float
-    ref_rejected: float
-    image: Image.Image | None
-
-
-def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_partial: bool = False) -> list[Path]:
+def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_partial: bool = False,
+                 verify: bool = True) -> list[Path]:
     """Shard files of `kind` from every dir, after checking that each dir's stored ids mean the
-    same to the student's tokenizer (tokenizers are compared, not embedding shapes) and that the
-    dump is complete (unless `allow_partial`)."""
+    same to the student's tokenizer (tokenizers are compared, not embedding shapes), that the dump
+    is complete (unless `allow_partial`) and that every file's bytes match the manifest's sha256 (a
+    flipped byte in a float column reads fine and trains a NaN student). Files are hashed once here,
+    streamed, a few at a time; readers later trust them."""
     mine = vocabulary_facts(encoder.tokenizer)
     files: list[Path] = []
     for d in dirs:
@@ -69,10 +68,149 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
         if done < planned and not allow_partial:
             raise ShardError(f"{d}: only {done} of {planned} {kind} shards are finished; rerun `lmod dump-teacher` "
                              "to finish the dump, or pass --allow-partial to train on what is there")
-        files.extend(shard_paths(d, kind))
+        paths = shard_paths(d, kind)
+        if verify:
+            entries = [manifest.shards[f"{kind}/{p.name}"] for p in paths]
+            with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL
+                for path, problem in zip(paths, pool.map(_file_problem, paths, entries), strict=True):
+                    if problem:
+                        raise ShardError(f"{path}: {problem}; `lmod shards verify {d}` lists the bad shards, "
+                                         "rerun `lmod dump-teacher` to redo them")
+        files.extend(paths)
     if not files:
         raise ShardError(f"no {kind} shards in {', '.join(map(str, dirs))}; run `lmod dump-teacher` first")
     return files
+
+
+def _file_problem(path: Path, entry) -> str | None:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"cannot read it ({e.strerror})"
+    if size != entry.bytes or sha256_file(path) != entry.sha256:
+        return "its bytes differ from the manifest's checksum (corrupted or replaced)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Where each row is, and in which order rows are visited
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    path: str
+    group: int  # Parquet row group within the file
+    rows: int
+
+
+class ShardIndex:
+    """Every row of some shard files, addressed by a global row number. Holds one entry per
+    Parquet row group (file footers only), never per row."""
+
+    def __init__(self, files: Sequence[Path]):
+        self.groups: list[RowGroup] = []
+        for f in files:
+            try:
+                meta = pq.ParquetFile(f).metadata
+            except (OSError, pa.ArrowException) as e:
+                raise ShardError(f"{f}: unreadable Parquet ({e}); rerun `lmod dump-teacher` to redo it") from None
+            self.groups.extend(RowGroup(str(f), g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+        self.starts = [0]
+        for g in self.groups:
+            self.starts.append(self.starts[-1] + g.rows)
+
+    @property
+    def rows(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """(row group number, row within it) of a global row."""
+        g = bisect.bisect_right(self.starts, row) - 1
+        return g, row - self.starts[g]
+
+
+class BatchOrder:
+    """Which global rows make global micro-batch `step`: every epoch visits the row groups in a
+    seeded random order and shuffles rows within windows of `window` consecutive row groups, so a
+    reader needs a window's row groups at a time, not the data set. A pure function of (row-group
+    sizes, seed, window, step): a resumed run and every DDP rank compute the same batches.
+    `shuffle=False` visits rows in storage order (evaluation)."""
+
+    def __init__(self, group_rows: Sequence[int], seed: int = 0, window: int = 8, shuffle: bool = True):
+        self.group_rows = list(group_rows)
+        self.starts = [0]
+        for n in self.group_rows:
+            self.starts.append(self.starts[-1] + n)
+        if self.starts[-1] == 0:
+            raise ShardError("the shards hold no rows")
+        self.seed, self.window, self.shuffle = seed, window, shuffle
+        self._layout = lru_cache(maxsize=2)(self._epoch_layout)
+        self._rows_of = lru_cache(maxsize=4)(self._window_rows)
+
+    @property
+    def rows(self) -> int:
+        return self.starts[-1]
+
+    def batch(self, step: int, batch_size: int) -> list[int]:
+        start, out = step * batch_size, []
+        while len(out) < batch_size:
+            epoch, offset = divmod(start + len(out), self.rows)
+            window_starts = self._layout(epoch)[1]
+            w = bisect.bisect_right(window_starts, offset) - 1
+            rows = self._rows_of(epoch, w)
+            lo = offset - window_starts[w]
+            out.extend(rows[lo : lo + batch_size - len(out)])
+        return out
+
+    def _epoch_layout(self, epoch: int) -> tuple[list[int], list[int]]:
+        order = list(range(len(self.group_rows)))
+        if self.shuffle:
+            random.Random(f"groups:{self.seed}:{epoch}").shuffle(order)
+        window_starts = [0]
+        for w in range(0, len(order), self.window):
+            window_starts.append(window_starts[-1] + sum(self.group_rows[g] for g in order[w : w + self.window]))
+        return order, window_starts
+
+    def _window_rows(self, epoch: int, w: int) -> list[int]:
+        order = self._layout(epoch)[0]
+        rows = [r for g in order[w * self.window : (w + 1) * self.window]
+                for r in range(self.starts[g], self.starts[g + 1])]
+        if self.shuffle:
+            random.Random(f"rows:{self.seed}:{epoch}:{w}").shuffle(rows)
+        return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows -> examples
+
+
+@dataclass
+class MimicExample:
+    messages: Messages  # rendered by the student's own template
+    responses: list[list[int]]  # the teacher's response ids per assistant turn (the labels)
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+    rest_mass: list[float]
+    image: Image.Image | None
+
+
+@dataclass
+class PrefExample:
+    chosen: Messages
+    rejected: Messages
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    ref_chosen: float
+    ref_rejected: float
+    image: Image.Image | None
+
+
+_COLUMNS = {
+    "mimic": ["sample_id", "image", "image_sha256", "conversations_json", "response_ids", "response_turn_lengths",
+              "topk_ids", "topk_logprobs", "rest_mass"],
+    "pref": ["sample_id", "image", "image_sha256", "question", "chosen", "rejected", "chosen_ids", "rejected_ids",
+             "chosen_logprob_sum", "rejected_logprob_sum"],
+}
 
 
 def _image(row: dict, image_root: Path | None, where: str) -> Image.Image | None:
@@ -90,52 +228,55 @@ def _image(row: dict, image_root: Path | None, where: str) -> Image.Image | None
     if hashlib.sha256(data).hexdigest() != row["image_sha256"]:
         raise ShardError(f"{where}: {path} is not the image the teacher saw (sha256 differs); point --image-root "
                          "at the images of the dump")
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def read_shard(path: Path) -> list[dict]:
-    """A shard's rows, after checking its bytes against the sha256 in its dump's manifest (a flipped
-    byte in a float column reads fine and trains a NaN student)."""
-    dump, rel = path.parent.parent, f"{path.parent.name}/{path.name}"
-    entry = Manifest.load(dump).shards.get(rel)
-    if entry is None:
-        raise ShardError(f"{path}: not listed in {dump / 'manifest.json'}; rerun `lmod dump-teacher` on {dump}")
     try:
-        data = path.read_bytes()
+        return Image.open(io.BytesIO(data)).convert("RGB")
     except OSError as e:
-        raise ShardError(f"{path}: cannot read it ({e.strerror})") from None
-    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise ShardError(f"{path}: its bytes differ from the manifest's checksum (corrupted or replaced); "
-                         f"`lmod shards verify {dump}` lists the bad shards, rerun `lmod dump-teacher` to redo them")
-    return pq.read_table(pa.BufferReader(data)).to_pylist()
+        raise ShardError(f"{where}: {path} cannot be decoded ({e})") from None
 
 
-def load_mimic(files: list[Path], image_root: Path | None) -> list[MimicExample]:
-    out = []
+def mimic_example(row: dict, image_root: Path | None, where: str) -> MimicExample:
+    responses, start = [], 0
+    for n in row["response_turn_lengths"]:
+        responses.append(row["response_ids"][start : start + n])
+        start += n
+    messages = llava_messages(json.loads(row["conversations_json"]), bool(row["image_sha256"]))
+    return MimicExample(messages, responses, row["topk_ids"], row["topk_logprobs"], row["rest_mass"],
+                        _image(row, image_root, where))
+
+
+def pref_example(row: dict, image_root: Path | None, where: str) -> PrefExample:
+    has_image = bool(row["image_sha256"])
+    return PrefExample(pref_messages(row["question"], row["chosen"], has_image),
+                       pref_messages(row["question"], row["rejected"], has_image),
+                       row["chosen_ids"], row["rejected_ids"], row["chosen_logprob_sum"], row["rejected_logprob_sum"],
+                       _image(row, image_root, where))
+
+
+_EXAMPLE = {"mimic": mimic_example, "pref": pref_example}
+
+
+def iter_examples(files: Sequence[Path], kind: str, image_root: Path | None):
+    """Every example of some (checked) shard files in storage order, one row group in memory at a time."""
     for f in files:
-        for i, row in enumerate(read_shard(f)):
-            has_image = bool(row["image_sha256"])
-            lengths, responses, start = row["response_turn_lengths"], [], 0
-            for n in lengths:
-                responses.append(row["response_ids"][start : start + n])
-                start += n
-            messages = llava_messages(json.loads(row["conversations_json"]), has_image)
-            out.append(MimicExample(messages, responses, row["topk_ids"], row["topk_logprobs"],
-                                    _image(row, image_root, f"{f} row {i} (id {row['sample_id']})")))
-    return out
+        pf = pq.ParquetFile(f)
+        row = 0
+        for g in range(pf.metadata.num_row_groups):
+            for r in pf.read_row_group(g, columns=_COLUMNS[kind]).to_pylist():
+                yield _EXAMPLE[kind](r, image_root, f"{f} row {row} (id {r['sample_id']})")
+                row += 1
 
 
-def load_pref(files: list[Path], image_root: Path | None) -> list[PrefExample]:
-    out = []
-    for f in files:
-        for i, row in enumerate(read_shard(f)):
-            has_image = bool(row["image_sha256"])
-            out.append(PrefExample(
-                pref_messages(row["question"], row["chosen"], has_image),
-                pref_messages(row["question"], row["rejected"], has_image),
-                row["chosen_ids"], row["rejected_ids"], row["chosen_logprob_sum"], row["rejected_logprob_sum"],
-                _image(row, image_root, f"{f} row {i} (id {row['sample_id']})")))
-    return out
+def load_mimic(files: Sequence[Path], image_root: Path | None) -> list[MimicExample]:
+    """All mimic examples in memory: for tests and small held-out sets; training streams."""
+    return list(iter_examples(files, "mimic", image_root))
+
+
+def load_pref(files: Sequence[Path], image_root: Path | None) -> list[PrefExample]:
+    return list(iter_examples(files, "pref", image_root))
+
+
+# ----------------------------------------------------------------------------------------------
+# Examples -> model inputs
 
 
 def label_positions(enc: ModelInputs) -> list[int]:
@@ -154,11 +295,184 @@ def encode_pref(encoder: SampleEncoder, ex: PrefExample) -> tuple[ModelInputs, M
             encoder.encode(ex.rejected, image, responses=[ex.rejected_ids]))
 
 
-def sequence_logprobs(logits: torch.Tensor, ids: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
-    """Sum over each row's label positions of log p(ids[p] | ids[:p]); logits [B, L, V]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    sums = []
-    for b, pos in enumerate(positions):
-        p = torch.tensor(pos, device=logits.device)
-        sums.append(logp[b, p - 1].gather(-1, ids[b, p][:, None]).sum())
-    return torch.stack(sums)
+@dataclass
+class MimicBatch:
+    """One forward's worth of mimic examples. Label n sits at (rows[n], cols[n] + 1) of input_ids
+    and is predicted by the logits at (rows[n], cols[n])."""
+
+    inputs: dict[str, torch.Tensor]
+    rows: torch.Tensor  # [N] long
+    cols: torch.Tensor  # [N] long
+    topk_ids: torch.Tensor  # [N, k] long
+    topk_logprobs: torch.Tensor  # [N, k] float32
+    rest_mass: torch.Tensor  # [N] float32, as the teacher stored it
+
+    @property
+    def tokens(self) -> int:
+        return int(self.rows.numel())
+
+    def to(self, device: str | torch.device) -> MimicBatch:
+        return _to(self, device)
+
+
+@dataclass
+class PrefBatch:
+    """Chosen sequences first, then the rejected ones; label n belongs to sequence seq[n]."""
+
+    inputs: dict[str, torch.Tensor]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    ref_chosen: torch.Tensor  # [B] float64: the teacher's (reference) summed log-probs
+    ref_rejected: torch.Tensor
+    chosen_tokens: int
+
+    @property
+    def pairs(self) -> int:
+        return int(self.ref_chosen.numel())
+
+    @property
+    def tokens(self) -> int:
+        return self.chosen_tokens
+
+    def to(self, device: str | torch.device) -> PrefBatch:
+        return _to(self, device)
+
+
+def _to(batch, device):
+    moved = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+        elif isinstance(v, dict):
+            v = {k: t.to(device) for k, t in v.items()}
+        moved[f.name] = v
+    return type(batch)(**moved)
+
+
+def _label_index(encoded: Sequence[ModelInputs]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = [], []
+    for b, e in enumerate(encoded):
+        positions = label_positions(e)
+        rows.extend([b] * len(positions))
+        cols.extend(p - 1 for p in positions)  # logits at p-1 predict the token at p
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+def collate_mimic(encoder: SampleEncoder, examples: Sequence[MimicExample]) -> MimicBatch:
+    encoded = [encode_mimic(encoder, e) for e in examples]
+    rows, cols = _label_index(encoded)
+    return MimicBatch(
+        inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded]),
+        rows=rows, cols=cols,
+        topk_ids=torch.tensor([t for e in examples for t in e.topk_ids], dtype=torch.long),
+        topk_logprobs=torch.tensor([t for e in examples for t in e.topk_logprobs], dtype=torch.float32),
+        rest_mass=torch.tensor([t for e in examples for t in e.rest_mass], dtype=torch.float32),
+    )
+
+
+def collate_pref(encoder: SampleEncoder, examples: Sequence[PrefExample]) -> PrefBatch:
+    pairs = [encode_pref(encoder, e) for e in examples]
+    encoded = [c for c, _ in pairs] + [r for _, r in pairs]
+    rows, cols = _label_index(encoded)
+    return PrefBatch(
+        inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded]),
+        rows=rows, cols=cols,
+        ref_chosen=torch.tensor([e.ref_chosen for e in examples], dtype=torch.float64),
+        ref_rejected=torch.tensor([e.ref_rejected for e in examples], dtype=torch.float64),
+        chosen_tokens=sum(len(label_positions(c)) for c, _ in pairs),
+    )
+
+
+_COLLATE = {"mimic": collate_mimic, "pref": collate_pref}
+
+
+# ----------------------------------------------------------------------------------------------
+# The streamed data set
+
+
+@dataclass
+class LoaderFailure:
+    """A worker's one-line error, carried to the trainer instead of a worker traceback."""
+
+    message: str
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item i: this rank's share (rows rank::world) of global micro-batch i, read from the row groups
+    that hold it, images decoded and checked, encoded with the student's processor and collated.
+    Runs in DataLoader workers; each keeps at most `cache_groups` row groups (the shuffle window)
+    of the columns it needs, so memory does not grow with the data."""
+
+    def __init__(self, kind: str, files: Sequence[Path], student: Path, image_root: Path | None,
+                 batch_size: int, seed: int = 0, shuffle: bool = True, window: int = 8, rank: int = 0,
+                 world: int = 1):
+        self.kind, self.student, self.image_root = kind, Path(student), image_root
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.index = ShardIndex(files)
+        self.order = BatchOrder([g.rows for g in self.index.groups], seed=seed, window=window, shuffle=shuffle)
+        self.cache_groups = window
+        self._encoder: SampleEncoder | None = None
+        self._tables: OrderedDict[int, pa.Table] = OrderedDict()
+
+    def __len__(self) -> int:  # micro-batches in one pass over the data
+        return -(-self.index.rows // self.batch_size)
+
+    @property
+    def encoder(self) -> SampleEncoder:
+        if self._encoder is None:  # loaded in the worker: processors need not survive pickling
+            self._encoder = load_encoder(self.student)
+        return self._encoder
+
+    def rows_of(self, step: int) -> list[int]:
+        """Global rows this rank reads for micro-batch `step`."""
+        return self.order.batch(step, self.batch_size)[self.rank :: self.world]
+
+    def examples(self, step: int) -> list[MimicExample] | list[PrefExample]:
+        out = []
+        for row in self.rows_of(step):
+            g, r = self.index.locate(row)
+            group = self.index.groups[g]
+            record = self._table(g).slice(r, 1).to_pylist()[0]
+            where = f"{group.path} row {self.index.starts[g] - self._file_start(g) + r} (id {record['sample_id']})"
+            out.append(_EXAMPLE[self.kind](record, self.image_root, where))
+        return out
+
+    def __getitem__(self, step: int) -> MimicBatch | PrefBatch | LoaderFailure:
+        try:
+            return _COLLATE[self.kind](self.encoder, self.examples(step))
+        except ShardError as e:
+            return LoaderFailure(str(e))
+
+    def _file_start(self, g: int) -> int:
+        path = self.index.groups[g].path
+        while g > 0 and self.index.groups[g - 1].path == path:
+            g -= 1
+        return self.index.starts[g]
+
+    def _table(self, g: int) -> pa.Table:
+        if g in self._tables:
+            self._tables.move_to_end(g)
+            return self._tables[g]
+        group = self.index.groups[g]
+        table = pq.ParquetFile(group.path).read_row_group(group.group, columns=_COLUMNS[self.kind])
+        self._tables[g] = table
+        while len(self._tables) > self.cache_groups:
+            self._tables.popitem(last=False)
+        return table
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_encoder": None, "_tables": OrderedDict()}
+
+
+def _as_is(item):
+    return item
+
+
+def loader(data: MicroBatches, start: int, stop: int, workers: int = 2) -> torch.utils.data.DataLoader:
+    """Micro-batches start..stop-1 in order, prepared by `workers` processes (0: in this one)."""
+    return torch.utils.data.DataLoader(
+        data, batch_size=None, sampler=range(start, stop), num_workers=workers,
+        collate_fn=_as_is, prefetch_factor=4 if workers else None,
+        multiprocessing_context="fork" if workers else None,
+    )

@@ -2,28 +2,29 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 
 import torch
 
 from shared.mllm import load_encoder
-from student_train.data import check_shards, load_mimic
-from student_train.train import RouterTap, TrainConfig, _mimic_loss
+from student_train.data import check_shards, collate_mimic, iter_examples
+from student_train.train import TrainConfig, mimic_terms
 
 
 @torch.no_grad()
 def kl_to_teacher(model_dir: Path, shards: list[Path], image_root: Path | None, tail: str = "rest",
                   batch_size: int = 32) -> float:
+    """Streams the shards (one batch in memory at a time)."""
     from transformers import AutoModelForImageTextToText
 
     enc = load_encoder(model_dir)
-    examples = load_mimic(check_shards(shards, "mimic", enc), image_root)
+    examples = iter_examples(check_shards(shards, "mimic", enc), "mimic", image_root)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    tap, cfg = RouterTap(model), TrainConfig(kd_tail=tail)
+    cfg = TrainConfig(kd_tail=tail)
     total = tokens = 0.0
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        _, parts = _mimic_loss(model, enc, batch, cfg, tap, "cpu")
-        total += parts["kl"] * parts["tokens"]
-        tokens += parts["tokens"]
+    while batch := list(islice(examples, batch_size)):
+        collated = collate_mimic(enc, batch)
+        total += float(mimic_terms(model, collated, cfg, len(enc.tokenizer))["kl"])
+        tokens += collated.tokens
     return total / max(1.0, tokens)

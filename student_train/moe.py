@@ -16,8 +16,6 @@ from typing import Any
 
 import torch
 
-from shared.world import IMAGE_SIZE
-
 # What a model directory holds besides its processor, tokenizer and chat template files.
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "lmod_recipe.json")
 
@@ -55,7 +53,8 @@ def make_dense_student(teacher_dir: Path, out: Path, cfg: StudentConfig | None =
         vision_config={
             "hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_intermediate,
             "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
-            "image_size": IMAGE_SIZE, "patch_size": teacher_cfg.vision_config.patch_size,
+            # The student reuses the teacher's processor, so its tower takes the teacher's image size.
+            "image_size": teacher_cfg.vision_config.image_size, "patch_size": teacher_cfg.vision_config.patch_size,
         },
         text_config={
             "model_type": "qwen3", "vocab_size": tcfg.vocab_size, "hidden_size": cfg.text_hidden,

@@ -1,32 +1,35 @@
 """`lmod train --stage mimic|pref`: the student trains from teacher shards only.
 
-One loop for both stages: the batch order is a pure function of (seed, step), so a resumed run
-continues exactly where the checkpoint left it.
+Setup (`setup`) apart from the step (`train_step`, one optimizer step over `grad_accum`
+micro-batches, returning a `StepResult`) apart from the loop (`train`: data, logging,
+checkpoints). Batches stream from the shards through DataLoader workers in an order that is a
+pure function of (seed, step), so a resumed run continues exactly where its checkpoint left it and
+N DDP ranks compute what one process does on the same global batch.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
+import typing
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from shared.mllm import SampleEncoder, batch_inputs, load_encoder, moe_routers
-from student_train.data import (
-    check_shards,
-    encode_mimic,
-    encode_pref,
-    label_positions,
-    load_mimic,
-    load_pref,
-    sequence_logprobs,
+from shared.mllm import SampleEncoder, load_encoder, moe_routers
+from student_train.data import LoaderFailure, MicroBatches, MimicBatch, PrefBatch, ShardError, check_shards, loader
+from student_train.losses import (
+    fold_outside_vocab,
+    load_balancing_loss,
+    mimic_token_losses,
+    preference_loss,
+    router_z_loss,
+    token_logprobs,
 )
-from student_train.losses import load_balancing_loss, preference_loss, router_z_loss, sparse_kl
 
 
 class TrainError(RuntimeError):
@@ -35,35 +38,41 @@ class TrainError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    stage: str = "mimic"  # mimic | pref
+    stage: Literal["mimic", "pref"] = "mimic"
     steps: int = 200
-    batch_size: int = 16
+    batch_size: int = 16  # examples per micro-batch, over all ranks
     grad_accum: int = 1
     lr: float = 1e-3
     warmup: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     kd_weight: float = 1.0  # 0 with ce_weight 1: the labels-only (SFT) baseline on the same data
-    kd_tail: str = "rest"  # renorm | rest
+    kd_tail: Literal["renorm", "rest"] = "rest"
     temperature: float = 1.0
     ce_weight: float = 0.0
-    pref_loss: str = "dpo"  # dpo | ipo | kto_pair
+    pref_loss: Literal["dpo", "ipo", "kto_pair"] = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
     pref_ce_weight: float = 0.0  # CE on the chosen answer during preference distillation
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
+    # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "auto"
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     log_every: int = 10
+    loader_workers: int = 2  # DataLoader processes reading, decoding and encoding batches (0: in-process)
+    shuffle_window: int = 8  # row groups shuffled together (and cached per loader worker)
+    loss_chunk: int = 256  # tokens per chunk of the KL / log-prob computation (bounds [N, V] buffers)
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
         import yaml
 
         raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig keys")
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
@@ -76,33 +85,37 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Checked once, before any model or shard is loaded."""
+        hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            value, kind = getattr(self, f.name), type(f.default)
-            ok = isinstance(value, kind) and not isinstance(value, bool)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if typing.get_origin(hint) is Literal:
+                allowed = typing.get_args(hint)
+                if value not in allowed:
+                    raise ValueError(f"{f.name}: {value!r}; use {' | '.join(allowed)}")
+                continue
+            ok = isinstance(value, hint) and not isinstance(value, bool)
+            if hint is float and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
                 ok = True
             if not ok:
-                hint = ""
-                if isinstance(value, str) and kind is float:  # YAML 1.1 reads 1e-3 (no dot) as text
-                    hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
-                raise ValueError(f"{f.name}: {value!r} is not {'a' if kind is not int else 'an'} {kind.__name__}{hint}")
-        choices = {"stage": ("mimic", "pref"), "kd_tail": ("renorm", "rest"), "pref_loss": ("dpo", "ipo", "kto_pair"),
-                   # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
-                   "dtype": ("float32", "bfloat16")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}: {getattr(self, name)!r}; use {' | '.join(allowed)}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+                tip = ""
+                if isinstance(value, str) and hint is float:  # YAML 1.1 reads 1e-3 (no dot) as text
+                    tip = " (YAML reads 1e-3 as text: write 1.0e-3)"
+                raise ValueError(f"{f.name}: {value!r} is not {'an' if hint is int else 'a'} {hint.__name__}{tip}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_window", "loss_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
         for name in ("warmup", "save_every", "weight_decay", "kd_weight", "ce_weight", "pref_ce_weight",
-                     "aux_loss_coef", "z_loss_coef", "label_smoothing"):
+                     "aux_loss_coef", "z_loss_coef", "label_smoothing", "loader_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must be >= 0")
         for name in ("lr", "beta", "temperature", "grad_clip"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.kd_tail == "rest" and self.temperature != 1.0:
+            raise ValueError("temperature: the rest bucket is stored at temperature 1; use kd_tail: renorm")
+        if self.label_smoothing >= 0.5:
+            raise ValueError(f"label_smoothing: {self.label_smoothing} must be < 0.5")
 
 
 class RouterTap:
@@ -110,27 +123,24 @@ class RouterTap:
 
     def __init__(self, model: torch.nn.Module):
         self.logits: list[torch.Tensor] = []
-        self.handles = []
-        for module in moe_routers(model):
-            self.handles.append(module.register_forward_hook(lambda m, i, o: self.logits.append(o[0])))
+        self.handles = [m.register_forward_hook(lambda m, i, o: self.logits.append(o[0])) for m in moe_routers(model)]
         text = model.config.text_config
         self.top_k = getattr(text, "num_experts_per_tok", 1)
-        self.layer_loads: list[list[float]] = []
+        self.n_experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", 1)
 
-    def losses(self, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    def losses(self, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Switch aux loss and z-loss (means over layers) and routed-slot counts [layers, E], all over
+        the real tokens of the last forward (padding excluded)."""
         keep = token_mask.reshape(-1).bool()
-        if not self.logits:
+        logits, self.logits = self.logits, []
+        if not logits:
             zero = torch.zeros((), device=token_mask.device)
-            return zero, zero, []
-        aux = torch.stack([load_balancing_loss(lg[keep], self.top_k) for lg in self.logits]).mean()
-        z = torch.stack([router_z_loss(lg[keep]) for lg in self.logits]).mean()
-        n_experts = self.logits[0].shape[-1]
-        per_layer = torch.stack([torch.bincount(lg[keep].topk(self.top_k, -1).indices.reshape(-1),
-                                                minlength=n_experts).float() for lg in self.logits])
-        self.layer_loads = (per_layer / per_layer.sum(-1, keepdim=True)).tolist()  # [layer][expert], for plots
-        load = per_layer.sum(0)
-        self.logits = []
-        return aux, z, (load / load.sum()).tolist()
+            return zero, zero, torch.zeros((0, 1), device=token_mask.device)
+        aux = torch.stack([load_balancing_loss(lg[keep], self.top_k) for lg in logits]).mean()
+        z = torch.stack([router_z_loss(lg[keep]) for lg in logits]).mean()
+        counts = torch.stack([torch.bincount(lg[keep].topk(self.top_k, -1).indices.reshape(-1),
+                                             minlength=lg.shape[-1]).float() for lg in logits])
+        return aux, z, counts.detach()
 
 
 @dataclass
@@ -151,17 +161,16 @@ class Dist:
         import torch.distributed as td
 
         if not td.is_initialized():
-            td.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+            td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
-    def sum(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        import torch.distributed as td
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of a tensor on the training device (NCCL reduces device tensors only)."""
+        if self.world > 1:
+            import torch.distributed as td
 
-        t = torch.tensor([value], dtype=torch.float64)
-        td.all_reduce(t)
-        return t.item()
+            td.all_reduce(t)
+        return t
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -170,31 +179,107 @@ class Dist:
             td.barrier()
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 0 at `cfg.steps`."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
-    """Examples of global micro-batch `step`: epoch-wise permutations of range(n), from the seed."""
-    start = step * batch
-    out = []
-    while len(out) < batch:
-        epoch, offset = divmod(start + len(out), n)
-        perm = list(range(n))
-        random.Random(seed * 100003 + epoch).shuffle(perm)
-        out.extend(perm[offset : offset + batch - len(out)])
-    return out
+# ----------------------------------------------------------------------------------------------
+# Forward: a batch's loss terms as sums (normalised by the caller, once per optimizer step)
 
 
-def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
-          resume: bool = False, progress: bool = True, stop_after: int | None = None,
-          allow_partial: bool = False) -> list[dict]:
-    """Train; `stop_after` ends this run early after that many steps (as a kill would, but at a
-    checkpoint), for resumption tests and time-boxed runs."""
-    from tqdm import tqdm
+def mimic_terms(model, batch: MimicBatch, cfg: TrainConfig, vocab: int, tap: RouterTap | None = None
+                ) -> dict[str, torch.Tensor]:
+    """Summed KL(teacher || student) and CE over the batch's label tokens, their weighted sum as
+    "objective" (+ router terms)."""
+    inputs = batch.inputs
+    logits = model(**inputs).logits
+    # Rows of a padded embedding beyond the shared vocabulary are no tokens: they get no mass.
+    student = logits[batch.rows, batch.cols, :vocab]  # [N, V]
+    targets = inputs["input_ids"][batch.rows, batch.cols + 1]
+    ids, lps, rest = fold_outside_vocab(batch.topk_ids, batch.topk_logprobs, batch.rest_mass, vocab)
+    per_token = mimic_token_losses(student, ids, lps, rest if cfg.kd_tail == "rest" else None, targets,
+                                   cfg.kd_weight, cfg.ce_weight, tail=cfg.kd_tail, temperature=cfg.temperature,
+                                   chunk=cfg.loss_chunk)
+    terms = {"objective": per_token[:, 0].sum(), "kl": per_token[:, 1].sum(), "ce": per_token[:, 2].sum()}
+    return _with_router_terms(terms, tap, inputs["attention_mask"])
+
+
+def pref_terms(model, batch: PrefBatch, cfg: TrainConfig, vocab: int, tap: RouterTap | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Summed per-pair preference loss, rewards and chosen-answer CE (+ router terms). IPO compares
+    per-token mean log-probs (policy and teacher alike), as TRL does: its squared loss aims the
+    log-ratio margin at 1/(2 beta), a target that only means something independent of length."""
+    inputs = batch.inputs
+    logits = model(**inputs).logits
+    tokens = token_logprobs(logits[batch.rows, batch.cols, :vocab], inputs["input_ids"][batch.rows, batch.cols + 1],
+                            chunk=cfg.loss_chunk)
+    n_seq = 2 * batch.pairs
+    seq_logps = torch.zeros(n_seq, dtype=torch.float64, device=tokens.device).index_add(0, batch.rows, tokens.double())
+    n = batch.pairs
+    policy_c, policy_r, ref_c, ref_r = seq_logps[:n], seq_logps[n:], batch.ref_chosen, batch.ref_rejected
+    if cfg.pref_loss == "ipo":
+        lengths = torch.bincount(batch.rows, minlength=n_seq).double()
+        policy_c, policy_r = policy_c / lengths[:n], policy_r / lengths[n:]
+        ref_c, ref_r = ref_c / lengths[:n], ref_r / lengths[n:]
+    losses, r_c, r_r = preference_loss(policy_c, policy_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.pref_loss,
+                                       label_smoothing=cfg.label_smoothing)
+    per_pair = losses.view(-1, n).mean(0)  # kto_pair gives a chosen and a rejected term per pair
+    terms = {"dpo_loss": per_pair.sum(), "pref_accuracy": (r_c > r_r).double().sum(),
+             "reward_margin": (r_c - r_r).sum(), "ce": -seq_logps[:n].sum()}
+    return _with_router_terms(terms, tap, inputs["attention_mask"])
+
+
+def _with_router_terms(terms: dict[str, torch.Tensor], tap: RouterTap | None, mask: torch.Tensor) -> dict:
+    if tap is not None:
+        terms["aux_loss"], terms["z_loss"], terms["expert_counts"] = tap.losses(mask)
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup, step, loop
+
+
+@dataclass
+class Trainer:
+    """Everything `setup` builds once: the loop and the step only read it (and the step counter)."""
+
+    cfg: TrainConfig
+    device: str
+    dist: Dist
+    model: torch.nn.Module
+    forward_model: torch.nn.Module  # DDP wrapper under torchrun, else the model
+    opt: torch.optim.Optimizer
+    tap: RouterTap
+    encoder: SampleEncoder
+    vocab: int  # the shared vocabulary: student logits beyond it are sliced off
+    data: MicroBatches
+    out: Path
+    step: int = 0
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, reduced over micro-batches and ranks."""
+
+    step: int
+    metrics: dict[str, float]  # loss and its terms (means over the global batch), tokens
+    expert_load: list[float]  # share of routed slots per expert, all MoE layers
+    expert_load_per_layer: list[list[float]]
+    grad_norm: float
+    lr: float
+
+    def record(self, elapsed_s: float) -> dict[str, Any]:
+        return {"step": self.step, **self.metrics, "expert_load": self.expert_load,
+                "expert_load_per_layer": self.expert_load_per_layer, "grad_norm": self.grad_norm, "lr": self.lr,
+                "elapsed_s": round(elapsed_s, 3)}
+
+
+def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
+          resume: bool = False, allow_partial: bool = False) -> Trainer:
     from transformers import AutoModelForImageTextToText
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
@@ -204,21 +289,18 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         torch.cuda.set_device(device)
     if cfg.batch_size % dist.world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
-    progress = progress and dist.rank == 0
     out = Path(out)
     checkpoint = latest_checkpoint(out) if resume else None
     if resume:
         _check_resumable(out, checkpoint, cfg)
-    start_dir = checkpoint or student
     encoder = load_encoder(student)
     files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial)
-    examples = (load_mimic if cfg.stage == "mimic" else load_pref)(files, image_root)
+    data = MicroBatches(cfg.stage, files, student, image_root, cfg.batch_size, seed=cfg.seed,
+                        window=cfg.shuffle_window, rank=dist.rank, world=dist.world)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForImageTextToText.from_pretrained(str(start_dir), dtype=torch.float32).to(device)
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint or student), dtype=torch.float32).to(device)
     model.train()
     tap = RouterTap(model)
-    # DDP averages gradients over ranks; the losses below are normalised by global counts so that
-    # N ranks compute what one process does on the same global batch.
     forward_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=device.startswith("cuda"))
@@ -227,75 +309,151 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.rank == 0:
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    metrics_file = None
-    if dist.rank == 0:
-        metrics_path = out / "metrics.jsonl"
-        # A run killed after its last checkpoint logged steps that will be redone: drop them.
-        # A kill mid-write leaves a partial last line: it goes too.
-        kept = [line for line in (metrics_path.read_text().splitlines() if step and metrics_path.exists() else [])
-                if _logged_step(line) <= step]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
-        metrics_file = open(metrics_path, "a")
-    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+    return Trainer(cfg, device, dist, model, forward_model, opt, tap, encoder, len(encoder.tokenizer), data, out, step)
+
+
+def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: dict[str, float], sync: bool
+                     ) -> dict[str, torch.Tensor]:
+    """Loss of one micro-batch, normalised by the global counts of the whole accumulated batch, and its
+    backward (gradients all-reduced by DDP only when `sync`). Returns detached sums for the metrics."""
+    cfg = t.cfg
+    autocast = torch.autocast(device_type=t.device.split(":")[0], dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bfloat16")
+    no_sync = t.forward_model.no_sync() if t.dist.world > 1 and not sync else nullcontext()
+    with no_sync:
+        with autocast:
+            if cfg.stage == "mimic":
+                terms = mimic_terms(t.forward_model, batch, cfg, t.vocab, t.tap)
+            else:
+                terms = pref_terms(t.forward_model, batch, cfg, t.vocab, t.tap)
+        # DDP averages gradients over ranks, so each rank divides by (global count / ranks).
+        per_rank = {k: v / t.dist.world for k, v in denominators.items()}
+        if cfg.stage == "mimic":
+            loss = terms.pop("objective") / per_rank["tokens"]  # kd_weight * KL + ce_weight * CE, summed
+        else:
+            loss = terms["dpo_loss"] / per_rank["pairs"] + cfg.pref_ce_weight * terms["ce"] / per_rank["tokens"]
+        loss = loss + (cfg.aux_loss_coef * terms["aux_loss"] + cfg.z_loss_coef * terms["z_loss"]) / per_rank["micro"]
+        loss.backward()
+    return {"loss": loss.detach().double(), **{k: v.detach().double() for k, v in terms.items()}}
+
+
+# metric -> the global count its sum is divided by
+_MEAN_OVER = {"loss": "ranks", "kl": "tokens", "ce": "tokens", "dpo_loss": "pairs", "pref_accuracy": "pairs",
+              "reward_margin": "pairs", "aux_loss": "micro", "z_loss": "micro"}
+
+
+def train_step(t: Trainer, micro_batches: list[MimicBatch | PrefBatch]) -> StepResult:
+    """One optimizer step over this rank's micro-batches. Two collectives besides DDP's: the global
+    token/pair counts before the first backward, the metric sums after the last."""
+    cfg, dist = t.cfg, t.dist
+    lr = lr_at(t.step, cfg)
+    for group in t.opt.param_groups:
+        group["lr"] = lr
+    batches = [b.to(t.device) for b in micro_batches]
+    counts = dist.all_sum(torch.tensor([float(sum(b.tokens for b in batches)),
+                                        float(sum(getattr(b, "pairs", 0) for b in batches))],
+                                       dtype=torch.float64, device=t.device)).tolist()
+    denominators = {"tokens": max(counts[0], 1.0), "pairs": max(counts[1], 1.0),
+                    "micro": float(len(batches) * dist.world)}
+    sums: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        for k, v in forward_backward(t, batch, denominators, sync=i == len(batches) - 1).items():
+            sums[k] = sums[k] + v if k in sums else v
+    expert_counts = sums.pop("expert_counts")
+    names = sorted(sums)
+    reduced = dist.all_sum(torch.cat([torch.stack([sums[k] for k in names]), expert_counts.double().reshape(-1)]))
+    values = reduced[: len(names)].tolist()
+    denominators["ranks"] = float(dist.world)
+    metrics = {k: v / denominators[_MEAN_OVER[k]] for k, v in zip(names, values, strict=True) if k in _MEAN_OVER}
+    metrics["tokens"] = counts[0]
+    per_layer = reduced[len(names):].reshape(expert_counts.shape)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip))
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):  # before anything reaches the weights
+        terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        t.opt.zero_grad(set_to_none=True)
+        raise TrainError(f"step {t.step + 1}: the loss is not finite ({terms}, grad_norm={grad_norm:.4g}); nothing "
+                         "of this step was applied. Check the shards (`lmod shards verify`) and the lr, then --resume")
+    t.opt.step()
+    t.opt.zero_grad(set_to_none=True)
+    t.step += 1
+    total = per_layer.sum(0)
+    return StepResult(
+        step=t.step, metrics=metrics,
+        expert_load=(total / total.sum().clamp(min=1)).tolist(),
+        expert_load_per_layer=(per_layer / per_layer.sum(-1, keepdim=True).clamp(min=1)).tolist(),
+        grad_norm=grad_norm, lr=lr,
+    )
+
+
+def micro_batches(t: Trainer, stop: int):
+    """Lists of `grad_accum` micro-batches for steps t.step .. stop-1, prepared by loader workers."""
+    ga = t.cfg.grad_accum
+    group: list = []
+    for item in loader(t.data, t.step * ga, stop * ga, workers=t.cfg.loader_workers):
+        if isinstance(item, LoaderFailure):
+            raise ShardError(item.message)
+        group.append(item)
+        if len(group) == ga:
+            yield group
+            group = []
+
+
+def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
+          resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          allow_partial: bool = False) -> list[dict]:
+    """Train; `stop_after` ends this run early after that many steps (as a kill would, but at a
+    checkpoint), for resumption tests and time-boxed runs. Returns the metrics records of this run."""
+    from tqdm import tqdm
+
+    t = setup(shards, student, out, cfg, image_root, resume, allow_partial)
+    rank0 = t.dist.rank == 0
+    out = t.out
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_file = _open_metrics(out, t.step) if rank0 else None
+    if rank0:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     history = []
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.stage}", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=t.step, desc=f"train {cfg.stage}", disable=not (progress and rank0))
     t0 = time.time()
-    stop_at = min(cfg.steps, step + stop_after) if stop_after else cfg.steps
-    while step < stop_at:
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        logs: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            idx = _batch_indices(step * cfg.grad_accum + micro, len(examples), cfg.batch_size, cfg.seed)
-            batch = [examples[i] for i in idx[dist.rank :: dist.world]]
-            with autocast:
-                loss, parts = (_mimic_loss if cfg.stage == "mimic" else _pref_loss)(
-                    forward_model, encoder, batch, cfg, tap, device, dist)
-            if not torch.isfinite(loss):  # stop before a NaN reaches the weights or a checkpoint
-                terms = ", ".join(f"{k}={v:.4g}" for k, v in parts.items() if isinstance(v, float))
-                raise TrainError(f"step {step + 1}: the loss is not finite ({terms}); nothing of this step was "
-                                 "applied. Check the shards (`lmod shards verify`) and the lr, then --resume")
-            (loss / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                if isinstance(v, float):
-                    logs[k] = logs.get(k, 0.0) + dist.sum(v) / dist.world / cfg.grad_accum
-            logs["expert_load"] = parts.get("expert_load", [])
-            logs["expert_load_per_layer"] = tap.layer_loads
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        record = {"step": step, **logs, "grad_norm": float(grad_norm), "lr": _lr_at(step - 1, cfg),
-                  "elapsed_s": round(time.time() - t0, 3)}
+    stop_at = min(cfg.steps, t.step + stop_after) if stop_after else cfg.steps
+    for group in micro_batches(t, stop_at):
+        result = train_step(t, group)
+        record = result.record(time.time() - t0)
         if metrics_file is not None:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
         history.append(record)
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if t.step % cfg.log_every == 0 or t.step == cfg.steps:
             shown = {k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "kl", "dpo_loss", "pref_accuracy")}
-            shown["load"] = "/".join(f"{x:.2f}" for x in logs["expert_load"])
+            shown["load"] = "/".join(f"{x:.2f}" for x in result.expert_load)
             bar.set_postfix(shown)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == stop_at:
-            if dist.rank == 0:
-                save_checkpoint(model, opt, step, out, encoder)
-                if step == cfg.steps:  # the finished model, loadable from OUT itself
-                    model.save_pretrained(str(out))
-                    encoder.processor.save_pretrained(str(out))
-            dist.barrier()
+        if (cfg.save_every and t.step % cfg.save_every == 0) or t.step == stop_at:
+            if rank0:
+                save_checkpoint(t.model, t.opt, t.step, out, t.encoder)
+                if t.step == cfg.steps:  # the finished model, loadable from OUT itself
+                    t.model.save_pretrained(str(out))
+                    t.encoder.processor.save_pretrained(str(out))
+            t.dist.barrier()
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
     return history
 
 
+def _open_metrics(out: Path, step: int):
+    """metrics.jsonl for appending. A run killed after its last checkpoint logged steps that will be
+    redone: they are dropped, as is a partial last line (a kill mid-write)."""
+    path = out / "metrics.jsonl"
+    kept = [line for line in (path.read_text().splitlines() if step and path.exists() else [])
+            if _logged_step(line) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
+
+
 LATEST = "latest_checkpoint"
 # Keys a resumed run may change: they do not alter what is computed.
-_RESUMABLE_CHANGES = ("log_every", "save_every")
+_RESUMABLE_CHANGES = ("log_every", "save_every", "loader_workers")
 
 
 def _check_resumable(out: Path, checkpoint: Path | None, cfg: TrainConfig) -> None:
@@ -342,54 +500,3 @@ def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder) ->
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _mimic_loss(model, encoder, batch, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
-    encoded = [encode_mimic(encoder, e) for e in batch]
-    inputs = batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded], device)
-    logits = model(**inputs).logits
-    rows, cols = [], []
-    for b, e in enumerate(encoded):
-        positions = label_positions(e)
-        rows.extend([b] * len(positions))
-        cols.extend(p - 1 for p in positions)  # logits at p-1 predict the token at p
-    # Rows of a padded embedding beyond the shared vocabulary are no tokens: they get no mass.
-    student = logits[torch.tensor(rows), torch.tensor(cols), : len(encoder.tokenizer)]  # [N, V]
-    targets = inputs["input_ids"][torch.tensor(rows), torch.tensor(cols) + 1]
-    topk_ids = torch.tensor([t for e in batch for t in e.topk_ids], device=device)
-    topk_lp = torch.tensor([t for e in batch for t in e.topk_logprobs], device=device)
-    # A teacher with padded embedding rows may put (tiny) mass on ids no tokenizer produces: it
-    # goes to the rest, not to a student logit. Such entries point at the row's top-1 id instead
-    # (a duplicate of zero weight changes nothing).
-    outside = topk_ids >= student.shape[-1]
-    first = topk_ids[:, :1].masked_fill(outside[:, :1], 0)
-    topk_ids, topk_lp = torch.where(outside, first, topk_ids), topk_lp.masked_fill(outside, float("-inf"))
-    dist = dist or Dist()
-    per_rank_tokens = dist.sum(float(len(rows))) / dist.world  # token mean over the global batch
-    kl = sparse_kl(student, topk_ids, topk_lp, tail=cfg.kd_tail, temperature=cfg.temperature).sum() / per_rank_tokens
-    ce = torch.nn.functional.cross_entropy(student.float(), targets, reduction="sum") / per_rank_tokens
-    aux, z, load = tap.losses(inputs["attention_mask"])
-    loss = cfg.kd_weight * kl + cfg.ce_weight * ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-    return loss, {"loss": loss.item(), "kl": kl.item(), "ce": ce.item(), "aux_loss": aux.item(),
-                  "tokens": float(len(rows)), "expert_load": load}
-
-
-def _pref_loss(model, encoder, batch, cfg: TrainConfig, tap: RouterTap, device: str, dist: Dist | None = None):
-    pairs = [encode_pref(encoder, e) for e in batch]
-    encoded = [c for c, _ in pairs] + [r for _, r in pairs]
-    inputs = batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded], device)
-    logits = model(**inputs).logits
-    positions = [label_positions(e) for e in encoded]
-    logps = sequence_logprobs(logits[..., : len(encoder.tokenizer)], inputs["input_ids"], positions)
-    n = len(batch)
-    ref_c = torch.tensor([e.ref_chosen for e in batch], device=device)
-    ref_r = torch.tensor([e.ref_rejected for e in batch], device=device)
-    losses, r_c, r_r = preference_loss(logps[:n], logps[n:], ref_c, ref_r, beta=cfg.beta,
-                                       loss_type=cfg.pref_loss, label_smoothing=cfg.label_smoothing)
-    dpo = losses.mean()
-    dist = dist or Dist()
-    per_rank_tokens = dist.sum(float(sum(len(p) for p in positions[:n]))) / dist.world
-    ce = -logps[:n].sum() / per_rank_tokens
-    aux, z, load = tap.losses(inputs["attention_mask"])
-    loss = dpo + cfg.pref_ce_weight * ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
-    return loss, {"loss": loss.item(), "dpo_loss": dpo.item(), "pref_accuracy": (r_c > r_r).float().mean().item(),
-                  "reward_margin": (r_c - r_r).mean().item(), "ce": ce.item(), "aux_loss": aux.item(),
-                  "expert_load": load}

@@ -8,7 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student_train.losses import load_balancing_loss, preference_loss, router_z_loss, sparse_kl
+from student_train.losses import (
+    chunked_sparse_kl,
+    fold_outside_vocab,
+    load_balancing_loss,
+    mimic_token_losses,
+    preference_loss,
+    router_z_loss,
+    sparse_kl,
+    token_logprobs,
+)
 
 torch.manual_seed(0)
 N, V = 12, 50
@@ -178,3 +187,77 @@ def test_masked_teacher_entries_carry_no_mass(tail):
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     got.sum().backward()
     assert torch.isfinite(s_logits.grad).all()
+
+
+@pytest.mark.parametrize("tail", ["renorm", "rest"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chunked_kl_equals_the_unchunked_loss_and_its_gradient(tail, dtype):
+    t_logp, ids, lps = _teacher(8)
+    rest = (1 - lps.exp().sum(-1)).clamp(min=0)
+    base = torch.randn(N, V, dtype=torch.float64).to(dtype)
+    weights = torch.rand(N, dtype=torch.float64)  # a per-token upstream gradient, not just ones
+    a, b = base.clone().requires_grad_(), base.clone().requires_grad_()
+    want = sparse_kl(a, ids, lps, tail=tail, rest_mass=rest if tail == "rest" else None)
+    got = chunked_sparse_kl(b, ids, lps, rest if tail == "rest" else None, tail=tail, chunk=5)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    (want * weights.to(want.dtype)).sum().backward()
+    (got * weights.to(got.dtype)).sum().backward()
+    torch.testing.assert_close(b.grad, a.grad)  # equal up to the order of one multiplication
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_sparse_kl(base, ids, lps, rest, tail=tail, chunk=5)
+                                   if tail == "rest" else chunked_sparse_kl(base, ids, lps, tail=tail, chunk=5), want)
+
+
+def test_token_logprobs_equal_a_full_log_softmax_and_its_gradient():
+    logits = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    (g_want,) = torch.autograd.grad((want * torch.arange(N)).sum(), logits)
+    got = token_logprobs(logits, targets, chunk=5)
+    (g_got,) = torch.autograd.grad((got * torch.arange(N)).sum(), logits)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g_got, g_want, atol=1e-12, rtol=1e-12)
+
+
+def test_the_stored_rest_mass_is_used_and_agrees_with_the_recomputed_one():
+    t_logp, ids, lps = _teacher(6)
+    s_logits = torch.randn(N, V, dtype=torch.float64)
+    stored = (1 - lps.exp().sum(-1)).clamp(min=0)
+    torch.testing.assert_close(sparse_kl(s_logits, ids, lps, tail="rest", rest_mass=stored),
+                               sparse_kl(s_logits, ids, lps, tail="rest"), atol=1e-12, rtol=1e-12)
+    changed = sparse_kl(s_logits, ids, lps, tail="rest", rest_mass=stored * 0.5)
+    assert not torch.allclose(changed, sparse_kl(s_logits, ids, lps, tail="rest"))
+
+
+def test_teacher_ids_outside_the_shared_vocabulary_join_the_rest():
+    """A padded teacher's top-k may hold ids >= the tokenizer's length: their mass moves to the rest
+    bucket, which equals a teacher that had put that mass anywhere outside the top-k."""
+    _, ids, lps = _teacher(6)
+    vocab = V  # the teacher's embedding has a few more rows
+    ids = ids.clone()
+    ids[:, 2] = vocab + 3  # an id no tokenizer produces
+    rest = (1 - lps.exp().sum(-1)).clamp(min=0)
+    f_ids, f_lps, f_rest = fold_outside_vocab(ids, lps, rest, vocab)
+    assert (f_ids < vocab).all() and f_lps[:, 2].isneginf().all()
+    torch.testing.assert_close(f_rest, rest + lps[:, 2].exp())
+    s_logits = torch.randn(N, vocab, dtype=torch.float64)
+    keep = [0, 1, 3, 4, 5]
+    want = sparse_kl(s_logits, ids[:, keep], lps[:, keep], tail="rest")  # rest recomputed: includes the dropped mass
+    torch.testing.assert_close(sparse_kl(s_logits, f_ids, f_lps, tail="rest", rest_mass=f_rest), want)
+
+
+def test_the_one_pass_mimic_loss_equals_kl_plus_cross_entropy():
+    _, ids, lps = _teacher(8)
+    rest = (1 - lps.exp().sum(-1)).clamp(min=0)
+    targets = ids[:, 0].clone()
+    a = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
+    b = a.detach().clone().requires_grad_()
+    kl = sparse_kl(a, ids, lps, tail="rest", rest_mass=rest)
+    ce = F.cross_entropy(a, targets, reduction="none")
+    (0.7 * kl + 0.3 * ce).sum().backward()
+    got = mimic_token_losses(b, ids, lps, rest, targets, 0.7, 0.3, tail="rest", chunk=5)
+    got[:, 0].sum().backward()
+    torch.testing.assert_close(got[:, 1], kl)
+    torch.testing.assert_close(got[:, 2], ce)
+    torch.testing.assert_close(got[:, 0], 0.7 * kl + 0.3 * ce)
+    torch.testing.assert_close(b.grad, a.grad)

@@ -8,18 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.mllm import batch_inputs, load_encoder
+from shared.mllm import load_encoder
 from student_train.data import (
+    BatchOrder,
+    MicroBatches,
     ShardError,
     check_shards,
-    encode_pref,
-    label_positions,
+    collate_pref,
     load_mimic,
     load_pref,
-    sequence_logprobs,
+    loader,
 )
+from student_train.evaluate import kl_to_teacher
 from student_train.moe import make_dense_student, upcycle
-from student_train.train import RouterTap, TrainConfig, _mimic_loss, train
+from student_train.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +45,7 @@ def held_out_dump(tmp_path_factory, teacher) -> tuple[Path, Path]:
 
 
 def _mean_kl(model_dir: Path, dump_dir: Path, world: Path) -> float:
-    from transformers import AutoModelForImageTextToText
-
-    enc = load_encoder(model_dir)
-    examples = load_mimic(check_shards([dump_dir], "mimic", enc), world)
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
-    with torch.no_grad():
-        _, parts = _mimic_loss(model, enc, examples, TrainConfig(), RouterTap(model),
-                               "cpu")
-    return parts["kl"]
+    return kl_to_teacher(model_dir, [dump_dir], world)
 
 
 def test_kd_target_is_the_teachers_next_token_distribution(hf_dump, teacher, world):
@@ -74,17 +68,19 @@ def test_mimic_lowers_kl_on_held_out_shards(hf_dump, world, moe_student, held_ou
 
 
 def _margin(model_dir: Path, dump_dir: Path, world: Path) -> tuple[float, float]:
-    """Mean implicit-reward margin over all pairs (beta = 1) and the share of pairs it ranks right."""
+    """Mean implicit-reward margin over all pairs (beta = 1) and the share of pairs it ranks right,
+    from a plain full-vocabulary log-softmax (independent of the trainer's chunked one)."""
     from transformers import AutoModelForImageTextToText
 
     enc = load_encoder(model_dir)
     ex = load_pref(check_shards([dump_dir], "pref", enc), world)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
-    pairs = [encode_pref(enc, e) for e in ex]
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    inputs = batch_inputs(enc, [s.ids for s in seqs], [s.image for s in seqs])
+    batch = collate_pref(enc, ex)
     with torch.no_grad():
-        lp = sequence_logprobs(model(**inputs).logits, inputs["input_ids"], [label_positions(s) for s in seqs])
+        logp = torch.log_softmax(model(**batch.inputs).logits, -1)
+    targets = batch.inputs["input_ids"][batch.rows, batch.cols + 1]
+    per_token = logp[batch.rows, batch.cols].gather(-1, targets[:, None]).squeeze(-1)
+    lp = torch.zeros(2 * len(ex)).index_add(0, batch.rows, per_token)
     n = len(ex)
     ref = torch.tensor([e.ref_chosen - e.ref_rejected for e in ex])
     margins = (lp[:n] - lp[n:]) - ref
@@ -264,6 +260,27 @@ def test_images_of_another_world_with_the_same_names_are_refused(hf_dump, held_o
         load_mimic(files, other_world)
 
 
+def test_the_streaming_loader_names_a_changed_image_in_one_line(hf_dump, world, moe_student, tmp_path):
+    """The same check in training, where DataLoader workers read the images: one line naming the
+    shard, row and file, not a worker traceback."""
+    import shutil
+
+    other = tmp_path / "world"
+    shutil.copytree(world, other)
+    files = check_shards([hf_dump], "mimic", load_encoder(moe_student))
+    data = MicroBatches("mimic", files, moe_student, other, batch_size=4)
+    row = data.rows_of(0)[0]
+    g, r = data.index.locate(row)
+    import pyarrow.parquet as pq
+
+    name = pq.ParquetFile(data.index.groups[g].path).read_row_group(data.index.groups[g].group).column("image")[r]
+    (other / name.as_py()).write_bytes((other / name.as_py()).read_bytes() + b"\0")  # a changed image
+    cfg = TrainConfig(stage="mimic", steps=1, batch_size=4, loader_workers=1)
+    with pytest.raises(ShardError, match=rf"row \d+ \(id .*\): {other / name.as_py()} is not the image") as e:
+        train([hf_dump], moe_student, tmp_path / "out", cfg, image_root=other, progress=False)
+    assert "\n" not in str(e.value)
+
+
 def _copy_with(dump: Path, dst: Path, edit=None) -> Path:
     """A copy of a dump; `edit(rows)` rewrites the first mimic shard and the manifest follows (as if the
     teacher had written it)."""
@@ -429,3 +446,82 @@ def test_report_plots_training_curves_and_the_demo_table(hf_dump, world, moe_stu
         with Image.open(png) as im:
             assert im.format == "PNG" and im.size[0] > 1000
     assert _cli("report", tmp_path / "nothing").exit_code == 2
+
+
+def test_batch_order_visits_every_row_once_per_epoch_and_depends_only_on_the_seed():
+    sizes = [5, 3, 7, 1, 4]  # rows per row group
+    order = BatchOrder(sizes, seed=3, window=2)
+    n = sum(sizes)
+    epoch = [r for step in range(n) for r in order.batch(step, 1)]
+    assert sorted(epoch) == list(range(n))
+    assert [r for step in range(4) for r in order.batch(step, 5)] == epoch  # any batch size, one sequence
+    assert BatchOrder(sizes, seed=3, window=2).batch(7, 3) == order.batch(7, 3)
+    assert [r for s in range(n) for r in BatchOrder(sizes, seed=4, window=2).batch(s, 1)] != epoch
+    assert order.batch(n // 2 + n, 2) != order.batch(n // 2, 2)  # each epoch reshuffles
+    starts = [0, 5, 8, 15, 16, 20]
+    group_of = [next(g for g in range(5) if starts[g] <= r < starts[g + 1]) for r in epoch]
+    i = 0
+    while i < n:  # the epoch is a run of windows, each all rows of at most 2 row groups
+        j, groups = i, set()
+        while True:
+            groups.add(group_of[j])
+            j += 1
+            if sum(sizes[g] for g in groups) == j - i:
+                break
+        assert len(groups) <= 2, (epoch, i, j)
+        i = j
+    assert [r for s in range(n) for r in BatchOrder(sizes, shuffle=False).batch(s, 1)] == list(range(n))
+
+
+def test_loader_workers_and_ddp_ranks_read_the_same_global_batches(hf_dump, world, moe_student):
+    files = check_shards([hf_dump], "mimic", load_encoder(moe_student))
+    one = MicroBatches("mimic", files, moe_student, world, batch_size=6, seed=1)
+    in_process = list(loader(one, 2, 6, workers=0))
+    in_workers = list(loader(one, 2, 6, workers=2))
+    assert len(in_process) == len(in_workers) == 4
+    for a, b in zip(in_process, in_workers, strict=True):
+        assert a.inputs.keys() == b.inputs.keys() and all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+        assert torch.equal(a.topk_logprobs, b.topk_logprobs) and torch.equal(a.rows, b.rows)
+    ranks = [MicroBatches("mimic", files, moe_student, world, batch_size=6, seed=1, rank=r, world=2) for r in (0, 1)]
+    for step in range(5):
+        a, b = ranks[0].rows_of(step), ranks[1].rows_of(step)
+        assert not set(a) & set(b) and sorted(a + b) == sorted(one.rows_of(step))
+
+
+def test_gradient_accumulation_equals_one_batch_of_the_same_rows(hf_dump, world, moe_student, tmp_path):
+    """2 micro-batches of 4 = 1 batch of 8 (the same rows): the loss is normalised by the token
+    count of the whole accumulated batch, not averaged over micro-batches of unequal length."""
+    from safetensors.torch import load_file
+
+    common = {"stage": "mimic", "steps": 2, "lr": 2e-3, "warmup": 1, "aux_loss_coef": 0.0, "loader_workers": 0}
+    big = train([hf_dump], moe_student, tmp_path / "big", TrainConfig(batch_size=8, **common), image_root=world,
+                progress=False)
+    acc = train([hf_dump], moe_student, tmp_path / "acc", TrainConfig(batch_size=4, grad_accum=2, **common),
+                image_root=world, progress=False)
+    for a, b in zip(big, acc, strict=True):
+        assert a["tokens"] == b["tokens"] > 8
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4) and a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+    wa, wb = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "acc" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4)
+
+
+def test_eval_expert_utilisation_counts_real_tokens_only(moe_student, world):
+    """Batched generation pads on the left and keeps finished rows going; routing is counted over
+    the real tokens only, so a batch of 8 counts what 8 single-record batches count."""
+    from transformers import AutoModelForImageTextToText
+
+    from shared.evaluation import greedy_answers, read_eval_records
+
+    records = read_eval_records(world / "eval.jsonl", world)[:8]
+    enc = load_encoder(moe_student)
+    model = AutoModelForImageTextToText.from_pretrained(str(moe_student)).eval()
+    batched, single = [], []
+    answers = greedy_answers(model, enc, records, world, batch_size=8, expert_counts=batched)
+    assert greedy_answers(model, enc, records, world, batch_size=1, expert_counts=single) == answers
+    n_layers = len(batched)
+    assert n_layers >= 1 and len(single) == 8 * n_layers
+    total_batched = torch.stack(batched).sum(0)
+    total_single = torch.stack(single).sum(0)
+    assert int(total_batched.sum()) == int(total_single.sum())  # same number of routed slots: no padding
+    assert (total_batched - total_single).abs().sum() <= 0.02 * total_single.sum()
