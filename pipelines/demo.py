@@ -2,12 +2,15 @@
 MoE student: SFT-only baseline, mimic distillation, mimic + preference distillation -> eval table.
 
 Every step is skipped when its output already exists, so an interrupted demo resumes. Held-out
-evaluation uses a world of another seed; nothing is tuned on it.
+evaluation uses a world of another seed; nothing is tuned on it. The preference stage keeps the
+checkpoint that answers a validation split of the *training* world best (the mimic student itself
+is a candidate), so it cannot make the student worse on what it is checked on.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +33,8 @@ class DemoConfig:
     n_mimic: int = 8000
     n_pref: int = 1000
     n_eval: int = 400
+    n_val: int = 200  # validation questions from the training world, for the preference checkpoint choice
+    pref_eval_every: int = 50
     teacher_steps: int = 1200
     shards: int = 4
     top_k: int = 32
@@ -41,6 +46,11 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    import torch
+
+    # Same seed, same machine, same report: no nondeterministic kernels, a fixed thread count.
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(cfg.out)
     timings: dict[str, float] = {}
 
@@ -50,8 +60,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     world, held_out = out / "world", out / "eval_world"
     step("world")
-    if not (world / "pref.jsonl").exists():
-        make_world(world, cfg.seed, cfg.n_mimic, cfg.n_pref, 0)
+    if not (world / "eval.jsonl").exists():  # eval.jsonl here: the validation split of the training world
+        make_world(world, cfg.seed, cfg.n_mimic, cfg.n_pref, cfg.n_val)
     if not (held_out / "eval.jsonl").exists():
         make_world(held_out, cfg.eval_seed, 0, 0, cfg.n_eval)
 
@@ -75,21 +85,22 @@ def run_demo(cfg: DemoConfig) -> dict:
         make_dense_student(teacher, out / "student-dense", seed=cfg.seed)
         upcycle(out / "student-dense", student, seed=cfg.seed)
     shards = [out / "shards"]
-    runs = {
-        "sft": ("sft.yaml", "mimic", student),
-        "mimic": ("mimic.yaml", "mimic", student),
-        "mimic+pref": ("pref.yaml", "pref", out / "mimic"),
-    }
-    for name, (yaml_name, stage, start) in runs.items():
+    runs = {"sft": ("sft.yaml", student), "mimic": ("mimic.yaml", student)}
+    for name, (yaml_name, start) in runs.items():
         run_dir = out / name
         if (run_dir / "model.safetensors").exists():  # written once a run has finished
             continue
-        steps = cfg.pref_steps if stage == "pref" else cfg.student_steps
-        tcfg = TrainConfig.from_yaml(cfg.configs / yaml_name, steps=steps, batch_size=cfg.student_batch,
+        tcfg = TrainConfig.from_yaml(cfg.configs / yaml_name, steps=cfg.student_steps, batch_size=cfg.student_batch,
                                      seed=cfg.seed)
         step(f"train {name}")
         # An interrupted stage continues from its checkpoint; a fresh one starts (--resume refuses an empty run).
         train(shards, start, run_dir, tcfg, image_root=world, resume=latest_checkpoint(run_dir) is not None)
+    if not (out / "mimic+pref" / "model.safetensors").exists():
+        step("train mimic+pref")
+        tcfg = TrainConfig.from_yaml(cfg.configs / "pref.yaml", steps=cfg.pref_steps, batch_size=cfg.student_batch,
+                                     seed=cfg.seed)
+        preference_with_selection(shards, out / "mimic", out / "pref-run", out / "mimic+pref", tcfg, world,
+                                  cfg.pref_eval_every)
 
     step("held-out teacher dump")
     held_dump = out / "eval_shards"
@@ -119,6 +130,52 @@ def run_demo(cfg: DemoConfig) -> dict:
     for path in plot_report(out):
         print(f"plot: {path}")
     return report
+
+
+def preference_with_selection(shards: list[Path], start: Path, run_dir: Path, final: Path, tcfg: TrainConfig,
+                              world: Path, every: int) -> list[dict]:
+    """Preference distillation in segments of `every` steps (exact resume between them); after each
+    segment the checkpoint answers WORLD/eval.jsonl, the validation split of the training world.
+    The best by validation accuracy (ties: the earlier) becomes FINAL; step 0, the starting student,
+    is a candidate. RUN_DIR/selection.json records every candidate, so an interrupted run resumes."""
+    log = run_dir / "selection.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    history = json.loads(log.read_text()) if log.exists() else []
+    best = run_dir / "best"
+
+    def consider(step: int, model_dir: Path) -> None:
+        metrics = evaluate_model(model_dir, world / "eval.jsonl")
+        row = {"step": step, "accuracy": metrics["accuracy"], "hallucination_rate": metrics.get("hallucination_rate"),
+               "pope_f1": metrics["pope"]["f1"]}
+        if not history or row["accuracy"] > max(h["accuracy"] for h in history):
+            tmp = run_dir / "best.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "checkpoint-*",
+                                                                         "latest_checkpoint", "*.jsonl", "*.png"))
+            shutil.rmtree(best, ignore_errors=True)
+            tmp.rename(best)
+        history.append(row)
+        log.write_text(json.dumps(history, indent=2) + "\n")
+        print(f"   validation at step {step}: accuracy {row['accuracy']:.3f}, hallucination "
+              f"{row['hallucination_rate']:.3f}, POPE F1 {row['pope_f1']:.3f}", flush=True)
+
+    if not history:
+        consider(0, start)
+    done = history[-1]["step"]
+    while done < tcfg.steps:
+        train(shards, start, run_dir, tcfg, image_root=world, resume=latest_checkpoint(run_dir) is not None,
+              stop_after=every, progress=False)
+        done = min(tcfg.steps, done + every)
+        consider(done, latest_checkpoint(run_dir))
+    chosen = max(history, key=lambda h: (h["accuracy"], -h["step"]))
+    print(f"   kept step {chosen['step']} of the preference stage (validation accuracy {chosen['accuracy']:.3f})")
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best, tmp)
+    (tmp / "selection.json").write_text(json.dumps({"kept_step": chosen["step"], "candidates": history}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return history
 
 
 def _print_table(rows: list[dict], shards: dict) -> None:

@@ -20,9 +20,11 @@ def normalise(answer: str) -> str:
 
 @torch.no_grad()
 def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root: Path,
-                   batch_size: int = 64, max_new_tokens: int = 24) -> list[str]:
+                   batch_size: int = 64, max_new_tokens: int = 24,
+                   expert_counts: list[torch.Tensor] | None = None) -> list[str]:
     """Greedy decoding with the model's own chat template, batched with left padding; stops at any
-    of the model's end-of-turn tokens."""
+    of the model's end-of-turn tokens. With `expert_counts`, appends per MoE layer the routed-slot
+    counts [E] over the real tokens (prompt and answer through its end-of-turn, no padding)."""
     tok = encoder.tokenizer
     eos = sorted(encoder.eos_ids)
     answers: list[str] = []
@@ -38,10 +40,35 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=encoder.pad_id,
         )
+        answer_ids = []
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
             answers.append(tok.decode(row[:cut], skip_special_tokens=True))
+            # An image token in a (poorly trained) answer has no image behind it: it is left out.
+            answer_ids.append([t for t in row[: cut + 1] if t != encoder.image_token_id])
+        if expert_counts is not None:
+            expert_counts.extend(_routed_slots(model, encoder, [p.ids + a for p, a in zip(prompts, answer_ids)],
+                                               [p.image for p in prompts]))
     return answers
+
+
+def _routed_slots(model: Any, encoder: SampleEncoder, seqs: list[list[int]], images: list) -> list[torch.Tensor]:
+    """One teacher-forced pass over whole sequences: per MoE layer, how often each expert is among a
+    real token's top-k (generation's left padding and finished rows would count otherwise)."""
+    routers = moe_routers(model)
+    if not routers:
+        return []
+    top_k = model.config.text_config.num_experts_per_tok
+    logits: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda mod, i, o: logits.append(o[0])) for m in routers]
+    try:
+        inputs = batch_inputs(encoder, seqs, images)
+        model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    keep = inputs["attention_mask"].reshape(-1).bool()
+    return [torch.bincount(lg[keep].topk(top_k, -1).indices.reshape(-1), minlength=lg.shape[-1]) for lg in logits]
 
 
 def _first_word(answer: str) -> str:
@@ -136,16 +163,7 @@ def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, 
     encoder = load_encoder(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     counts: list[torch.Tensor] = []
-    text = model.config.text_config
-    top_k = getattr(text, "num_experts_per_tok", 0)
-    handles = [
-        m.register_forward_hook(lambda mod, i, o: counts.append(torch.bincount(
-            o[0].topk(top_k, -1).indices.reshape(-1), minlength=o[0].shape[-1])))
-        for m in moe_routers(model)
-    ]
-    answers = greedy_answers(model, encoder, records, image_root or Path(data).parent)
-    for h in handles:
-        h.remove()
+    answers = greedy_answers(model, encoder, records, image_root or Path(data).parent, expert_counts=counts)
     metrics = score(records, answers)
     if counts:
         total = torch.stack(counts).sum(0).float()

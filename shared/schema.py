@@ -22,6 +22,7 @@ REJECTED_NAME = "rejected.jsonl"
 KINDS = ("mimic", "pref")
 PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 9
+ROW_GROUP_ROWS = 128  # the unit the student reads (and shuffles) by
 
 _ids = pa.list_(pa.int32())
 _floats = pa.list_(pa.float32())

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from shared.fingerprint import sha256_file
 from shared.manifest import ShardEntry, atomic_write_bytes
-from shared.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, SCHEMAS
+from shared.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, ROW_GROUP_ROWS, SCHEMAS
 
 
 def table_bytes(kind: str, rows: list[dict[str, Any]]) -> bytes:
@@ -25,7 +25,9 @@ def table_bytes(kind: str, rows: list[dict[str, Any]]) -> bytes:
         compression_level=PARQUET_COMPRESSION_LEVEL,
         # Token ids and log-probs do not repeat enough for dictionaries to pay off.
         use_dictionary=["sample_id", "image"],
-        row_group_size=4096,
+        # The student streams shards a row group at a time and shuffles within windows of row
+        # groups: small groups keep its reads and memory small, at a negligible cost in size.
+        row_group_size=ROW_GROUP_ROWS,
     )
     return buf.getvalue()
 

@@ -10,11 +10,15 @@ from pipelines.demo import DemoConfig, run_demo
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path):
     cfg = DemoConfig(out=tmp_path / "demo", n_mimic=32, n_pref=8, n_eval=8, teacher_steps=2, shards=1, top_k=4,
-                     backend="hf", student_steps=2, pref_steps=2, student_batch=4)
+                     backend="hf", student_steps=2, pref_steps=2, student_batch=4, n_val=8, pref_eval_every=1)
     run_demo(cfg)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["teacher", "sft", "mimic", "mimic+pref"]
     assert (tmp_path / "demo" / "demo.png").is_file() and (tmp_path / "demo" / "mimic" / "training.png").is_file()
+    selection = json.loads((tmp_path / "demo" / "mimic+pref" / "selection.json").read_text())
+    assert [c["step"] for c in selection["candidates"]] == [0, 1, 2]  # the mimic student is a candidate
+    best = max(c["accuracy"] for c in selection["candidates"])
+    assert selection["kept_step"] == min(c["step"] for c in selection["candidates"] if c["accuracy"] == best)
     before = (tmp_path / "demo" / "mimic" / "model.safetensors").stat().st_mtime_ns
     run_demo(cfg)  # everything finished: nothing is retrained
     assert (tmp_path / "demo" / "mimic" / "model.safetensors").stat().st_mtime_ns == before

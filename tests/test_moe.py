@@ -54,3 +54,21 @@ def test_noise_breaks_symmetry_and_bad_layers_are_refused(dense, tmp_path):
     assert not torch.equal(w[0], w[1])
     with pytest.raises(ValueError, match="moe layers"):
         upcycle(dense, tmp_path / "bad", moe_layers=[5])
+
+
+def test_the_dense_student_takes_the_teachers_image_size(teacher, tmp_path):
+    """The student reuses the teacher's processor, so its vision tower must take the images that
+    processor makes (not the tiny world's size)."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    other = tmp_path / "teacher"
+    shutil.copytree(teacher, other)
+    config = json.loads((other / "config.json").read_text())
+    config["vision_config"]["image_size"] *= 2
+    (other / "config.json").write_text(json.dumps(config))
+    make_dense_student(other, tmp_path / "student")
+    got = AutoConfig.from_pretrained(str(tmp_path / "student")).vision_config.image_size
+    assert got == config["vision_config"]["image_size"]
