@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.schema import FORMAT_VERSION, MANIFEST_NAME
+from shared.schema import FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS
 
 
 @dataclass
@@ -45,10 +45,9 @@ class Manifest:
             raise FileNotFoundError(f"{path}: no manifest; is this a `lmod dump-teacher` output?") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: manifest is not valid JSON ({e.msg})") from e
-        if body.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: shard format version {body.get('format_version')}, this lmod reads {FORMAT_VERSION}"
-            )
+        if body.get("format_version") not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: shard format version {body.get('format_version')}, this lmod reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade lmod")
         shards = {name: ShardEntry(**e) for name, e in body.get("shards", {}).items()}
         return cls(run=body["run"], shards=shards, format_version=body["format_version"])
 

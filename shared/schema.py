@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+from shared.codec import Encoding
+
+FORMAT_VERSION = 2  # 2: mimic log-probs and ids in a manifest-recorded encoding (shared/codec.py)
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
 KINDS = ("mimic", "pref")
@@ -36,21 +39,35 @@ _COMMON = [
     pa.field("teacher_prompt", pa.string(), nullable=False),  # exact text the teacher was given
 ]
 
-MIMIC_SCHEMA = pa.schema(
+# The mimic columns after the common ones, in the f32 layout (format version 1).
+_MIMIC_FIELDS = pa.schema(
     [
-        *_COMMON,
         # The conversation as LLaVA-style JSON ([{"from": "human"|"gpt", "value": ...}]), so a
         # student can rebuild prompts with its own template and processor.
         pa.field("conversations_json", pa.string(), nullable=False),
         pa.field("response_ids", _ids, nullable=False),
         pa.field("response_turn_lengths", _ids, nullable=False),  # tokens per assistant turn
-        pa.field("target_logprobs", _floats, nullable=False),
-        pa.field("topk_ids", pa.list_(_ids), nullable=False),  # [T][k], by log-prob descending
-        pa.field("topk_logprobs", pa.list_(_floats), nullable=False),  # [T][k], descending
+        pa.field("target_logprobs", _floats, nullable=False),  # quantised in u8/u16 (shared/codec.py)
+        # [T][k]: f32 by log-prob descending; u8/u16 ids ascending, delta-coded, log-probs quantised
+        pa.field("topk_ids", pa.list_(_ids), nullable=False),
+        pa.field("topk_logprobs", pa.list_(_floats), nullable=False),
         pa.field("rest_mass", _floats, nullable=False),  # 1 - sum(exp(topk_logprobs[t]))
     ],
-    metadata={"lmod.kind": "mimic", "lmod.format_version": str(FORMAT_VERSION)},
 )
+def mimic_schema(encoding: Encoding = Encoding("f32")) -> pa.Schema:
+    """The mimic schema; the f32 encoding is the layout of format version 1."""
+    logprob, target = encoding.logprob_type(), encoding.target_type()
+    return pa.schema(
+        [
+            *_COMMON,
+            *[f.with_type(pa.list_(target) if f.name == "target_logprobs" else pa.list_(pa.list_(logprob))
+                          if f.name == "topk_logprobs" else f.type) for f in _MIMIC_FIELDS],
+        ],
+        metadata={"lmod.kind": "mimic", "lmod.format_version": str(FORMAT_VERSION), "lmod.encoding": encoding.name},
+    )
+
+
+MIMIC_SCHEMA = mimic_schema()
 
 PREF_SCHEMA = pa.schema(
     [
@@ -70,6 +87,10 @@ PREF_SCHEMA = pa.schema(
 )
 
 SCHEMAS = {"mimic": MIMIC_SCHEMA, "pref": PREF_SCHEMA}
+
+
+def schema_for(kind: str, encoding: Encoding) -> pa.Schema:
+    return mimic_schema(encoding) if kind == "mimic" else PREF_SCHEMA
 
 
 def shard_name(kind: str, index: int, total: int) -> str:

@@ -7,9 +7,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from shared.codec import Encoding
 from shared.fingerprint import sha256_file
 from shared.manifest import Manifest
-from shared.schema import KINDS, SCHEMAS
+from shared.schema import KINDS, schema_for
 
 
 def verify_dump(out_dir: Path) -> list[str]:
@@ -17,6 +18,7 @@ def verify_dump(out_dir: Path) -> list[str]:
     out_dir = Path(out_dir)
     manifest = Manifest.load(out_dir)
     problems: list[str] = []
+    encoding = Encoding.of_run(manifest.run)
     for rel, entry in sorted(manifest.shards.items()):
         path = out_dir / rel
         if not path.is_file():
@@ -35,7 +37,7 @@ def verify_dump(out_dir: Path) -> list[str]:
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for unreadable files
             problems.append(f"{rel}: unreadable Parquet ({e})")
             continue
-        if not schema.remove_metadata().equals(SCHEMAS[entry.kind].remove_metadata()):
+        if not schema.remove_metadata().equals(schema_for(entry.kind, encoding).remove_metadata()):
             problems.append(f"{rel}: schema differs from the {entry.kind} schema")
         if meta.metadata.num_rows != entry.rows:
             problems.append(f"{rel}: {meta.metadata.num_rows} rows, manifest says {entry.rows}")
@@ -61,6 +63,7 @@ def dump_info(out_dir: Path) -> dict[str, Any]:
         "backend": run["backend"],
         "dtype": run["dtype"],
         "top_k": run["top_k"],
+        "encoding": Encoding.of_run(run).name,
         "format_version": manifest.format_version,
     }
     for kind in KINDS:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from shared.codec import read_row_group
 from shared.fingerprint import sha256_file, tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
 from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
@@ -261,7 +262,7 @@ def iter_examples(files: Sequence[Path], kind: str, image_root: Path | None):
         pf = pq.ParquetFile(f)
         row = 0
         for g in range(pf.metadata.num_row_groups):
-            for r in pf.read_row_group(g, columns=_COLUMNS[kind]).to_pylist():
+            for r in read_row_group(pf, g, _COLUMNS[kind]).to_pylist():
                 yield _EXAMPLE[kind](r, image_root, f"{f} row {row} (id {r['sample_id']})")
                 row += 1
 
@@ -455,7 +456,7 @@ class MicroBatches(torch.utils.data.Dataset):
             self._tables.move_to_end(g)
             return self._tables[g]
         group = self.index.groups[g]
-        table = pq.ParquetFile(group.path).read_row_group(group.group, columns=_COLUMNS[self.kind])
+        table = read_row_group(pq.ParquetFile(group.path), group.group, _COLUMNS[self.kind])
         self._tables[g] = table
         while len(self._tables) > self.cache_groups:
             self._tables.popitem(last=False)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.codec import DEFAULT_ENCODING, ENCODINGS, Encoding
 from shared.fingerprint import (
     sha256_file,
     sha256_json,
@@ -36,6 +37,7 @@ class DumpConfig:
     image_root: Path | None = None
     shards: int = 8
     top_k: int = 32
+    encoding: str = DEFAULT_ENCODING  # how mimic log-probs are stored: u8 | u16 | f32 (shared/codec.py)
     backend: str = "vllm"
     dtype: str = "float32"
     max_model_len: int = 512
@@ -102,7 +104,7 @@ def plan_shards(records: dict[str, list[Record]], n_shards: int) -> list[ShardTa
 # Run facts that, when they differ, mean the directory holds another teacher's shards.
 # Run facts that, when they differ, mean the directory holds another teacher's shards. The
 # teacher is its config and weights, wherever it lies (a copied teacher is the same teacher).
-_TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "backend", "dtype", "max_model_len")
+_TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "encoding", "backend", "dtype", "max_model_len")
 
 
 def _identity(run: dict[str, Any], key: str) -> Any:
@@ -166,7 +168,8 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], bool]:
     )
     engine = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "max_top_k": cfg.top_k,
               "tensor_parallel_size": tp, "gpu_memory_utilization": cfg.gpu_memory_utilization}
-    workers = [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out)) for _ in range(n_workers)]
+    workers = [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out), cfg.encoding)
+               for _ in range(n_workers)]
     return workers, started
 
 
@@ -181,6 +184,8 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         raise InputError(f"--backend must be 'vllm' or 'hf' (got {cfg.backend!r})")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise InputError(f"--dtype {cfg.dtype!r}: use float32, bfloat16 or float16")
+    if cfg.encoding not in ENCODINGS:
+        raise InputError(f"--encoding {cfg.encoding!r}: use {' | '.join(ENCODINGS)}")
     if cfg.workers is not None and cfg.workers < 1:
         raise InputError(f"--workers must be >= 1 (got {cfg.workers})")
     if cfg.tensor_parallel_size < 1 or (cfg.tensor_parallel_size > 1 and cfg.backend != "vllm"):
@@ -223,6 +228,7 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         "vocabulary": vocabulary_facts(encoder.tokenizer),
         "vocab_size": vocab,
         "top_k": cfg.top_k,
+        "encoding": Encoding(cfg.encoding).manifest(),
         "backend": cfg.backend,
         "dtype": cfg.dtype,
         "max_model_len": cfg.max_model_len,

@@ -9,14 +9,16 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shared.codec import Encoding
 from shared.fingerprint import sha256_file
 from shared.manifest import ShardEntry, atomic_write_bytes
-from shared.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, ROW_GROUP_ROWS, SCHEMAS
+from shared.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, ROW_GROUP_ROWS, schema_for
 
 
-def table_bytes(kind: str, rows: list[dict[str, Any]]) -> bytes:
-    """Serialise rows to Parquet bytes. No timestamps or host names: same rows, same bytes."""
-    table = pa.Table.from_pylist(rows, schema=SCHEMAS[kind])
+def table_bytes(kind: str, rows: list[dict[str, Any]], encoding: Encoding = Encoding("f32")) -> bytes:
+    """Serialise rows (already in `encoding`) to Parquet bytes. No timestamps or host names: same
+    rows, same bytes."""
+    table = pa.Table.from_pylist(rows, schema=schema_for(kind, encoding))
     buf = io.BytesIO()
     pq.write_table(
         table,
@@ -34,11 +36,11 @@ def table_bytes(kind: str, rows: list[dict[str, Any]]) -> bytes:
 
 def write_shard(
     out_dir: Path, rel_path: str, kind: str, index: int, rows: list[dict[str, Any]], tokens: int,
-    input_range: list[int],
+    input_range: list[int], encoding: Encoding = Encoding("f32"),
 ) -> ShardEntry:
     path = Path(out_dir) / rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, table_bytes(kind, rows))
+    atomic_write_bytes(path, table_bytes(kind, rows, encoding))
     return ShardEntry(
         kind=kind, index=index, rows=len(rows), tokens=tokens, bytes=path.stat().st_size,
         sha256=sha256_file(path), input_range=input_range,

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from shared.codec import Encoding
 from shared.manifest import ShardEntry
 from shared.mllm import ImageFeatures, ModelInputs, SampleEncoder
 from shared.prompt import llava_messages, pref_messages
@@ -58,9 +59,10 @@ def rest_mass(topk_logprobs: np.ndarray) -> np.ndarray:
 
 
 def shard_rows(
-    backend: TeacherBackend, encoder: SampleEncoder, records: list[Record], top_k: int
+    backend: TeacherBackend, encoder: SampleEncoder, records: list[Record], top_k: int,
+    encoding: Encoding = Encoding("f32"),
 ) -> tuple[list[dict[str, Any]], int]:
-    """Score all records of one shard in one backend call; returns (rows, response tokens)."""
+    """Score all records of one shard in one backend call; returns (rows in `encoding`, response tokens)."""
     images, encoded, requests = [], [], []
     for rec in records:
         image, digest = load_image(rec)
@@ -80,16 +82,17 @@ def shard_rows(
             res = next(it)
             response_ids = [t for t, m in zip(enc.ids, enc.response_mask) if m]
             tokens += len(response_ids)
+            topk_ids, topk_logprobs = encoding.encode_topk(res.topk_ids, res.topk_logprobs)
             rows.append({
                 **common,
                 "teacher_prompt": enc.text,
                 "conversations_json": json.dumps(rec.fields["conversations"], ensure_ascii=False),
                 "response_ids": response_ids,
                 "response_turn_lengths": enc.turn_lengths,
-                "target_logprobs": res.target_logprobs,
-                "topk_ids": list(res.topk_ids),
-                "topk_logprobs": list(res.topk_logprobs),
-                "rest_mass": rest_mass(res.topk_logprobs),
+                "target_logprobs": encoding.encode_targets(res.target_logprobs),
+                "topk_ids": topk_ids,
+                "topk_logprobs": topk_logprobs,
+                "rest_mass": rest_mass(res.topk_logprobs),  # from the unquantised log-probs
             })
         else:
             chosen, rejected = encs
@@ -117,17 +120,19 @@ def shard_rows(
 class TeacherWorker:
     """Holds one engine for its whole life; one call = one shard written under `out_dir`."""
 
-    def __init__(self, model_dir: str, backend: str, engine: dict[str, Any], top_k: int, out_dir: str):
+    def __init__(self, model_dir: str, backend: str, engine: dict[str, Any], top_k: int, out_dir: str,
+                 encoding: str = "f32"):
         from shared.mllm import load_encoder
         from teacher_dump.backends import make_backend
 
         self.encoder = load_encoder(model_dir)
         self.backend = make_backend(backend, model_dir, **engine)
         self.top_k = top_k
+        self.encoding = Encoding(encoding)
         self.out_dir = Path(out_dir)
 
     def run_shard(self, task: ShardTask) -> tuple[str, ShardEntry]:
-        rows, tokens = shard_rows(self.backend, self.encoder, task.records, self.top_k)
+        rows, tokens = shard_rows(self.backend, self.encoder, task.records, self.top_k, self.encoding)
         rng = [task.records[0].input_row, task.records[-1].input_row + 1] if task.records else [0, 0]
-        entry = write_shard(self.out_dir, task.rel_path, task.kind, task.index, rows, tokens, rng)
+        entry = write_shard(self.out_dir, task.rel_path, task.kind, task.index, rows, tokens, rng, self.encoding)
         return task.rel_path, entry

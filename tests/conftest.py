@@ -35,11 +35,15 @@ def teacher(tmp_path_factory, world) -> Path:
     return out
 
 
-def dump(world: Path, teacher: Path, out: Path, backend: str, shards: int = 3, top_k: int = TOP_K, **kw):
+def dump(world: Path, teacher: Path, out: Path, backend: str, shards: int = 3, top_k: int = TOP_K,
+         encoding: str = "f32", **kw):
+    """Exact (f32) shards unless told: the tests of stored values compare them at 1e-4; the compact
+    default encoding has its own fixture and tests."""
     from teacher_dump.run import DumpConfig, dump_teacher
 
     cfg = DumpConfig(model=teacher, out=out, mimic_data=world / "mimic.jsonl", pref_data=world / "pref.jsonl",
-                     shards=shards, top_k=top_k, backend=backend, max_model_len=256, progress=False, **kw)
+                     shards=shards, top_k=top_k, backend=backend, max_model_len=256, progress=False,
+                     encoding=encoding, **kw)
     return dump_teacher(cfg)
 
 
@@ -55,6 +59,14 @@ def vllm_dump(tmp_path_factory, world, teacher) -> Path:
 def hf_dump(tmp_path_factory, world, teacher) -> Path:
     out = tmp_path_factory.mktemp("dump_hf")
     dump(world, teacher, out, "hf")
+    return out
+
+
+@pytest.fixture(scope="session")
+def u8_dump(tmp_path_factory, world, teacher) -> Path:
+    """The default, compact encoding (8-bit log-probs, delta-coded ids), same teacher and data as hf_dump."""
+    out = tmp_path_factory.mktemp("dump_u8")
+    dump(world, teacher, out, "hf", encoding="u8")
     return out
 
 
@@ -105,7 +117,7 @@ def _dump(model: Path, world: Path, out: Path, backend: str):
 
     return dump_teacher(DumpConfig(model=model, out=out, mimic_data=world / "mimic.jsonl",
                                    pref_data=world / "pref.jsonl", shards=2, top_k=8, backend=backend,
-                                   max_model_len=512, progress=False))
+                                   max_model_len=512, progress=False, encoding="f32"))  # values compared at 1e-4
 
 
 @pytest.fixture(scope="session")

@@ -525,3 +525,14 @@ def test_eval_expert_utilisation_counts_real_tokens_only(moe_student, world):
     total_single = torch.stack(single).sum(0)
     assert int(total_batched.sum()) == int(total_single.sum())  # same number of routed slots: no padding
     assert (total_batched - total_single).abs().sum() <= 0.02 * total_single.sum()
+
+
+def test_compact_shards_teach_what_exact_ones_do(u8_dump, hf_dump, world, moe_student, tmp_path):
+    """The default 8-bit shards: the student's KL to them is the KL to the exact shards (to 1%),
+    and training reads them (decoded in the loader workers)."""
+    exact = kl_to_teacher(moe_student, [hf_dump], world)
+    compact = kl_to_teacher(moe_student, [u8_dump], world)
+    assert abs(compact - exact) < 0.01 * exact, (compact, exact)
+    cfg = TrainConfig(stage="mimic", steps=2, batch_size=4, loader_workers=1)
+    history = train([u8_dump], moe_student, tmp_path / "u8", cfg, image_root=world, progress=False)
+    assert len(history) == 2 and history[-1]["tokens"] > 0
