@@ -81,7 +81,8 @@ def test_the_default_dump_is_compact_verified_and_read_by_every_reader(u8_dump: 
 
     assert verify_dump(u8_dump) == []
     small, exact = dump_info(u8_dump)["mimic"], dump_info(hf_dump)["mimic"]
-    assert small["tokens"] == exact["tokens"] and small["bytes"] < 0.85 * exact["bytes"], (small, exact)  # k=4: text dominates
+    # k=4 here: the prompt text dominates the rows, the per-token columns shrink much more
+    assert small["tokens"] == exact["tokens"] and small["bytes"] < 0.85 * exact["bytes"], (small, exact)
     assert dump_info(u8_dump)["encoding"] == "u8"
     files = [str(p) for p in shard_paths(u8_dump, "mimic")]
     raw = pq.read_table(files[0])
