@@ -90,7 +90,9 @@ def dump_teacher_cmd(
     image_root: Path | None = typer.Option(None, help="Root of image paths (default: the data file's directory)."),
     shards: int = typer.Option(8, help="Shards per data kind (capped at the number of records)."),
     top_k: int = typer.Option(32, help="Teacher log-probs kept per response token."),
-    encoding: str = typer.Option("u8", help="Stored log-probs: u8 (8-bit log scale, compact) | u16 | f32 (exact)."),
+    encoding: str = typer.Option("u8", help="Stored probabilities: u8 (8-bit sqrt scale) | u16 | f32 (exact)."),
+    sample: int = typer.Option(0, help="RS-KD: also store N draws per response position from the teacher (hf)."),
+    sample_seed: int = typer.Option(0, help="Seed of those draws (with each record's id)."),
     backend: str = typer.Option("vllm", help="vllm | hf"),
     dtype: str = typer.Option("float32", help="Teacher dtype: float32 | bfloat16 | float16."),
     max_model_len: int = typer.Option(512, help="Longest sequence; longer records are invalid."),
@@ -109,8 +111,9 @@ def dump_teacher_cmd(
 
     cfg = DumpConfig(
         model=model, out=out, mimic_data=mimic_data, pref_data=pref_data, image_root=image_root, shards=shards,
-        top_k=top_k, encoding=encoding, backend=backend, dtype=dtype, max_model_len=max_model_len, address=address,
-        workers=workers, force=force, skip_invalid=skip_invalid, tensor_parallel_size=tensor_parallel_size,
+        top_k=top_k, encoding=encoding, sample=sample, sample_seed=sample_seed, backend=backend, dtype=dtype,
+        max_model_len=max_model_len, address=address, workers=workers,
+        force=force, skip_invalid=skip_invalid, tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
     )
     try:

@@ -45,6 +45,9 @@ def plot_training(run_dir: Path, out: Path | None = None) -> Path:
     if "kl" in rows[0]:
         axes[1].plot(steps, [r["kl"] for r in rows], color="C2")
         axes[1].set(title="KL(teacher || student) per token", xlabel="step")
+    elif "sampled_kd" in rows[0]:  # RS-KD: cross-entropy to the teacher's draws (KL + the teacher's entropy)
+        axes[1].plot(steps, [r["sampled_kd"] for r in rows], color="C2")
+        axes[1].set(title="sampled KD (cross-entropy to teacher draws) per token", xlabel="step")
     else:
         axes[1].plot(steps, [r["dpo_loss"] for r in rows], color="C3", label="preference loss")
         twin = axes[1].twinx()

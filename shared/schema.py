@@ -52,8 +52,13 @@ _MIMIC_FIELDS = pa.schema(
         pa.field("topk_ids", pa.list_(_ids), nullable=False),
         pa.field("topk_logprobs", pa.list_(_floats), nullable=False),
         pa.field("rest_mass", _floats, nullable=False),  # 1 - sum(exp(topk_logprobs[t]))
+        # RS-KD (dump-teacher --sample N; empty lists otherwise, absent in version 1): per position
+        # the unique ids of N draws from the teacher (ascending) and how often each was drawn.
+        pa.field("sampled_ids", pa.list_(_ids), nullable=False),
+        pa.field("sampled_counts", pa.list_(pa.list_(pa.uint16())), nullable=False),
     ],
 )
+SAMPLED_COLUMNS = ("sampled_ids", "sampled_counts")
 def mimic_schema(encoding: Encoding = Encoding("f32")) -> pa.Schema:
     """The mimic schema; the f32 encoding is the layout of format version 1."""
     logprob, target = encoding.logprob_type(), encoding.target_type()
@@ -89,8 +94,13 @@ PREF_SCHEMA = pa.schema(
 SCHEMAS = {"mimic": MIMIC_SCHEMA, "pref": PREF_SCHEMA}
 
 
-def schema_for(kind: str, encoding: Encoding) -> pa.Schema:
-    return mimic_schema(encoding) if kind == "mimic" else PREF_SCHEMA
+def schema_for(kind: str, encoding: Encoding, format_version: int = FORMAT_VERSION) -> pa.Schema:
+    if kind != "mimic":
+        return PREF_SCHEMA
+    schema = mimic_schema(encoding)
+    if format_version < 2:  # no sampled columns yet
+        schema = pa.schema([f for f in schema if f.name not in SAMPLED_COLUMNS], metadata=schema.metadata)
+    return schema
 
 
 def shard_name(kind: str, index: int, total: int) -> str:

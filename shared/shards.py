@@ -37,7 +37,8 @@ def verify_dump(out_dir: Path) -> list[str]:
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError for unreadable files
             problems.append(f"{rel}: unreadable Parquet ({e})")
             continue
-        if not schema.remove_metadata().equals(schema_for(entry.kind, encoding).remove_metadata()):
+        expected = schema_for(entry.kind, encoding, manifest.format_version)
+        if not schema.remove_metadata().equals(expected.remove_metadata()):
             problems.append(f"{rel}: schema differs from the {entry.kind} schema")
         if meta.metadata.num_rows != entry.rows:
             problems.append(f"{rel}: {meta.metadata.num_rows} rows, manifest says {entry.rows}")

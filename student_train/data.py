@@ -31,6 +31,7 @@ from shared.fingerprint import sha256_file, tokenizer_fingerprint, vocabulary_fa
 from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
 from shared.prompt import Messages, llava_messages, pref_messages
+from shared.schema import SAMPLED_COLUMNS
 from shared.shards import shard_paths
 
 
@@ -43,7 +44,7 @@ class ShardError(ValueError):
 
 
 def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_partial: bool = False,
-                 verify: bool = True) -> list[Path]:
+                 verify: bool = True, sampled: bool = False) -> list[Path]:
     """Shard files of `kind` from every dir, after checking that each dir's stored ids mean the
     same to the student's tokenizer (tokenizers are compared, not embedding shapes), that the dump
     is complete (unless `allow_partial`) and that every file's bytes match the manifest's sha256 (a
@@ -64,6 +65,9 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
             problem = None
         if problem:
             raise ShardError(f"{d}: {problem}")
+        if sampled and not manifest.run.get("sample"):
+            raise ShardError(f"{d}: dumped without --sample, so it holds no teacher draws for kd: sampled; "
+                             "use kd: topk, or dump again with --sample N --backend hf")
         planned = manifest.run.get("plan", {}).get("shards", {}).get(kind, 0)
         done = sum(e.kind == kind for e in manifest.shards.values())
         if done < planned and not allow_partial:
@@ -193,6 +197,8 @@ class MimicExample:
     topk_logprobs: list[list[float]]
     rest_mass: list[float]
     image: Image.Image | None
+    sampled_ids: list[list[int]] | None = None  # RS-KD draws (unique ids, counts) when read
+    sampled_counts: list[list[int]] | None = None
 
 
 @dataclass
@@ -242,7 +248,7 @@ def mimic_example(row: dict, image_root: Path | None, where: str) -> MimicExampl
         start += n
     messages = llava_messages(json.loads(row["conversations_json"]), bool(row["image_sha256"]))
     return MimicExample(messages, responses, row["topk_ids"], row["topk_logprobs"], row["rest_mass"],
-                        _image(row, image_root, where))
+                        _image(row, image_root, where), row.get("sampled_ids"), row.get("sampled_counts"))
 
 
 def pref_example(row: dict, image_root: Path | None, where: str) -> PrefExample:
@@ -256,13 +262,18 @@ def pref_example(row: dict, image_root: Path | None, where: str) -> PrefExample:
 _EXAMPLE = {"mimic": mimic_example, "pref": pref_example}
 
 
-def iter_examples(files: Sequence[Path], kind: str, image_root: Path | None):
+def columns(kind: str, sampled: bool = False) -> list[str]:
+    """The shard columns a student reads (RS-KD's draws only when training on them)."""
+    return _COLUMNS[kind] + (list(SAMPLED_COLUMNS) if sampled and kind == "mimic" else [])
+
+
+def iter_examples(files: Sequence[Path], kind: str, image_root: Path | None, sampled: bool = False):
     """Every example of some (checked) shard files in storage order, one row group in memory at a time."""
     for f in files:
         pf = pq.ParquetFile(f)
         row = 0
         for g in range(pf.metadata.num_row_groups):
-            for r in read_row_group(pf, g, _COLUMNS[kind]).to_pylist():
+            for r in read_row_group(pf, g, columns(kind, sampled)).to_pylist():
                 yield _EXAMPLE[kind](r, image_root, f"{f} row {row} (id {r['sample_id']})")
                 row += 1
 
@@ -307,6 +318,8 @@ class MimicBatch:
     topk_ids: torch.Tensor  # [N, k] long
     topk_logprobs: torch.Tensor  # [N, k] float32
     rest_mass: torch.Tensor  # [N] float32, as the teacher stored it
+    sampled_ids: torch.Tensor | None = None  # [N, m] long: RS-KD draws' unique ids (padding: id 0)
+    sampled_weights: torch.Tensor | None = None  # [N, m] float32: count / draws (padding: 0)
 
     @property
     def tokens(self) -> int:
@@ -363,12 +376,23 @@ def _label_index(encoded: Sequence[ModelInputs]) -> tuple[torch.Tensor, torch.Te
 def collate_mimic(encoder: SampleEncoder, examples: Sequence[MimicExample]) -> MimicBatch:
     encoded = [encode_mimic(encoder, e) for e in examples]
     rows, cols = _label_index(encoded)
+    sampled_ids = sampled_weights = None
+    if examples and all(e.sampled_ids is not None for e in examples):
+        ids = [i for e in examples for i in e.sampled_ids]
+        counts = [c for e in examples for c in e.sampled_counts]
+        width = max((len(i) for i in ids), default=1)
+        sampled_ids = torch.zeros((len(ids), width), dtype=torch.long)
+        sampled_weights = torch.zeros((len(ids), width), dtype=torch.float32)
+        for n, (i, c) in enumerate(zip(ids, counts)):
+            sampled_ids[n, : len(i)] = torch.tensor(i, dtype=torch.long)
+            sampled_weights[n, : len(c)] = torch.tensor(c, dtype=torch.float32) / max(1, sum(c))
     return MimicBatch(
         inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded]),
         rows=rows, cols=cols,
         topk_ids=torch.tensor([t for e in examples for t in e.topk_ids], dtype=torch.long),
         topk_logprobs=torch.tensor([t for e in examples for t in e.topk_logprobs], dtype=torch.float32),
         rest_mass=torch.tensor([t for e in examples for t in e.rest_mass], dtype=torch.float32),
+        sampled_ids=sampled_ids, sampled_weights=sampled_weights,
     )
 
 
@@ -407,9 +431,10 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __init__(self, kind: str, files: Sequence[Path], student: Path, image_root: Path | None,
                  batch_size: int, seed: int = 0, shuffle: bool = True, window: int = 8, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, sampled: bool = False):
         self.kind, self.student, self.image_root = kind, Path(student), image_root
         self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.columns = columns(kind, sampled)
         self.index = ShardIndex(files)
         self.order = BatchOrder([g.rows for g in self.index.groups], seed=seed, window=window, shuffle=shuffle)
         self.cache_groups = window
@@ -456,7 +481,7 @@ class MicroBatches(torch.utils.data.Dataset):
             self._tables.move_to_end(g)
             return self._tables[g]
         group = self.index.groups[g]
-        table = read_row_group(pq.ParquetFile(group.path), group.group, _COLUMNS[self.kind])
+        table = read_row_group(pq.ParquetFile(group.path), group.group, self.columns)
         self._tables[g] = table
         while len(self._tables) > self.cache_groups:
             self._tables.popitem(last=False)

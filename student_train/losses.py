@@ -200,3 +200,26 @@ def mimic_token_losses(student_logits: torch.Tensor, topk_ids: torch.Tensor, top
 
     rest = rest_mass if rest_mass is not None else topk_logprobs.new_full(topk_logprobs.shape[:1], float("nan"))
     return chunked_rows(rows, student_logits, topk_ids, topk_logprobs, rest, targets, chunk=chunk)
+
+
+def sampled_kd(student_logits: torch.Tensor, sampled_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Random-sampling KD (RS-KD, Anshumann et al., ACL 2025), per token [N]: -sum_j w_j log s(id_j)
+    over the unique ids of N draws from the teacher at temperature 1, w_j = count_j / N (padding:
+    w = 0). The proposal is the teacher itself, so the importance weights p/q are 1 and the
+    estimate's expectation is the cross-entropy H(p, s) = KL(p || s) + H(p): its gradient is the
+    full-distribution KL gradient, unbiased (top-k's is not)."""
+    x = _wide(student_logits)
+    log_s = x.gather(-1, sampled_ids) - torch.logsumexp(x, dim=-1, keepdim=True)
+    return -(weights.to(log_s.dtype) * log_s).sum(-1)
+
+
+def sampled_token_losses(student_logits: torch.Tensor, sampled_ids: torch.Tensor, weights: torch.Tensor,
+                         targets: torch.Tensor, kd_weight: float, ce_weight: float, chunk: int = 1024) -> torch.Tensor:
+    """Per token [N, 3]: kd_weight * sampled KD + ce_weight * CE (differentiable), sampled KD, CE."""
+
+    def rows(x, i, w, t):
+        kd = sampled_kd(x, i, w)
+        ce = -_selective_logprobs(x, t)
+        return torch.stack([kd_weight * kd + ce_weight * ce, kd, ce], dim=-1)
+
+    return chunked_rows(rows, student_logits, sampled_ids, weights, targets, chunk=chunk)

@@ -28,6 +28,7 @@ from student_train.losses import (
     mimic_token_losses,
     preference_loss,
     router_z_loss,
+    sampled_token_losses,
     token_logprobs,
 )
 
@@ -47,7 +48,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     kd_weight: float = 1.0  # 0 with ce_weight 1: the labels-only (SFT) baseline on the same data
-    kd_tail: Literal["renorm", "rest"] = "rest"
+    kd: Literal["topk", "sampled"] = "topk"  # sampled: RS-KD on the dump's --sample draws (unbiased)
+    kd_tail: Literal["renorm", "rest"] = "rest"  # for kd: topk
     temperature: float = 1.0
     ce_weight: float = 0.0
     pref_loss: Literal["dpo", "ipo", "kto_pair"] = "dpo"
@@ -200,6 +202,11 @@ def mimic_terms(model, batch: MimicBatch, cfg: TrainConfig, vocab: int, tap: Rou
     # Rows of a padded embedding beyond the shared vocabulary are no tokens: they get no mass.
     student = logits[batch.rows, batch.cols, :vocab]  # [N, V]
     targets = inputs["input_ids"][batch.rows, batch.cols + 1]
+    if cfg.kd == "sampled":
+        per_token = sampled_token_losses(student, batch.sampled_ids, batch.sampled_weights, targets, cfg.kd_weight,
+                                         cfg.ce_weight, chunk=cfg.loss_chunk)
+        terms = {"objective": per_token[:, 0].sum(), "sampled_kd": per_token[:, 1].sum(), "ce": per_token[:, 2].sum()}
+        return _with_router_terms(terms, tap, inputs["attention_mask"])
     ids, lps, rest = fold_outside_vocab(batch.topk_ids, batch.topk_logprobs, batch.rest_mass, vocab)
     per_token = mimic_token_losses(student, ids, lps, rest if cfg.kd_tail == "rest" else None, targets,
                                    cfg.kd_weight, cfg.ce_weight, tail=cfg.kd_tail, temperature=cfg.temperature,
@@ -294,9 +301,10 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     if resume:
         _check_resumable(out, checkpoint, cfg)
     encoder = load_encoder(student)
-    files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial)
+    sampled = cfg.stage == "mimic" and cfg.kd == "sampled"
+    files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial, sampled=sampled)
     data = MicroBatches(cfg.stage, files, student, image_root, cfg.batch_size, seed=cfg.seed,
-                        window=cfg.shuffle_window, rank=dist.rank, world=dist.world)
+                        window=cfg.shuffle_window, rank=dist.rank, world=dist.world, sampled=sampled)
     torch.manual_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_pretrained(str(checkpoint or student), dtype=torch.float32).to(device)
     model.train()
@@ -338,8 +346,8 @@ def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: di
 
 
 # metric -> the global count its sum is divided by
-_MEAN_OVER = {"loss": "ranks", "kl": "tokens", "ce": "tokens", "dpo_loss": "pairs", "pref_accuracy": "pairs",
-              "reward_margin": "pairs", "aux_loss": "micro", "z_loss": "micro"}
+_MEAN_OVER = {"loss": "ranks", "kl": "tokens", "sampled_kd": "tokens", "ce": "tokens", "dpo_loss": "pairs",
+              "pref_accuracy": "pairs", "reward_margin": "pairs", "aux_loss": "micro", "z_loss": "micro"}
 
 
 def train_step(t: Trainer, micro_batches: list[MimicBatch | PrefBatch]) -> StepResult:

@@ -27,6 +27,8 @@ class ScoreRequest:
     image: Image.Image | None  # vLLM processes the image itself
     features: ImageFeatures | None  # the processor's tensors for it (hf backend)
     top_k: int  # 0: only the target's log-prob
+    sample: int = 0  # RS-KD: draws per position from the full distribution (hf backend only)
+    sample_seed: int = 0  # the request's own seed: same request, same draws, whatever the batching
 
 
 @dataclass
@@ -34,6 +36,23 @@ class ScoreResult:
     target_logprobs: np.ndarray  # [P] float32
     topk_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))  # [P, k]
     topk_logprobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # [P, k]
+    sampled_ids: list[np.ndarray] = field(default_factory=list)  # [P] of unique ids, ascending
+    sampled_counts: list[np.ndarray] = field(default_factory=list)  # [P] of their counts (sum: sample)
+
+
+def sample_counts(logprobs: torch.Tensor, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """RS-KD (Anshumann et al., 2025): n draws per row from the distribution exp(logprobs) [P, V]
+    at temperature 1, with replacement; per row the unique ids (ascending) and their counts. Drawn
+    in float64 on the CPU from a generator of `seed`: the same inputs give the same draws anywhere."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    probs = logprobs.detach().double().cpu().exp()
+    draws = torch.multinomial(probs, n, replacement=True, generator=gen).numpy()
+    ids, counts = [], []
+    for row in draws:
+        u, c = np.unique(row, return_counts=True)
+        ids.append(u.astype(np.int32))
+        counts.append(c.astype(np.uint16))
+    return ids, counts
 
 
 class TeacherBackend(Protocol):
@@ -79,10 +98,12 @@ class HFBackend:
         if req.top_k <= 0:
             return ScoreResult(target_lp.cpu().numpy().astype(np.float32))
         top = torch.topk(logp, req.top_k, dim=-1)
+        sampled = sample_counts(logp, req.sample, req.sample_seed) if req.sample else ([], [])
         return ScoreResult(
             target_lp.cpu().numpy().astype(np.float32),
             top.indices.cpu().numpy().astype(np.int32),
             top.values.cpu().numpy().astype(np.float32),
+            *sampled,
         )
 
 

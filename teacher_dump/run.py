@@ -38,6 +38,8 @@ class DumpConfig:
     shards: int = 8
     top_k: int = 32
     encoding: str = DEFAULT_ENCODING  # how mimic log-probs are stored: u8 | u16 | f32 (shared/codec.py)
+    sample: int = 0  # RS-KD: also store N draws per response position from the teacher (hf backend)
+    sample_seed: int = 0
     backend: str = "vllm"
     dtype: str = "float32"
     max_model_len: int = 512
@@ -104,7 +106,7 @@ def plan_shards(records: dict[str, list[Record]], n_shards: int) -> list[ShardTa
 # Run facts that, when they differ, mean the directory holds another teacher's shards.
 # Run facts that, when they differ, mean the directory holds another teacher's shards. The
 # teacher is its config and weights, wherever it lies (a copied teacher is the same teacher).
-_TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "encoding", "backend", "dtype", "max_model_len")
+_TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "encoding", "sample", "backend", "dtype", "max_model_len")
 
 
 def _identity(run: dict[str, Any], key: str) -> Any:
@@ -168,8 +170,8 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], bool]:
     )
     engine = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "max_top_k": cfg.top_k,
               "tensor_parallel_size": tp, "gpu_memory_utilization": cfg.gpu_memory_utilization}
-    workers = [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out), cfg.encoding)
-               for _ in range(n_workers)]
+    workers = [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out), cfg.encoding,
+                                cfg.sample, cfg.sample_seed) for _ in range(n_workers)]
     return workers, started
 
 
@@ -186,6 +188,9 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         raise InputError(f"--dtype {cfg.dtype!r}: use float32, bfloat16 or float16")
     if cfg.encoding not in ENCODINGS:
         raise InputError(f"--encoding {cfg.encoding!r}: use {' | '.join(ENCODINGS)}")
+    if cfg.sample and (cfg.sample < 0 or cfg.sample > 65535 or cfg.backend != "hf"):
+        raise InputError(f"--sample {cfg.sample}: draws per position must be 1..65535 and need --backend hf (vLLM "
+                         "returns at most k log-probs per position, not the full distribution to draw from)")
     if cfg.workers is not None and cfg.workers < 1:
         raise InputError(f"--workers must be >= 1 (got {cfg.workers})")
     if cfg.tensor_parallel_size < 1 or (cfg.tensor_parallel_size > 1 and cfg.backend != "vllm"):
@@ -229,6 +234,7 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         "vocab_size": vocab,
         "top_k": cfg.top_k,
         "encoding": Encoding(cfg.encoding).manifest(),
+        "sample": {"draws": cfg.sample, "seed": cfg.sample_seed} if cfg.sample else None,
         "backend": cfg.backend,
         "dtype": cfg.dtype,
         "max_model_len": cfg.max_model_len,

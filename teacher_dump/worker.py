@@ -46,10 +46,16 @@ def encode_record(encoder: SampleEncoder, rec: Record, image: ImageFeatures | No
     return [encoder.encode(pref_messages(q, rec.fields[key], has_image), image) for key in ("chosen", "rejected")]
 
 
-def _request(enc: ModelInputs, image: Image.Image | None, top_k: int) -> ScoreRequest:
+def _request(enc: ModelInputs, image: Image.Image | None, top_k: int, sample: int = 0,
+             sample_seed: int = 0) -> ScoreRequest:
     positions = [i for i, m in enumerate(enc.response_mask) if m]
     return ScoreRequest(ids=enc.ids, prompt_ids=enc.prompt_ids, positions=positions, image=image,
-                        features=enc.image, top_k=top_k)
+                        features=enc.image, top_k=top_k, sample=sample, sample_seed=sample_seed)
+
+
+def record_seed(seed: int, sample_id: str) -> int:
+    """A record's own sampling seed, from the run's seed and the record's id (not its position)."""
+    return int(hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()[:15], 16)
 
 
 def rest_mass(topk_logprobs: np.ndarray) -> np.ndarray:
@@ -60,7 +66,7 @@ def rest_mass(topk_logprobs: np.ndarray) -> np.ndarray:
 
 def shard_rows(
     backend: TeacherBackend, encoder: SampleEncoder, records: list[Record], top_k: int,
-    encoding: Encoding = Encoding("f32"),
+    encoding: Encoding = Encoding("f32"), sample: int = 0, sample_seed: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Score all records of one shard in one backend call; returns (rows in `encoding`, response tokens)."""
     images, encoded, requests = [], [], []
@@ -70,7 +76,8 @@ def shard_rows(
         encs = encode_record(encoder, rec, encoder.image_features(image))
         encoded.append(encs)
         k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
-        requests.extend(_request(e, image, k) for e in encs)
+        n = sample if rec.kind == "mimic" else 0
+        requests.extend(_request(e, image, k, n, record_seed(sample_seed, rec.sample_id)) for e in encs)
     results: list[ScoreResult] = backend.score(requests) if requests else []
     rows: list[dict[str, Any]] = []
     tokens = 0
@@ -93,6 +100,8 @@ def shard_rows(
                 "topk_ids": topk_ids,
                 "topk_logprobs": topk_logprobs,
                 "rest_mass": rest_mass(res.topk_logprobs),  # from the unquantised log-probs
+                "sampled_ids": res.sampled_ids,
+                "sampled_counts": res.sampled_counts,
             })
         else:
             chosen, rejected = encs
@@ -121,7 +130,7 @@ class TeacherWorker:
     """Holds one engine for its whole life; one call = one shard written under `out_dir`."""
 
     def __init__(self, model_dir: str, backend: str, engine: dict[str, Any], top_k: int, out_dir: str,
-                 encoding: str = "f32"):
+                 encoding: str = "f32", sample: int = 0, sample_seed: int = 0):
         from shared.mllm import load_encoder
         from teacher_dump.backends import make_backend
 
@@ -129,10 +138,12 @@ class TeacherWorker:
         self.backend = make_backend(backend, model_dir, **engine)
         self.top_k = top_k
         self.encoding = Encoding(encoding)
+        self.sample, self.sample_seed = sample, sample_seed
         self.out_dir = Path(out_dir)
 
     def run_shard(self, task: ShardTask) -> tuple[str, ShardEntry]:
-        rows, tokens = shard_rows(self.backend, self.encoder, task.records, self.top_k, self.encoding)
+        rows, tokens = shard_rows(self.backend, self.encoder, task.records, self.top_k, self.encoding, self.sample,
+                                  self.sample_seed)
         rng = [task.records[0].input_row, task.records[-1].input_row + 1] if task.records else [0, 0]
         entry = write_shard(self.out_dir, task.rel_path, task.kind, task.index, rows, tokens, rng, self.encoding)
         return task.rel_path, entry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -536,3 +537,35 @@ def test_compact_shards_teach_what_exact_ones_do(u8_dump, hf_dump, world, moe_st
     cfg = TrainConfig(stage="mimic", steps=2, batch_size=4, loader_workers=1)
     history = train([u8_dump], moe_student, tmp_path / "u8", cfg, image_root=world, progress=False)
     assert len(history) == 2 and history[-1]["tokens"] > 0
+
+
+def test_rs_kd_draws_are_stored_deterministically_and_train_a_student(world, teacher, hf_dump, moe_student,
+                                                                      tmp_path):
+    """dump-teacher --sample N stores per position the unique ids of N teacher draws and their
+    counts (same seed, same bytes); kd: sampled trains on them; a dump without draws is refused."""
+    import pyarrow.parquet as pq
+
+    from shared.codec import read_table
+    from shared.shards import shard_paths
+    from tests.conftest import dump
+
+    for out in (tmp_path / "a", tmp_path / "b"):
+        dump(world, teacher, out, "hf", shards=1, encoding="u8", sample=50, sample_seed=3)
+    (a,), (b,) = shard_paths(tmp_path / "a", "mimic"), shard_paths(tmp_path / "b", "mimic")
+    assert a.read_bytes() == b.read_bytes()
+    rows = read_table(a).to_pylist()
+    for row in rows:
+        assert len(row["sampled_ids"]) == len(row["response_ids"])
+        for ids, counts in zip(row["sampled_ids"], row["sampled_counts"]):
+            assert sum(counts) == 50 and ids == sorted(set(ids))
+    unique = np.mean([len(i) for r in rows for i in r["sampled_ids"]])
+    assert 1 <= unique < 50
+    assert pq.read_table(shard_paths(hf_dump, "mimic")[0]).column("sampled_ids").to_pylist()[0] == []
+    res = _cli("dump-teacher", "--model", teacher, "--mimic-data", world / "mimic.jsonl", "--out", tmp_path / "v",
+               "--sample", "50", "--backend", "vllm")
+    assert res.exit_code == 2 and "need --backend hf" in res.output
+    cfg = TrainConfig(stage="mimic", steps=3, batch_size=4, kd="sampled", loader_workers=1, warmup=1)
+    history = train([tmp_path / "a"], moe_student, tmp_path / "rs", cfg, image_root=world, progress=False)
+    assert len(history) == 3 and history[0]["sampled_kd"] > 0 and "kl" not in history[0]
+    with pytest.raises(ShardError, match="dumped without --sample"):
+        train([hf_dump], moe_student, tmp_path / "no", cfg, image_root=world, progress=False)
