@@ -102,6 +102,7 @@ def dump_teacher_cmd(
     gpu_memory_utilization: float | None = typer.Option(None, help="vLLM's share of GPU memory (default 0.9)."),
     force: bool = typer.Option(False, help="Redo all shards, replacing what OUT holds."),
     skip_invalid: bool = typer.Option(False, help="Drop invalid records (to OUT/rejected.jsonl) instead of stopping."),
+    dry_run: bool = typer.Option(False, help="Validate every record and print the shard plan; start no teacher."),
 ) -> None:
     """Run the teacher over the data on Ray and write top-k shards + a manifest (resumable)."""
     check_environment()
@@ -114,7 +115,7 @@ def dump_teacher_cmd(
         top_k=top_k, encoding=encoding, sample=sample, sample_seed=sample_seed, backend=backend, dtype=dtype,
         max_model_len=max_model_len, address=address, workers=workers,
         force=force, skip_invalid=skip_invalid, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization,
+        gpu_memory_utilization=gpu_memory_utilization, dry_run=dry_run,
     )
     try:
         dump_teacher(cfg)
@@ -122,6 +123,8 @@ def dump_teacher_cmd(
         fail(str(e))
     except PermissionError as e:
         fail(f"{e.filename}: {e.strerror}; choose an --out you can write to")
+    if dry_run:
+        return  # the plan is printed; nothing was written
     from shared.shards import dump_info
 
     typer.echo(json.dumps(dump_info(out), indent=2))

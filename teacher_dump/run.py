@@ -50,6 +50,7 @@ class DumpConfig:
     force: bool = False
     skip_invalid: bool = False
     progress: bool = True
+    dry_run: bool = False  # validate every record and print the plan; no teacher, nothing written
 
 
 def _input_digest(path: Path) -> str:
@@ -89,6 +90,17 @@ def load_inputs(cfg: DumpConfig, encoder: SampleEncoder) -> tuple[dict[str, list
         records[kind] = kept
         rejected.extend(sorted(bad, key=lambda r: r.row))
     return records, rejected
+
+
+def dry_run_plan(tasks: list[ShardTask], rejected: list[Rejection], run: dict[str, Any]) -> dict[str, Any]:
+    """What a dump would do: shards per kind with their input ranges and records, and what was refused."""
+    plan: dict[str, Any] = {"top_k": run["top_k"], "encoding": run["encoding"]["name"], "backend": run["backend"],
+                            "rejected": len(rejected), "shards": {}}
+    for t in tasks:
+        rows = [r.input_row for r in t.records]
+        plan["shards"].setdefault(t.kind, []).append({"shard": t.rel_path, "records": len(rows),
+                                                      "input_rows": [rows[0], rows[-1] + 1] if rows else []})
+    return plan
 
 
 def plan_shards(records: dict[str, list[Record]], n_shards: int) -> list[ShardTask]:
@@ -243,6 +255,9 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
                  "shards": {k: sum(t.kind == k for t in tasks) for k in KINDS}},
         "rejected": len(rejected),
     }
+    if cfg.dry_run:
+        print(json.dumps(dry_run_plan(tasks, rejected, run), indent=2))
+        return Manifest(run=run)
     with _exclusive(out):
         manifest = _check_existing(out, run, cfg.force)
         if manifest is None:

@@ -226,3 +226,17 @@ def test_max_model_len_beyond_the_models_positions_is_refused(world, teacher, tm
     args = [a if a != "256" else "4096" for a in _dump_args(world, teacher, tmp_path / "out")]
     res = _cli(*args)
     assert res.exit_code == 2 and "--max-model-len 4096 exceeds the 512 positions" in res.output
+
+
+def test_dry_run_validates_everything_and_prints_the_plan_without_a_teacher(world, teacher, tmp_path):
+    w = _copy_world(world, tmp_path)
+    out = tmp_path / "out"
+    res = _cli(*_dump_args(w, teacher, out, "--dry-run"))
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.output[res.output.index("{"):])
+    assert [s["records"] for s in plan["shards"]["mimic"]] == [24, 24] and plan["encoding"] == "u8"
+    assert plan["shards"]["pref"][1]["input_rows"] == [12, 24]
+    assert not out.exists()  # nothing written, no lock taken
+    _rewrite(w / "mimic.jsonl", 5, _set("image", "images/nope.png"))
+    res = _cli(*_dump_args(w, teacher, out, "--dry-run"))
+    assert res.exit_code == 2 and "mimic-000005" in res.output and not out.exists()
