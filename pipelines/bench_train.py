@@ -36,7 +36,7 @@ def replicate_dump(src: Path, dst: Path, rows: int, times: int, rows_per_shard: 
     import pyarrow.parquet as pq
 
     from shared.manifest import Manifest
-    from shared.schema import shard_name
+    from shared.schema import FORMAT_VERSION, shard_name
     from shared.shards import shard_paths
     from teacher_dump.shard_writer import write_shard
 
@@ -44,7 +44,7 @@ def replicate_dump(src: Path, dst: Path, rows: int, times: int, rows_per_shard: 
     total = base.num_rows * times
     n_shards = -(-total // rows_per_shard)
     manifest = Manifest.load(src)
-    manifest.shards = {}
+    manifest.shards, manifest.format_version = {}, FORMAT_VERSION  # written as f32 rows of this version
     manifest.run = {**manifest.run, "plan": {**manifest.run.get("plan", {}), "shards": {"mimic": n_shards}}}
     dst.mkdir(parents=True, exist_ok=True)
     for i in range(n_shards):
@@ -52,7 +52,8 @@ def replicate_dump(src: Path, dst: Path, rows: int, times: int, rows_per_shard: 
         records = []
         for r in range(lo, hi):
             rec = base.slice(r % base.num_rows, 1).to_pylist()[0]
-            records.append({**rec, "sample_id": f"{rec['sample_id']}#{r // base.num_rows}"})
+            records.append({"sampled_ids": [], "sampled_counts": [], **rec,
+                            "sample_id": f"{rec['sample_id']}#{r // base.num_rows}"})
         tokens = sum(len(r["response_ids"]) for r in records)
         rel = shard_name("mimic", i, n_shards)
         manifest.shards[rel] = write_shard(dst, rel, "mimic", i, records, tokens, [lo, hi])
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--scale", action="store_true", help="also measure peak RSS at 1x and 16x the rows")
     ap.add_argument("--scale-rows", type=int, default=2000)
+    ap.add_argument("--skip-speed", action="store_true", help="only part 4 (with --scale)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -100,6 +102,9 @@ def main() -> None:
     base = StudentConfig()
     make_dense_student(args.teacher, tmp / "dense_wide",
                        StudentConfig(text_intermediate=base.text_intermediate * 3 // 2))
+    if args.skip_speed:
+        _scale(args, tmp)
+        return
     common = {"steps": args.steps, "batch_size": args.batch_size, "log_every": 10**9, "warmup": 5}
 
     def run(name: str, student: Path, **kw) -> list[dict]:
@@ -138,23 +143,28 @@ def main() -> None:
               f"tokens/s {_tokens_per_s(hist):8.0f}  KL(last 10 steps) {kl:.4f}")
 
     if args.scale:
-        print(f"4. peak RSS, {args.steps} training steps, loader workers 2, on 1x and 16x rows")
-        results = {}
-        for times in (1, 16):
-            dump = tmp / f"scaled-{times}x"
-            n = replicate_dump(args.shards, dump, args.scale_rows, times)
-            cmd = [sys.executable, __file__, "--shards", str(dump), "--image-root", str(args.image_root),
-                   "--teacher", str(args.teacher), "--child", str(tmp / "moe"), str(tmp / f"rss-{times}x"),
-                   str(args.steps), str(args.batch_size)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[times] = json.loads(res.stdout.strip().splitlines()[-1])
-            size = sum(p.stat().st_size for p in dump.rglob("*.parquet")) / 2**20
-            got = results[times]
-            print(f"   {times:>2}x: {n:>7} rows, {size:7.1f} MB of shards: trainer peak {got['trainer_mb']:7.0f} MB, "
-                  f"largest loader worker {got['worker_mb']:7.0f} MB")
-        growth = results[16]["trainer_mb"] - results[1]["trainer_mb"]
-        print(f"   16x - 1x: trainer {growth:+.0f} MB, worker "
-              f"{results[16]['worker_mb'] - results[1]['worker_mb']:+.0f} MB (goal: within +150 MB)")
+        _scale(args, tmp)
+
+
+def _scale(args: argparse.Namespace, tmp: Path) -> None:
+    """Part 4: the same training on 1x and 16x the rows, each in a fresh process; peak RSS of both."""
+    print(f"4. peak RSS, {args.steps} training steps, loader workers 2, on 1x and 16x rows")
+    results = {}
+    for times in (1, 16):
+        dump = tmp / f"scaled-{times}x"
+        n = replicate_dump(args.shards, dump, args.scale_rows, times)
+        cmd = [sys.executable, __file__, "--shards", str(dump), "--image-root", str(args.image_root),
+               "--teacher", str(args.teacher), "--child", str(tmp / "moe"), str(tmp / f"rss-{times}x"),
+               str(args.steps), str(args.batch_size)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[times] = json.loads(res.stdout.strip().splitlines()[-1])
+        size = sum(p.stat().st_size for p in dump.rglob("*.parquet")) / 2**20
+        got = results[times]
+        print(f"   {times:>2}x: {n:>7} rows, {size:7.1f} MB of shards: trainer peak {got['trainer_mb']:7.0f} MB, "
+              f"largest loader worker {got['worker_mb']:7.0f} MB")
+    growth = results[16]["trainer_mb"] - results[1]["trainer_mb"]
+    print(f"   16x - 1x: trainer {growth:+.0f} MB, worker "
+          f"{results[16]['worker_mb'] - results[1]['worker_mb']:+.0f} MB (goal: within +150 MB)")
 
 
 if __name__ == "__main__":

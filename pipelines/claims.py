@@ -5,7 +5,9 @@ of that seed, held-out world of seed + 1000), then per-seed tables and mean +- s
 
 Claims checked per seed (the held-out world decides; nothing is tuned on it):
   1. mimic beats SFT: higher accuracy and lower KL to the teacher, same data and budget;
-  2. preference distillation lowers hallucination below the mimic student's;
+  2. preference distillation lowers hallucination below the mimic student's, without collapsing to
+     "no" (it still says "yes" to at least 10% of the POPE questions: "no" to everything has a
+     hallucination rate of 0 and learns nothing);
   3. the final student (mimic+pref) is within 3 accuracy points of the teacher (or above it).
 Each seed's run resumes if interrupted (the demo skips finished steps).
 """
@@ -19,7 +21,8 @@ from pathlib import Path
 
 MODELS = ("teacher", "sft", "mimic", "mimic+pref")
 MEASURES = (("accuracy", lambda r: r["accuracy"]), ("halluc.", lambda r: r["hallucination_rate"]),
-            ("POPE F1", lambda r: r["pope"]["f1"]), ("KL->T", lambda r: r["kl_to_teacher"]))
+            ("POPE F1", lambda r: r["pope"]["f1"]), ("yes-ratio", lambda r: r["pope"]["yes_ratio"]),
+            ("KL->T", lambda r: r["kl_to_teacher"]))
 EVAL_SEED_OFFSET = 1000
 
 
@@ -29,7 +32,8 @@ def claims(rows: dict[str, dict]) -> dict[str, bool]:
     return {
         "mimic beats SFT (accuracy and KL)": mimic["accuracy"] > sft["accuracy"]
         and mimic["kl_to_teacher"] < sft["kl_to_teacher"],
-        "pref lowers hallucination": final["hallucination_rate"] < mimic["hallucination_rate"],
+        "pref lowers hallucination (no collapse)": final["hallucination_rate"] < mimic["hallucination_rate"]
+        and final["pope"]["yes_ratio"] >= 0.1,
         "final within 3 points of the teacher": final["accuracy"] >= teacher["accuracy"] - 0.03,
     }
 

@@ -228,6 +228,7 @@ def train_cmd(
     allow_partial: bool = typer.Option(False, help="Train on a dump whose shards are not all finished."),
     seed: int | None = typer.Option(None),
     steps: int | None = typer.Option(None),
+    kd: str | None = typer.Option(None, help="topk | sampled (RS-KD on a dump made with --sample)"),
     kd_tail: str | None = typer.Option(None, help="renorm | rest"),
     pref_loss: str | None = typer.Option(None, help="dpo | ipo | kto_pair"),
     beta: float | None = typer.Option(None),
@@ -237,7 +238,7 @@ def train_cmd(
     from student_train.data import ShardError
     from student_train.train import TrainConfig, TrainError, train
 
-    overrides = {"stage": stage, "seed": seed, "steps": steps, "kd_tail": kd_tail, "pref_loss": pref_loss,
+    overrides = {"stage": stage, "seed": seed, "steps": steps, "kd": kd, "kd_tail": kd_tail, "pref_loss": pref_loss,
                  "beta": beta}
     try:
         if config is not None:

@@ -46,11 +46,20 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """Same seed, same machine, same report: no nondeterministic kernels, a fixed thread count (the
+    process's settings are restored afterwards)."""
     import torch
 
-    # Same seed, same machine, same report: no nondeterministic kernels, a fixed thread count.
+    before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        return _run_demo(cfg)
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.set_num_threads(before[1])
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     timings: dict[str, float] = {}
 

@@ -152,16 +152,20 @@ def _check_existing(out: Path, run: dict[str, Any], force: bool) -> Manifest | N
     return old
 
 
-def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], bool]:
+def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], Any]:
+    """The teacher actors, and the watchdog of the local Ray cluster this call started (or None)."""
     import ray
 
-    started = False
+    reaper = None
     if not ray.is_initialized():
         if cfg.address:
             ray.init(address=cfg.address, log_to_driver=True)
         else:
+            from teacher_dump.reaper import Reaper
+
+            reaper = Reaper()  # a SIGKILLed driver would leave Ray's agents running forever
             ray.init(include_dashboard=False, log_to_driver=True)
-            started = True
+            reaper.watch()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     tp = cfg.tensor_parallel_size
@@ -184,7 +188,7 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], bool]:
               "tensor_parallel_size": tp, "gpu_memory_utilization": cfg.gpu_memory_utilization}
     workers = [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out), cfg.encoding,
                                 cfg.sample, cfg.sample_seed) for _ in range(n_workers)]
-    return workers, started
+    return workers, reaper
 
 
 def dump_teacher(cfg: DumpConfig) -> Manifest:
@@ -336,7 +340,7 @@ def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    workers, started = _start_workers(cfg, len(todo))
+    workers, reaper = _start_workers(cfg, len(todo))
     try:
         pool = ActorPool(workers)
         bar = tqdm(total=total, initial=skipped, desc="teacher shards", unit="shard", disable=not cfg.progress)
@@ -347,11 +351,14 @@ def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total
             tokens += entry.tokens
             bar.update(1)
             bar.set_postfix(tokens=tokens)
+            if reaper is not None:
+                reaper.watch()  # the actors' processes, now that they run
             if cfg.progress:
                 tqdm.write(f"lmod: finished {rel} ({entry.rows} rows, {entry.tokens} tokens)")
         bar.close()
     finally:
         for w in workers:
             ray.kill(w)
-        if started:
+        if reaper is not None:
             ray.shutdown()
+            reaper.close()

@@ -95,7 +95,7 @@ def test_zero_shards_refused(world, teacher, tmp_path):
 
 def test_other_teacher_or_k_refused_unless_force(world, teacher, tmp_path):
     out = tmp_path / "out"
-    dump(world, teacher, out, "hf", shards=2, top_k=4)
+    dump(world, teacher, out, "hf", shards=2, top_k=4, encoding="u8")  # as the CLI runs below
     old_config = Manifest.load(out).run["teacher"]["config_sha256"]
     before = {p: p.read_bytes() for p in out.rglob("*.parquet")}
     res = _cli(*[a if a != "4" else "6" for a in _dump_args(world, teacher, out)])  # --top-k 6
@@ -118,7 +118,7 @@ def test_other_teacher_or_k_refused_unless_force(world, teacher, tmp_path):
 
 def test_rerun_of_a_finished_dump_skips_everything(world, teacher, tmp_path):
     out = tmp_path / "out"
-    dump(world, teacher, out, "hf", shards=2, top_k=4)
+    dump(world, teacher, out, "hf", shards=2, top_k=4, encoding="u8")  # as the CLI runs below
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
     res = _cli(*_dump_args(world, teacher, out))
     assert res.exit_code == 0, res.output
@@ -172,7 +172,7 @@ def test_bad_options_get_one_line(world, teacher, tmp_path, extra, expected):
 
 def test_recovery_copied_teacher_broken_manifest_empty_run_and_file_out(world, teacher, tmp_path):
     out = tmp_path / "out"
-    dump(world, teacher, out, "hf", shards=2, top_k=4)
+    dump(world, teacher, out, "hf", shards=2, top_k=4, encoding="u8")  # as the CLI runs below
     copied = tmp_path / "elsewhere" / "same_teacher"
     shutil.copytree(teacher, copied)
     res = _cli(*_dump_args(world, copied, out))  # the same weights in another place: resume, not refuse

@@ -22,7 +22,31 @@ def _args(world: Path, teacher: Path, out: Path) -> list[str]:
             "--max-model-len", "256", "--workers", "1"]
 
 
-def test_killed_dump_resumes_without_recomputing(world, teacher, tmp_path):
+def _cmdline(p) -> str:
+    import psutil
+
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_killed_dump_resumes_without_recomputing_and_leaves_no_ray_behind(world, teacher, tmp_path):
+    """SIGKILL of the driver alone (as a scheduler or an OOM killer does it): its local Ray cluster,
+    agents and teacher actors included, goes with it; the rerun keeps the finished shards."""
+    import time
+
+    import psutil
+
     out = tmp_path / "killed"
     proc = subprocess.Popen(_args(world, teacher, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, cwd=Path(__file__).parents[1])
@@ -30,10 +54,18 @@ def test_killed_dump_resumes_without_recomputing(world, teacher, tmp_path):
     for line in proc.stdout:
         seen.append(line)
         if "lmod: finished" in line:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray workers, mid-run
+            ray_procs = {p: _cmdline(p) for p in psutil.Process(proc.pid).children(recursive=True)}
+            ray_procs = {p: cmd for p, cmd in ray_procs.items() if "teacher_dump.reaper" not in cmd}
+            os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-run
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert any("raylet" in cmd for cmd in ray_procs.values()), list(ray_procs.values())
+    deadline = time.time() + 60
+    while time.time() < deadline and any(_alive(p) for p in ray_procs):
+        time.sleep(0.5)
+    left = [cmd[:80] for p, cmd in ray_procs.items() if _alive(p)]
+    assert not left, f"orphaned Ray processes: {left}"
     done = Manifest.load(out).shards
     assert 1 <= len(done) < 2 * SHARDS, "the kill must land mid-run"
     kept = {rel: (out / rel).stat().st_mtime_ns for rel in done}
@@ -45,7 +77,7 @@ def test_killed_dump_resumes_without_recomputing(world, teacher, tmp_path):
     assert verify_dump(out) == []
 
     fresh = tmp_path / "fresh"
-    dump(world, teacher, fresh, "hf", shards=SHARDS, top_k=8)
+    dump(world, teacher, fresh, "hf", shards=SHARDS, top_k=8, encoding="u8")  # the CLI default
     files = sorted(p.relative_to(out) for p in out.rglob("*.parquet"))
     assert files == sorted(p.relative_to(fresh) for p in fresh.rglob("*.parquet")) and len(files) == 2 * SHARDS
     for rel in files:
