@@ -33,7 +33,9 @@ import pyarrow as pa
 
 ENCODINGS = ("f32", "u16", "u8")
 DEFAULT_ENCODING = "u8"
-_SCALE = {"u16": 1 / 256}
+_U16_SCALE = 1 / 256  # u16 log-probs (top-k and, in every quantised encoding, targets): 0 .. -256 nats
+_SCALE = {"u16": _U16_SCALE}
+_ENCODED_COLUMNS = ("topk_ids", "topk_logprobs", "rest_mass", "target_logprobs")  # decoded together
 _FORMULA = {"f32": "float32 log-prob", "u16": "logprob = -q / 256", "u8": "p = (q / 255)^2, q = 0: p = 1.3e-6"}
 _SQRT_LEVELS = 255
 _SQRT_ZERO_P = (0.5 / _SQRT_LEVELS) ** 2 / 3  # mean p of the bucket q = 0
@@ -85,7 +87,7 @@ class Encoding:
     def encode_targets(self, logprobs: np.ndarray) -> np.ndarray:
         if self.name == "f32":
             return logprobs.astype(np.float32)
-        return _quantise(logprobs, np.uint16, TARGET_SCALE)
+        return _quantise(logprobs, np.uint16, _U16_SCALE)
 
     # -- reading -------------------------------------------------------------------------------
     def decode(self, table: pa.Table) -> pa.Table:
@@ -123,14 +125,11 @@ class Encoding:
             "rest_mass": pa.ListArray.from_arrays(pa.array(rest_offsets), pa.array((rest / z).astype(np.float32))),
             "target_logprobs": pa.ListArray.from_arrays(
                 pa.array(target_offsets),
-                pa.array((-targets.to_numpy().astype(np.float64) * TARGET_SCALE).astype(np.float32))),
+                pa.array((-targets.to_numpy().astype(np.float64) * _U16_SCALE).astype(np.float32))),
         }
         for name, column in columns.items():
             table = table.set_column(table.column_names.index(name), name, column)
         return table
-
-
-TARGET_SCALE = 1 / 256  # quantised target log-probs: 16 bits, 0 .. -256 nats
 
 
 def _quantise(logprobs: np.ndarray, dtype, scale: float) -> np.ndarray:
@@ -162,9 +161,8 @@ def read_row_group(parquet_file, group: int, columns: list[str] | None = None) -
     f32 layout whatever the file's encoding: what every reader of shards should call."""
     encoding = file_encoding(parquet_file)
     wanted = columns
-    if columns is not None and encoding.name != "f32" and "topk_logprobs" in columns:
-        # decoding renormalises with the rest mass, and rewrites targets if present
-        wanted = list(dict.fromkeys([*columns, "topk_ids", "rest_mass", "target_logprobs"]))
+    if columns is not None and encoding.name != "f32" and set(columns) & set(_ENCODED_COLUMNS):
+        wanted = list(dict.fromkeys([*columns, *_ENCODED_COLUMNS]))  # renormalising needs all four
     table = encoding.decode(parquet_file.read_row_group(group, columns=wanted))
     return table.select(columns) if columns is not None else table
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from shared.mllm import SampleEncoder, batch_inputs, load_encoder, moe_routers
+from shared.mllm import SampleEncoder, batch_inputs, expert_counts, load_encoder, moe_routers
 from shared.prompt import pref_messages
 
 
@@ -67,8 +67,7 @@ def _routed_slots(model: Any, encoder: SampleEncoder, seqs: list[list[int]], ima
     finally:
         for h in handles:
             h.remove()
-    keep = inputs["attention_mask"].reshape(-1).bool()
-    return [torch.bincount(lg[keep].topk(top_k, -1).indices.reshape(-1), minlength=lg.shape[-1]) for lg in logits]
+    return list(expert_counts(logits, inputs["attention_mask"], top_k).long())
 
 
 def _first_word(answer: str) -> str:

@@ -201,6 +201,14 @@ def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "num_experts")]
 
 
+def expert_counts(router_logits: Sequence[torch.Tensor], token_mask: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Routed slots per MoE layer and expert [layers, E] over the real tokens (`token_mask` [B, L],
+    the layers' router logits [B * L, E]): how often each expert is among a token's top-k."""
+    keep = token_mask.reshape(-1).bool()
+    return torch.stack([torch.bincount(lg[keep].topk(top_k, -1).indices.reshape(-1), minlength=lg.shape[-1])
+                        for lg in router_logits]).float()
+
+
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad token id lists (right, or left for generation); returns (input_ids, attention_mask)."""
     width = max(len(s) for s in seqs)

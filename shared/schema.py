@@ -59,6 +59,8 @@ _MIMIC_FIELDS = pa.schema(
     ],
 )
 SAMPLED_COLUMNS = ("sampled_ids", "sampled_counts")
+
+
 def mimic_schema(encoding: Encoding = Encoding("f32")) -> pa.Schema:
     """The mimic schema; the f32 encoding is the layout of format version 1."""
     logprob, target = encoding.logprob_type(), encoding.target_type()

@@ -9,8 +9,24 @@ import pyarrow.parquet as pq
 
 from shared.codec import Encoding
 from shared.fingerprint import sha256_file
-from shared.manifest import Manifest
+from shared.manifest import Manifest, ShardEntry
 from shared.schema import KINDS, schema_for
+
+
+def shard_file_problem(path: Path, entry: ShardEntry) -> str | None:
+    """Why a shard file is not the one its manifest entry describes, or None when it is (size,
+    then sha256: a flipped byte in a float column reads fine and would train a NaN student)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"cannot read it ({e.strerror})"
+    if size != entry.bytes:
+        return f"{size} bytes, manifest says {entry.bytes} (truncated or replaced)"
+    if sha256_file(path) != entry.sha256:
+        return "its bytes differ from the manifest's checksum (corrupted or replaced)"
+    return None
 
 
 def verify_dump(out_dir: Path) -> list[str]:
@@ -21,15 +37,9 @@ def verify_dump(out_dir: Path) -> list[str]:
     encoding = Encoding.of_run(manifest.run)
     for rel, entry in sorted(manifest.shards.items()):
         path = out_dir / rel
-        if not path.is_file():
-            problems.append(f"{rel}: missing")
-            continue
-        size = path.stat().st_size
-        if size != entry.bytes:
-            problems.append(f"{rel}: {size} bytes, manifest says {entry.bytes} (truncated or replaced)")
-            continue
-        if sha256_file(path) != entry.sha256:
-            problems.append(f"{rel}: checksum mismatch (corrupted)")
+        problem = shard_file_problem(path, entry)
+        if problem:
+            problems.append(f"{rel}: {problem}")
             continue
         try:
             meta = pq.ParquetFile(path)

@@ -27,12 +27,12 @@ import torch
 from PIL import Image
 
 from shared.codec import read_row_group
-from shared.fingerprint import sha256_file, tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
+from shared.fingerprint import tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
 from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
 from shared.prompt import Messages, llava_messages, pref_messages
 from shared.schema import SAMPLED_COLUMNS
-from shared.shards import shard_paths
+from shared.shards import shard_file_problem, shard_paths
 
 
 class ShardError(ValueError):
@@ -77,7 +77,7 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
         if verify:
             entries = [manifest.shards[f"{kind}/{p.name}"] for p in paths]
             with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL
-                for path, problem in zip(paths, pool.map(_file_problem, paths, entries), strict=True):
+                for path, problem in zip(paths, pool.map(shard_file_problem, paths, entries), strict=True):
                     if problem:
                         raise ShardError(f"{path}: {problem}; `lmod shards verify {d}` lists the bad shards, "
                                          "rerun `lmod dump-teacher` to redo them")
@@ -85,16 +85,6 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
     if not files:
         raise ShardError(f"no {kind} shards in {', '.join(map(str, dirs))}; run `lmod dump-teacher` first")
     return files
-
-
-def _file_problem(path: Path, entry) -> str | None:
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        return f"cannot read it ({e.strerror})"
-    if size != entry.bytes or sha256_file(path) != entry.sha256:
-        return "its bytes differ from the manifest's checksum (corrupted or replaced)"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +96,7 @@ class RowGroup:
     path: str
     group: int  # Parquet row group within the file
     rows: int
+    first_row: int  # its first row's number within the file (for error messages)
 
 
 class ShardIndex:
@@ -119,7 +110,10 @@ class ShardIndex:
                 meta = pq.ParquetFile(f).metadata
             except (OSError, pa.ArrowException) as e:
                 raise ShardError(f"{f}: unreadable Parquet ({e}); rerun `lmod dump-teacher` to redo it") from None
-            self.groups.extend(RowGroup(str(f), g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups))
+            first = 0
+            for g in range(meta.num_row_groups):
+                self.groups.append(RowGroup(str(f), g, meta.row_group(g).num_rows, first))
+                first += meta.row_group(g).num_rows
         self.starts = [0]
         for g in self.groups:
             self.starts.append(self.starts[-1] + g.rows)
@@ -460,7 +454,7 @@ class MicroBatches(torch.utils.data.Dataset):
             g, r = self.index.locate(row)
             group = self.index.groups[g]
             record = self._table(g).slice(r, 1).to_pylist()[0]
-            where = f"{group.path} row {self.index.starts[g] - self._file_start(g) + r} (id {record['sample_id']})"
+            where = f"{group.path} row {group.first_row + r} (id {record['sample_id']})"
             out.append(_EXAMPLE[self.kind](record, self.image_root, where))
         return out
 
@@ -469,12 +463,6 @@ class MicroBatches(torch.utils.data.Dataset):
             return _COLLATE[self.kind](self.encoder, self.examples(step))
         except ShardError as e:
             return LoaderFailure(str(e))
-
-    def _file_start(self, g: int) -> int:
-        path = self.index.groups[g].path
-        while g > 0 and self.index.groups[g - 1].path == path:
-            g -= 1
-        return self.index.starts[g]
 
     def _table(self, g: int) -> pa.Table:
         if g in self._tables:

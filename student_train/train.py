@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from shared.mllm import SampleEncoder, load_encoder, moe_routers
+from shared.mllm import SampleEncoder, expert_counts, load_encoder, moe_routers
 from student_train.data import LoaderFailure, MicroBatches, MimicBatch, PrefBatch, ShardError, check_shards, loader
 from student_train.losses import (
     fold_outside_vocab,
@@ -128,7 +128,6 @@ class RouterTap:
         self.handles = [m.register_forward_hook(lambda m, i, o: self.logits.append(o[0])) for m in moe_routers(model)]
         text = model.config.text_config
         self.top_k = getattr(text, "num_experts_per_tok", 1)
-        self.n_experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", 1)
 
     def losses(self, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Switch aux loss and z-loss (means over layers) and routed-slot counts [layers, E], all over
@@ -140,9 +139,7 @@ class RouterTap:
             return zero, zero, torch.zeros((0, 1), device=token_mask.device)
         aux = torch.stack([load_balancing_loss(lg[keep], self.top_k) for lg in logits]).mean()
         z = torch.stack([router_z_loss(lg[keep]) for lg in logits]).mean()
-        counts = torch.stack([torch.bincount(lg[keep].topk(self.top_k, -1).indices.reshape(-1),
-                                             minlength=lg.shape[-1]).float() for lg in logits])
-        return aux, z, counts.detach()
+        return aux, z, expert_counts(logits, token_mask, self.top_k).detach()
 
 
 @dataclass
@@ -357,15 +354,15 @@ def train_step(t: Trainer, micro_batches: list[MimicBatch | PrefBatch]) -> StepR
     lr = lr_at(t.step, cfg)
     for group in t.opt.param_groups:
         group["lr"] = lr
-    batches = [b.to(t.device) for b in micro_batches]
-    counts = dist.all_sum(torch.tensor([float(sum(b.tokens for b in batches)),
-                                        float(sum(getattr(b, "pairs", 0) for b in batches))],
+    counts = dist.all_sum(torch.tensor([float(sum(b.tokens for b in micro_batches)),
+                                        float(sum(getattr(b, "pairs", 0) for b in micro_batches))],
                                        dtype=torch.float64, device=t.device)).tolist()
     denominators = {"tokens": max(counts[0], 1.0), "pairs": max(counts[1], 1.0),
-                    "micro": float(len(batches) * dist.world)}
+                    "micro": float(len(micro_batches) * dist.world)}
     sums: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(batches):
-        for k, v in forward_backward(t, batch, denominators, sync=i == len(batches) - 1).items():
+    for i, batch in enumerate(micro_batches):  # one micro-batch on the device at a time
+        last = i == len(micro_batches) - 1
+        for k, v in forward_backward(t, batch.to(t.device), denominators, sync=last).items():
             sums[k] = sums[k] + v if k in sums else v
     expert_counts = sums.pop("expert_counts")
     names = sorted(sums)
@@ -488,6 +485,11 @@ def latest_checkpoint(out: Path) -> Path | None:
     """The last complete checkpoint directory under OUT, or None."""
     pointer = Path(out) / LATEST
     return Path(out) / pointer.read_text().strip() if pointer.exists() else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer steps a checkpoint directory (OUT/checkpoint-STEP) holds."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[1])
 
 
 def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder) -> None:

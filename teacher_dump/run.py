@@ -24,6 +24,7 @@ from shared.manifest import Manifest, atomic_write_bytes
 from shared.mllm import SampleEncoder, load_encoder
 from shared.prompt import TemplateError
 from shared.schema import KINDS, MANIFEST_NAME, REJECTED_NAME, shard_name
+from shared.shards import shard_file_problem
 from teacher_dump.inputs import InputError, Record, Rejection, format_rejection, read_records
 from teacher_dump.worker import ShardTask, encode_record, load_image
 
@@ -115,7 +116,6 @@ def plan_shards(records: dict[str, list[Record]], n_shards: int) -> list[ShardTa
     return tasks
 
 
-# Run facts that, when they differ, mean the directory holds another teacher's shards.
 # Run facts that, when they differ, mean the directory holds another teacher's shards. The
 # teacher is its config and weights, wherever it lies (a copied teacher is the same teacher).
 _TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "encoding", "sample", "backend", "dtype", "max_model_len")
@@ -324,10 +324,7 @@ def _finished(out: Path, manifest: Manifest, rel: str) -> bool:
     """A shard counts as done only if its bytes match the manifest's checksum: a corrupted or
     replaced file is redone, never kept."""
     entry = manifest.shards.get(rel)
-    path = out / rel
-    if entry is None or not path.is_file() or path.stat().st_size != entry.bytes:
-        return False
-    return sha256_file(path) == entry.sha256
+    return entry is not None and shard_file_problem(out / rel, entry) is None
 
 
 def _say(cfg: DumpConfig, msg: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.codec import Encoding
-from shared.fingerprint import sha256_file
 from shared.manifest import ShardEntry, atomic_write_bytes
 from shared.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, ROW_GROUP_ROWS, schema_for
 
@@ -40,8 +40,9 @@ def write_shard(
 ) -> ShardEntry:
     path = Path(out_dir) / rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, table_bytes(kind, rows, encoding))
-    return ShardEntry(
-        kind=kind, index=index, rows=len(rows), tokens=tokens, bytes=path.stat().st_size,
-        sha256=sha256_file(path), input_range=input_range,
+    data = table_bytes(kind, rows, encoding)
+    atomic_write_bytes(path, data)
+    return ShardEntry(  # size and digest of the bytes written, not a second read of the file
+        kind=kind, index=index, rows=len(rows), tokens=tokens, bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(), input_range=input_range,
     )

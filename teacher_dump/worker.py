@@ -77,7 +77,8 @@ def shard_rows(
         encoded.append(encs)
         k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
         n = sample if rec.kind == "mimic" else 0
-        requests.extend(_request(e, image, k, n, record_seed(sample_seed, rec.sample_id)) for e in encs)
+        seed = record_seed(sample_seed, rec.sample_id) if n else 0
+        requests.extend(_request(e, image, k, n, seed) for e in encs)
     results: list[ScoreResult] = backend.score(requests) if requests else []
     rows: list[dict[str, Any]] = []
     tokens = 0
