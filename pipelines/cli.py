@@ -235,6 +235,7 @@ def train_cmd(
 ) -> None:
     """Train the student from teacher shards (no teacher in memory)."""
     check_environment()
+    from shared.prompt import TemplateError
     from student_train.data import ShardError
     from student_train.train import TrainConfig, TrainError, train
 
@@ -252,7 +253,7 @@ def train_cmd(
         fail(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     try:
         history = train(shards, student, out, cfg, image_root=image_root, resume=resume, allow_partial=allow_partial)
-    except (ShardError, TrainError, FileNotFoundError) as e:
+    except (ShardError, TrainError, TemplateError, FileNotFoundError) as e:
         fail(str(e))
     typer.echo(json.dumps(history[-1] if history else {}))
 

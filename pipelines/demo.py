@@ -20,7 +20,7 @@ from shared.shards import dump_info, verify_dump
 from shared.world import make_world
 from student_train.evaluate import kl_to_teacher
 from student_train.moe import active_parameters, make_dense_student, upcycle
-from student_train.train import TrainConfig, latest_checkpoint, train
+from student_train.train import TrainConfig, checkpoint_step, latest_checkpoint, train
 from teacher_dump.run import DumpConfig, dump_teacher
 from teacher_dump.tiny_teacher import make_tiny_teacher
 
@@ -170,12 +170,18 @@ def preference_with_selection(shards: list[Path], start: Path, run_dir: Path, fi
 
     if not history:
         consider(0, start)
-    done = history[-1]["step"]
-    while done < tcfg.steps:
-        train(shards, start, run_dir, tcfg, image_root=world, resume=latest_checkpoint(run_dir) is not None,
-              stop_after=every, progress=False)
-        done = min(tcfg.steps, done + every)
-        consider(done, latest_checkpoint(run_dir))
+    while True:
+        # The checkpoint says how far training got (a kill between a segment and its validation
+        # leaves a checkpoint the log has not seen yet: it is validated first, not trained past).
+        ckpt = latest_checkpoint(run_dir)
+        step = checkpoint_step(ckpt) if ckpt else 0
+        if step > history[-1]["step"]:
+            consider(step, ckpt)
+        elif step >= tcfg.steps:
+            break
+        else:
+            train(shards, start, run_dir, tcfg, image_root=world, resume=ckpt is not None, stop_after=every,
+                  progress=False)
     chosen = max(history, key=lambda h: (h["accuracy"], -h["step"]))
     print(f"   kept step {chosen['step']} of the preference stage (validation accuracy {chosen['accuracy']:.3f})")
     tmp = final.with_name(final.name + ".tmp")

@@ -129,7 +129,7 @@ def _from_pope(rec: dict) -> dict:
 
 def read_eval_records(data: Path, image_root: Path) -> list[dict]:
     """Every record checked before any model runs: JSON, `question`/`answer` strings (or POPE's
-    `text`/`label`), an image that exists. Line numbers are 1-based lines of the file."""
+    `text`/`label`), an image that exists and decodes. Line numbers are 1-based lines of the file."""
     try:
         lines = Path(data).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -147,8 +147,15 @@ def read_eval_records(data: Path, image_root: Path) -> list[dict]:
         missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str)]
         if missing:
             raise EvalDataError(f"{data}:{no}: {', '.join(repr(k) for k in missing)} missing or not a string")
-        if not (image_root / rec["image"]).is_file():
-            raise EvalDataError(f"{data}:{no}: image not found: {image_root / rec['image']} (check --image-root)")
+        path = image_root / rec["image"]
+        if not path.is_file():
+            raise EvalDataError(f"{data}:{no}: image not found: {path} (check --image-root)")
+        try:
+            with Image.open(path) as im:
+                im.load()  # a truncated file passes a header check and fails mid-evaluation otherwise
+        except Exception as e:  # PIL raises several types for truncated or corrupt images
+            raise EvalDataError(f"{data}:{no}: image {path} cannot be decoded ({type(e).__name__}: {e}); "
+                                "replace it or drop the line") from None
         records.append(rec)
     if not records:
         raise EvalDataError(f"{data}: no records; nothing to evaluate")

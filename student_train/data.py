@@ -448,21 +448,32 @@ class MicroBatches(torch.utils.data.Dataset):
         """Global rows this rank reads for micro-batch `step`."""
         return self.order.batch(step, self.batch_size)[self.rank :: self.world]
 
-    def examples(self, step: int) -> list[MimicExample] | list[PrefExample]:
-        out = []
+    def examples(self, step: int) -> tuple[list[MimicExample] | list[PrefExample], list[str]]:
+        """This rank's examples of micro-batch `step` and where each comes from (shard, row, id)."""
+        out, wheres = [], []
         for row in self.rows_of(step):
             g, r = self.index.locate(row)
             group = self.index.groups[g]
             record = self._table(g).slice(r, 1).to_pylist()[0]
-            where = f"{group.path} row {group.first_row + r} (id {record['sample_id']})"
-            out.append(_EXAMPLE[self.kind](record, self.image_root, where))
-        return out
+            wheres.append(f"{group.path} row {group.first_row + r} (id {record['sample_id']})")
+            out.append(_EXAMPLE[self.kind](record, self.image_root, wheres[-1]))
+        return out, wheres
 
     def __getitem__(self, step: int) -> MimicBatch | PrefBatch | LoaderFailure:
         try:
-            return _COLLATE[self.kind](self.encoder, self.examples(step))
+            examples, wheres = self.examples(step)
         except ShardError as e:
             return LoaderFailure(str(e))
+        try:
+            return _COLLATE[self.kind](self.encoder, examples)
+        except ValueError:  # the student's template or processor refuses a sample (TemplateError too)
+            pass
+        for example, where in zip(examples, wheres):  # the error path only: find the sample and say why
+            try:
+                _COLLATE[self.kind](self.encoder, [example])
+            except ValueError as e:
+                return LoaderFailure(f"{where}: the student ({self.student}) cannot encode it: {e}")
+        raise RuntimeError(f"micro-batch {step} fails to encode as a batch but not row by row")
 
     def _table(self, g: int) -> pa.Table:
         if g in self._tables:

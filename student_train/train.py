@@ -292,7 +292,7 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
     if cfg.batch_size % dist.world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
+        raise TrainError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
     out = Path(out)
     checkpoint = latest_checkpoint(out) if resume else None
     if resume:

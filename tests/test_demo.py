@@ -22,6 +22,16 @@ def test_demo_runs_end_to_end_resumes_and_repeats(tmp_path):
     before = (tmp_path / "demo" / "mimic" / "model.safetensors").stat().st_mtime_ns
     run_demo(cfg)  # everything finished: nothing is retrained
     assert (tmp_path / "demo" / "mimic" / "model.safetensors").stat().st_mtime_ns == before
+    # Killed after the last preference segment trained but before its validation ran (the log lost
+    # its last two entries): the rerun validates the checkpoint it finds, labelled with its real step.
+    import shutil
+
+    log = tmp_path / "demo" / "pref-run" / "selection.json"
+    log.write_text(json.dumps(json.loads(log.read_text())[:1]))
+    shutil.rmtree(tmp_path / "demo" / "mimic+pref")
+    run_demo(cfg)
+    selection = json.loads((tmp_path / "demo" / "mimic+pref" / "selection.json").read_text())
+    assert [c["step"] for c in selection["candidates"]] == [0, 2]
     # Same seed, same machine: a second demo from scratch writes the same table, to the last digit.
     again = DemoConfig(**{**cfg.__dict__, "out": tmp_path / "again"})
     run_demo(again)

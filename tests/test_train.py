@@ -569,3 +569,31 @@ def test_rs_kd_draws_are_stored_deterministically_and_train_a_student(world, tea
     assert len(history) == 3 and history[0]["sampled_kd"] > 0 and "kl" not in history[0]
     with pytest.raises(ShardError, match="dumped without --sample"):
         train([hf_dump], moe_student, tmp_path / "no", cfg, image_root=world, progress=False)
+
+
+def test_a_sample_the_student_cannot_encode_is_named_in_one_line(hf_dump, world, moe_student, tmp_path):
+    """A row the student cannot encode (here a second image placeholder in its question: one image,
+    two image tokens) stops training with the shard, row and id, not a DataLoader worker's traceback."""
+
+    def two_placeholders(rows):
+        turns = json.loads(rows[0]["conversations_json"])
+        turns[0]["value"] += " <image>"
+        rows[0]["conversations_json"] = json.dumps(turns)
+
+    bad = _copy_with(hf_dump, tmp_path / "dump", two_placeholders)
+    cfg = TrainConfig(stage="mimic", steps=2, batch_size=48, loader_workers=1)  # every row in the first batch
+    with pytest.raises(ShardError, match=r"row 0 \(id .*\): the student .* cannot encode it: .*image tokens") as e:
+        train([bad], moe_student, tmp_path / "out", cfg, image_root=world, progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_names_a_truncated_image_before_any_model_runs(world, moe_student, tmp_path):
+    line = (world / "eval.jsonl").read_text().splitlines()[0]
+    image = json.loads(line)["image"]
+    (tmp_path / image).parent.mkdir(parents=True)
+    data = (world / image).read_bytes()
+    (tmp_path / image).write_bytes(data[: len(data) // 2])
+    (tmp_path / "eval.jsonl").write_text(line + "\n")
+    res = _cli("eval", "--model", moe_student, "--data", tmp_path / "eval.jsonl")
+    assert res.exit_code == 2 and "eval.jsonl:1: image" in res.output and "cannot be decoded" in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
