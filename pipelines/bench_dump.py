@@ -41,12 +41,12 @@ def _timed(fn, repeat: int = 2) -> float:
 
 def _requests(encoder, records: list) -> list:
     """One scoring request per record (top-32), images processed once each, as the worker does."""
-    from teacher_dump.worker import _request, encode_record, load_image
+    from teacher_dump.worker import _request, prepare
 
     out = []
     for r in records:
-        image = load_image(r)[0]
-        out.append(_request(encode_record(encoder, r, encoder.image_features(image))[0], image, 32))
+        item = prepare(encoder, r)
+        out.append(_request(item.sequences[0], item.image, 32))
     return out
 
 
@@ -56,7 +56,7 @@ def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> No
     from shared.mllm import batch_inputs, load_encoder
     from teacher_dump.backends import HFBackend, VLLMBackend
     from teacher_dump.shard_writer import table_bytes
-    from teacher_dump.worker import shard_rows
+    from teacher_dump.worker import prepare, shard_rows
 
     encoder = load_encoder(teacher)
     requests = _requests(encoder, records)
@@ -67,7 +67,7 @@ def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> No
           f"({n_image / n_tokens:.1f}x the response), {n_positions} scored positions")
 
     def dump_path(backend) -> None:
-        rows, _ = shard_rows(backend, encoder, records, 32)
+        rows, _ = shard_rows(backend, encoder, [prepare(encoder, r) for r in records], 32)
         table_bytes("mimic", rows)
 
     hf = HFBackend(teacher)
@@ -129,7 +129,7 @@ def main() -> None:
     from teacher_dump.inputs import read_records
     from teacher_dump.shard_writer import table_bytes
     from teacher_dump.tiny_teacher import make_tiny_teacher
-    from teacher_dump.worker import shard_rows
+    from teacher_dump.worker import prepare, shard_rows
 
     tmp = Path(tempfile.mkdtemp(prefix="lmod-bench-"))
     make_world(tmp / "world", seed=7, n_mimic=args.n, n_pref=0, n_eval=0)
@@ -159,6 +159,7 @@ def main() -> None:
             full.append(torch.log_softmax(logits[torch.tensor(r.positions) - 1].double(), -1))
         logp = torch.cat(full).numpy()  # [N, V], the rows' response positions in order
 
+    items = [prepare(encoder, r) for r in records]
     print(f"\n2. tiny teacher (vocabulary {logp.shape[-1]}): per k and encoding, bytes per response token (whole "
           "zstd Parquet mimic rows) and KL(full || stored top-k + rest) in nats per token")
     print(f"  {'k':>3} {'encoding':>8} {'B/token':>8} {'KL mean':>9} {'KL max':>9} {'+KL vs f32':>11}")
@@ -166,7 +167,7 @@ def main() -> None:
         exact = None
         for name in ENCODINGS:
             enc = Encoding(name)
-            rows, tokens = shard_rows(hf, encoder, records, k, enc)
+            rows, tokens = shard_rows(hf, encoder, items, k, enc)
             size = len(table_bytes("mimic", rows, enc))
             stored = enc.decode(pa.Table.from_pylist(rows, schema=mimic_schema(enc)))
             kl = _stored_kl(logp, stored)

@@ -4,7 +4,7 @@ Layout of a dump directory:
     OUT/manifest.json            run-level facts + one entry per finished shard
     OUT/mimic/shard-XXXXX-of-YYYYY.parquet
     OUT/pref/shard-XXXXX-of-YYYYY.parquet
-    OUT/rejected.jsonl           only with --skip-invalid: ids and reasons of dropped records
+    OUT/rejected.jsonl           ids and reasons of records dropped with --skip-invalid (empty when none)
 
 Token positions: for a mimic row, `response_ids[t]` is the t-th response token (all assistant turns
 concatenated, each ending with the end-of-turn token) and every per-token column at index t holds

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from shared.prompt import IMAGE_PLACEHOLDER
@@ -43,42 +44,147 @@ class Rejection:
     reason: str
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(row, record or None, parse error or None) for every row of the input."""
+def input_format(path: Path) -> str:
+    """jsonl | json | parquet | datasets; anything else is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: input not found")
     if path.is_dir():
-        import datasets
+        return "datasets"
+    if path.suffix in (".jsonl", ".json", ".parquet"):
+        return path.suffix[1:]
+    raise InputError(f"{path}: unsupported input; use .jsonl, .json, .parquet or a datasets directory")
 
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            raise InputError(f"{path}: a DatasetDict; point at one split's directory")
-        if "image" in ds.column_names and isinstance(ds.features["image"], datasets.Image):
-            ds = ds.cast_column("image", datasets.Image(decode=False))
-        for i, rec in enumerate(ds):
-            yield i, rec, None
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
+
+def _load_dataset(path: Path) -> Any:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))  # memory-mapped Arrow: opening it reads no rows
+    if isinstance(ds, datasets.DatasetDict):
+        raise InputError(f"{path}: a DatasetDict; point at one split's directory")
+    if "image" in ds.column_names and isinstance(ds.features["image"], datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))
+    return ds
+
+
+def _load_json_list(path: Path) -> list:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file and rerun") from e
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of records")
+    return data
+
+
+_CHUNK = 1 << 22  # bytes read at a time when scanning JSONL for line boundaries
+
+
+def _jsonl_lines(path: Path) -> int:
+    """Lines in the file (a last line without a newline counts), in fixed-size reads."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
+def _jsonl_line_starts(path: Path, rows: list[int]) -> list[int]:
+    """Byte offset where each of `rows` (ascending line numbers; the line count means end of file)
+    starts, found in one more pass of fixed-size reads."""
+    offsets: dict[int, int] = {0: 0}
+    wanted = sorted(set(rows) - {0})
+    i = 0
+    line, pos = 0, 0  # lines seen before `pos`, and the byte offset of the current chunk
+    with open(path, "rb") as f:
+        while i < len(wanted) and (chunk := f.read(_CHUNK)):
+            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+            # line `line + j + 1` starts right after the j-th newline of this chunk
+            while i < len(wanted) and wanted[i] <= line + len(newlines):
+                offsets[wanted[i]] = pos + int(newlines[wanted[i] - line - 1]) + 1
+                i += 1
+            line += len(newlines)
+            pos += len(chunk)
+    for row in wanted[i:]:
+        offsets[row] = pos  # the end of a file whose last line has no newline
+    return [offsets[r] for r in rows]
+
+
+def count_rows(path: Path) -> int:
+    """Rows of an input without reading its records: JSONL lines, Parquet metadata, a dataset's length."""
+    path = Path(path)
+    fmt = input_format(path)
+    if fmt == "jsonl":
+        return _jsonl_lines(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    if fmt == "datasets":
+        return len(_load_dataset(path))
+    return len(_load_json_list(path))
+
+
+@dataclass(frozen=True)
+class InputSlice:
+    """Rows [lo, hi) of one input file: what one shard reads. JSONL slices carry byte offsets, so a
+    worker seeks to its rows instead of reading the file from the start."""
+
+    path: str
+    kind: str
+    lo: int
+    hi: int
+    start: int = 0  # JSONL: byte offset of row lo
+    end: int = 0  # JSONL: byte offset of row hi
+
+
+def plan_slices(path: Path, kind: str, n_shards: int, rows: int) -> list[InputSlice]:
+    """`n_shards` contiguous, deterministic row ranges (never more than rows), from the row count only."""
+    n = min(n_shards, rows)
+    bounds = [i * rows // n for i in range(n + 1)]
+    offsets = _jsonl_line_starts(Path(path), bounds) if input_format(path) == "jsonl" else [0] * (n + 1)
+    return [InputSlice(str(path), kind, bounds[i], bounds[i + 1], offsets[i], offsets[i + 1]) for i in range(n)]
+
+
+def iter_slice(sl: InputSlice) -> Iterator[tuple[int, Any, str | None]]:
+    """(row, record or None, parse error or None) for the rows of one slice; blank JSONL lines are
+    no record. Memory: one line, one Parquet row group, or one dataset row at a time (a JSON list is
+    parsed whole, by every slice)."""
+    path = Path(sl.path)
+    fmt = input_format(path)
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            f.seek(sl.start)
+            for row in range(sl.lo, sl.hi):
+                line = f.readline()
                 if not line.strip():
                     continue
                 try:
-                    yield i, json.loads(line), None
+                    yield row, json.loads(line), None
+                except UnicodeDecodeError:
+                    yield row, None, "not UTF-8 text"
                 except json.JSONDecodeError as e:
-                    yield i, None, f"malformed JSON ({e.msg} at column {e.colno})"
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file and rerun") from e
-        if not isinstance(data, list):
-            raise InputError(f"{path}: expected a JSON list of records")
-        yield from ((i, rec, None) for i, rec in enumerate(data))
-    elif path.suffix == ".parquet":
+                    yield row, None, f"malformed JSON ({e.msg} at column {e.colno})"
+    elif fmt == "parquet":
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
-            yield i, rec, None
+        pf = pq.ParquetFile(path)
+        first = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if first < sl.hi and first + n > sl.lo:
+                lo, hi = max(sl.lo, first), min(sl.hi, first + n)
+                table = pf.read_row_group(g).slice(lo - first, hi - lo)
+                yield from ((lo + i, rec, None) for i, rec in enumerate(table.to_pylist()))
+            first += n
+    elif fmt == "datasets":
+        ds = _load_dataset(path)
+        for i, rec in enumerate(ds.select(range(sl.lo, sl.hi))):
+            yield sl.lo + i, rec, None
     else:
-        raise InputError(f"{path}: unsupported input; use .jsonl, .json, .parquet or a datasets directory")
+        data = _load_json_list(path)
+        yield from ((row, data[row], None) for row in range(sl.lo, sl.hi))
 
 
 def _where(path: Path, row: int) -> str:
@@ -149,36 +255,47 @@ def _check_pref(rec: dict) -> dict[str, Any]:
     return out
 
 
-def read_records(path: Path, kind: str, image_root: Path | None) -> tuple[list[Record], list[Rejection]]:
-    """All valid records of one input file, and the rejected ones with reasons."""
+def check_row(path: Path, kind: str, row: int, rec: Any, parse_error: str | None,
+              image_root: Path | None) -> Record | Rejection:
+    """One raw row -> a Record, or the reason it is invalid (fields and image header; the image's
+    pixels, the template and the length are checked where the record is encoded)."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: input not found")
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
-    check = _check_mimic if kind == "mimic" else _check_pref
+    sid = str(rec["id"]) if isinstance(rec, dict) and rec.get("id") is not None else None
+    try:
+        if parse_error:
+            raise ValueError(parse_error)
+        if not isinstance(rec, dict):
+            raise ValueError("record is not an object")
+        if sid is None:
+            raise ValueError("'id' missing")
+        fields = (_check_mimic if kind == "mimic" else _check_pref)(rec)
+        ref, resolved, data = _check_image(rec.get("image"), root)
+        if ref is None and data is None and IMAGE_PLACEHOLDER in json.dumps(fields):
+            raise ValueError(f"{IMAGE_PLACEHOLDER} placeholder but no 'image'")
+    except ValueError as e:
+        return Rejection(str(path), row, sid, str(e))
+    return Record(kind, sid, row, ref, resolved, data, fields)
+
+
+def read_records(path: Path, kind: str, image_root: Path | None) -> tuple[list[Record], list[Rejection]]:
+    """All valid records of one (small) input file and the rejected ones: benchmarks and tools.
+    A dump never holds them all; its workers read slices."""
+    path = Path(path)
     records: list[Record] = []
     rejected: list[Rejection] = []
     seen: set[str] = set()
-    for row, rec, parse_error in _iter_raw(path):
-        sid = str(rec["id"]) if isinstance(rec, dict) and rec.get("id") is not None else None
-        try:
-            if parse_error:
-                raise ValueError(parse_error)
-            if not isinstance(rec, dict):
-                raise ValueError("record is not an object")
-            if sid is None:
-                raise ValueError("'id' missing")
-            if sid in seen:
-                raise ValueError(f"duplicate id {sid!r}")
-            fields = check(rec)
-            ref, resolved, data = _check_image(rec.get("image"), root)
-            if ref is None and data is None and IMAGE_PLACEHOLDER in json.dumps(fields):
-                raise ValueError(f"{IMAGE_PLACEHOLDER} placeholder but no 'image'")
-        except ValueError as e:
-            rejected.append(Rejection(str(path), row, sid, str(e)))
-            continue
-        seen.add(sid)
-        records.append(Record(kind, sid, row, ref, resolved, data, fields))
+    rows = count_rows(path)
+    for sl in plan_slices(path, kind, 1, rows) if rows else []:
+        for row, rec, err in iter_slice(sl):
+            out = check_row(path, kind, row, rec, err, image_root)
+            if isinstance(out, Record) and out.sample_id in seen:
+                out = Rejection(str(path), row, out.sample_id, f"duplicate id {out.sample_id!r}")
+            if isinstance(out, Rejection):
+                rejected.append(out)
+            else:
+                seen.add(out.sample_id)
+                records.append(out)
     return records, rejected
 
 

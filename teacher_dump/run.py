@@ -1,4 +1,5 @@
-"""`lmod dump-teacher`: validate inputs, plan shards, let Ray run them on teacher workers, keep the
+"""`lmod dump-teacher`: plan shards from row counts (the driver never holds records), validate every
+row in parallel on Ray before any teacher starts, let Ray run the shards on teacher workers, keep the
 manifest up to date after every finished shard so that a rerun resumes where the last one stopped."""
 
 from __future__ import annotations
@@ -6,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from shared.codec import DEFAULT_ENCODING, ENCODINGS, Encoding
 from shared.fingerprint import (
@@ -21,12 +25,20 @@ from shared.fingerprint import (
     vocabulary_facts,
 )
 from shared.manifest import Manifest, atomic_write_bytes
-from shared.mllm import SampleEncoder, load_encoder
+from shared.mllm import load_encoder
 from shared.prompt import TemplateError
 from shared.schema import KINDS, MANIFEST_NAME, REJECTED_NAME, shard_name
 from shared.shards import shard_file_problem
-from teacher_dump.inputs import InputError, Record, Rejection, format_rejection, read_records
-from teacher_dump.worker import ShardTask, encode_record, load_image
+from teacher_dump.inputs import (
+    InputError,
+    Rejection,
+    count_rows,
+    format_rejection,
+    input_format,
+    iter_slice,
+    plan_slices,
+)
+from teacher_dump.worker import ShardCheck, ShardTask
 
 
 @dataclass
@@ -60,60 +72,136 @@ def _input_digest(path: Path) -> str:
     return sha256_file(path)
 
 
-def load_inputs(cfg: DumpConfig, encoder: SampleEncoder) -> tuple[dict[str, list[Record]], list[Rejection]]:
-    """Read, validate and length-check every record before any teacher starts."""
-    records: dict[str, list[Record]] = {}
-    rejected: list[Rejection] = []
-    for kind, path in (("mimic", cfg.mimic_data), ("pref", cfg.pref_data)):
+def plan_tasks(cfg: DumpConfig) -> tuple[list[ShardTask], dict[str, Any]]:
+    """Shards from row counts alone (JSONL line offsets, Parquet metadata, a dataset's length): no
+    record is read or held here. Returns the tasks and, per kind, the input's file, digest and rows."""
+    tasks: list[ShardTask] = []
+    inputs: dict[str, Any] = {}
+    root = str(cfg.image_root) if cfg.image_root else None
+    for kind in KINDS:
+        path = {"mimic": cfg.mimic_data, "pref": cfg.pref_data}[kind]
         if path is None:
             continue
-        good, bad = read_records(Path(path), kind, cfg.image_root)
-        kept = []
-        for rec in good:
-            try:
-                pil = load_image(rec)[0]
-            except Exception as e:  # PIL raises several types for truncated or corrupt images
-                bad.append(Rejection(str(path), rec.input_row, rec.sample_id,
-                                     f"image {rec.image_ref or '<bytes>'} cannot be decoded ({type(e).__name__}: {e})"))
-                continue
-            try:
-                longest = max(len(e.ids) for e in encode_record(encoder, rec, encoder.image_features(pil)))
-            except TemplateError:
-                raise  # the model's template, not this record: no point in going on
-            except ValueError as e:
-                bad.append(Rejection(str(path), rec.input_row, rec.sample_id, str(e)))
-                continue
-            if longest > cfg.max_model_len:
-                bad.append(Rejection(str(path), rec.input_row, rec.sample_id,
-                                     f"{longest} tokens > --max-model-len {cfg.max_model_len}"))
-            else:
-                kept.append(rec)
-        records[kind] = kept
-        rejected.extend(sorted(bad, key=lambda r: r.row))
-    return records, rejected
+        path = Path(path)
+        rows = count_rows(path)
+        if input_format(path) == "json" and path.stat().st_size > JSON_LIST_WARN_BYTES:
+            _say(cfg, f"lmod: {path} is one JSON list of {path.stat().st_size >> 20} MiB, parsed whole by every "
+                      "shard; convert it to JSONL (a record per line) for data this size")
+        slices = plan_slices(path, kind, cfg.shards, rows) if rows else []
+        tasks += [ShardTask(kind, i, shard_name(kind, i, len(slices)), sl, root) for i, sl in enumerate(slices)]
+        inputs[kind] = {"file": path.name, "sha256": _input_digest(path), "rows": rows}
+    return tasks, inputs
 
 
-def dry_run_plan(tasks: list[ShardTask], rejected: list[Rejection], run: dict[str, Any]) -> dict[str, Any]:
-    """What a dump would do: shards per kind with their input ranges and records, and what was refused."""
-    plan: dict[str, Any] = {"top_k": run["top_k"], "encoding": run["encoding"]["name"], "backend": run["backend"],
-                            "rejected": len(rejected), "shards": {}}
-    for t in tasks:
-        rows = [r.input_row for r in t.records]
-        plan["shards"].setdefault(t.kind, []).append({"shard": t.rel_path, "records": len(rows),
-                                                      "input_rows": [rows[0], rows[-1] + 1] if rows else []})
-    return plan
+JSON_LIST_WARN_BYTES = 64 << 20
 
 
-def plan_shards(records: dict[str, list[Record]], n_shards: int) -> list[ShardTask]:
-    """Contiguous, deterministic ranges; never more shards of a kind than records of it."""
-    tasks = []
+def _duplicates(kind: str, checks: list[ShardCheck], tasks: list[ShardTask]) -> list[Rejection]:
+    """Ids repeated across the whole input of a kind, from the shards' id hashes: every record after
+    the first with an id is refused. Hash matches are confirmed on the ids themselves (read back)."""
+    hashes = np.concatenate([c.id_hashes for c in checks] or [np.zeros(0, np.uint64)])
+    rows = np.concatenate([c.id_rows for c in checks] or [np.zeros(0, np.int64)])
+    order = np.lexsort((rows, hashes))
+    hashes, rows = hashes[order], rows[order]
+    starts = np.r_[True, hashes[1:] != hashes[:-1]]
+    if starts.all():
+        return []
+    first_of_group = rows[np.maximum.accumulate(np.where(starts, np.arange(len(rows)), 0))]
+    pairs = [(int(first_of_group[i]), int(rows[i])) for i in np.flatnonzero(~starts)]
+    ids = _ids_at(sorted({r for pair in pairs for r in pair}), tasks)
+    return [Rejection(tasks[0].rows.path, later, ids[later], f"duplicate id {ids[later]!r} (first at row {first})")
+            for first, later in pairs if ids[first] == ids[later]]
+
+
+def _ids_at(rows: list[int], tasks: list[ShardTask]) -> dict[int, str]:
+    """The ids of a few rows, read from the slices that hold them (only for repeated ids)."""
+    wanted = set(rows)
+    found: dict[int, str] = {}
+    for task in tasks:
+        if any(task.rows.lo <= r < task.rows.hi for r in wanted):
+            found.update((row, str(raw["id"])) for row, raw, _ in iter_slice(task.rows) if row in wanted)
+    return found
+
+
+@contextmanager
+def _remote_errors() -> Iterator[None]:
+    """An input or template error raised in an actor reaches the user as its own one line, not as
+    Ray's wrapper with the actor's traceback."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        yield
+    except RayTaskError as e:
+        if isinstance(e.cause, (InputError, TemplateError)):
+            raise e.cause from None
+        raise
+
+
+def validate(cfg: DumpConfig, tasks: list[ShardTask]) -> tuple[list[ShardCheck], list[Rejection]]:
+    """Every row of every shard read, checked, encoded and length-checked by validator actors (one
+    per CPU of the cluster, with the teacher's processor but not its weights), then ids checked
+    across shards. Returns one check per task (in order, repeated ids counted in) and every
+    refusal, by kind and row."""
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from teacher_dump.worker import InputValidator
+
+    n = max(1, min(int(ray.cluster_resources().get("CPU", 1)), len(tasks)))
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    actor_cls = ray.remote(InputValidator).options(num_cpus=1, runtime_env={"env_vars": env})
+    validators = [actor_cls.remote(str(cfg.model), cfg.max_model_len) for _ in range(n)]
+    found: dict[tuple[str, int], ShardCheck] = {}
+    try:
+        with _remote_errors():
+            pool = ActorPool(validators)
+            bar = tqdm(total=len(tasks), desc="validating inputs", unit="shard", disable=not cfg.progress)
+            records = refused = 0
+            for check in pool.map_unordered(lambda v, t: v.check.remote(t), tasks):
+                found[(check.kind, check.index)] = check
+                records, refused = records + check.records, refused + len(check.rejected)
+                bar.update(1)
+                bar.set_postfix(records=records, rejected=refused)
+            bar.close()
+    finally:
+        for v in validators:
+            ray.kill(v)
+    checks = [found[(t.kind, t.index)] for t in tasks]
+    rejected: list[Rejection] = []
     for kind in KINDS:
-        recs = records.get(kind, [])
-        n = min(n_shards, len(recs))
-        for i in range(n):
-            lo, hi = i * len(recs) // n, (i + 1) * len(recs) // n
-            tasks.append(ShardTask(kind, i, shard_name(kind, i, n), recs[lo:hi]))
-    return tasks
+        mine = [(t, c) for t, c in zip(tasks, checks) if t.kind == kind]
+        repeated = _duplicates(kind, [c for _, c in mine], [t for t, _ in mine])
+        for t, c in mine:  # each shard's counts with its repeated ids refused
+            extra = [r for r in repeated if t.rows.lo <= r.row < t.rows.hi]
+            c.records -= len(extra)
+            c.rejected = sorted(c.rejected + extra, key=lambda r: r.row)
+            rejected += c.rejected
+    return checks, rejected
+
+
+def with_skips(tasks: list[ShardTask], rejected: list[Rejection]) -> list[ShardTask]:
+    """The tasks with the rows refused in their ranges to pass over."""
+    by_file: dict[str, set[int]] = {}
+    for r in rejected:  # resolved: a resumed dump may spell the input's path another way
+        by_file.setdefault(str(Path(r.file).resolve()), set()).add(r.row)
+    return [replace(t, skip_rows=frozenset(r for r in by_file.get(str(Path(t.rows.path).resolve()), ())
+                                           if t.rows.lo <= r < t.rows.hi)) for t in tasks]
+
+
+def dry_run_plan(tasks: list[ShardTask], checks: list[ShardCheck], run: dict[str, Any]) -> dict[str, Any]:
+    """What a dump would do: shards per kind with their input rows, valid records and teacher
+    tokens (every position the teacher runs, image tokens included), and what was refused."""
+    plan: dict[str, Any] = {"top_k": run["top_k"], "encoding": run["encoding"]["name"], "backend": run["backend"],
+                            "records": sum(c.records for c in checks),
+                            "rejected": sum(len(c.rejected) for c in checks),
+                            "teacher_tokens": sum(c.tokens for c in checks), "shards": {}}
+    for t, c in zip(tasks, checks):
+        plan["shards"].setdefault(t.kind, []).append({
+            "shard": t.rel_path, "input_rows": [t.rows.lo, t.rows.hi], "records": c.records,
+            "rejected": len(c.rejected), "teacher_tokens": c.tokens, "longest": c.longest,
+        })
+    return plan
 
 
 # Run facts that, when they differ, mean the directory holds another teacher's shards. The
@@ -152,20 +240,35 @@ def _check_existing(out: Path, run: dict[str, Any], force: bool) -> Manifest | N
     return old
 
 
-def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], Any]:
-    """The teacher actors, and the watchdog of the local Ray cluster this call started (or None)."""
+@contextmanager
+def _ray_session(cfg: DumpConfig) -> Iterator[Any]:
+    """Ray for this dump: the cluster at --address, or a local one started (and ended) here. Yields
+    the watchdog of a local cluster (or None), to be told of new processes as they start."""
     import ray
 
-    reaper = None
-    if not ray.is_initialized():
-        if cfg.address:
-            ray.init(address=cfg.address, log_to_driver=True)
-        else:
-            from teacher_dump.reaper import Reaper
+    if ray.is_initialized():
+        yield None
+        return
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=True)
+        yield None
+        return
+    from teacher_dump.reaper import Reaper
 
-            reaper = Reaper()  # a SIGKILLed driver would leave Ray's agents running forever
-            ray.init(include_dashboard=False, log_to_driver=True)
-            reaper.watch()
+    reaper = Reaper()  # a SIGKILLed driver would leave Ray's agents running forever
+    ray.init(include_dashboard=False, log_to_driver=True)
+    try:
+        reaper.watch()
+        yield reaper
+    finally:
+        ray.shutdown()
+        reaper.close()
+
+
+def _start_workers(cfg: DumpConfig, n_tasks: int) -> list[Any]:
+    """The teacher actors: one per tensor-parallel group of GPUs (or --workers), one on the CPU."""
+    import ray
+
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     tp = cfg.tensor_parallel_size
@@ -186,9 +289,8 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> tuple[list[Any], Any]:
     )
     engine = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "max_top_k": cfg.top_k,
               "tensor_parallel_size": tp, "gpu_memory_utilization": cfg.gpu_memory_utilization}
-    workers = [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out), cfg.encoding,
-                                cfg.sample, cfg.sample_seed) for _ in range(n_workers)]
-    return workers, reaper
+    return [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out), cfg.encoding,
+                             cfg.sample, cfg.sample_seed) for _ in range(n_workers)]
 
 
 def dump_teacher(cfg: DumpConfig) -> Manifest:
@@ -231,18 +333,9 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
     if cfg.top_k > vocab:
         raise InputError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab})")
 
-    records, rejected = load_inputs(cfg, encoder)
-    if rejected and not cfg.skip_invalid:
-        more = f" (and {len(rejected) - 1} more invalid records)" if len(rejected) > 1 else ""
-        raise InputError(f"{format_rejection(rejected[0])}{more}; fix the input or pass --skip-invalid")
-    if not any(records.values()):
-        raise InputError("no valid records to dump")
-
-    tasks = plan_shards(records, cfg.shards)
-    inputs = {}
-    for kind, path in (("mimic", cfg.mimic_data), ("pref", cfg.pref_data)):
-        if path is not None:
-            inputs[kind] = {"file": Path(path).name, "sha256": _input_digest(Path(path)), "records": len(records[kind])}
+    tasks, inputs = plan_tasks(cfg)
+    if not tasks:
+        raise InputError("no records to dump: the inputs are empty")
     run = {
         "teacher": teacher_fingerprint(Path(cfg.model)),
         "tokenizer_sha256": tokenizer_fingerprint(encoder.tokenizer),
@@ -257,30 +350,65 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         "inputs": inputs,
         "plan": {"shards_requested": cfg.shards,
                  "shards": {k: sum(t.kind == k for t in tasks) for k in KINDS}},
-        "rejected": len(rejected),
     }
+    _say(cfg, f"lmod: {len(tasks)} shards planned over {sum(i['rows'] for i in inputs.values())} input rows")
     if cfg.dry_run:
-        print(json.dumps(dry_run_plan(tasks, rejected, run), indent=2))
+        with _ray_session(cfg):
+            checks, rejected = validate(cfg, tasks)
+        _refuse_invalid(cfg, rejected, checks)
+        print(json.dumps(dry_run_plan(tasks, checks, run), indent=2))
         return Manifest(run=run)
-    with _exclusive(out):
+    with _exclusive(out), ExitStack() as stack:
+        ray_up: list[Any] = []  # Ray starts when first needed: a finished dump's rerun starts none
+
+        def ray_session() -> Any:
+            if not ray_up:
+                ray_up.append(stack.enter_context(_ray_session(cfg)))
+            return ray_up[0]
+
         manifest = _check_existing(out, run, cfg.force)
-        if manifest is None:
+        rejected = _rejections_of(out, manifest) if manifest is not None else None
+        if rejected is None:  # a fresh dump (or one whose refusals were lost): validate everything
+            ray_session()
+            checks, rejected = validate(cfg, tasks)
+            _refuse_invalid(cfg, rejected, checks)
             if cfg.force:
                 for kind in KINDS:
                     shutil.rmtree(out / kind, ignore_errors=True)
-            manifest = Manifest(run=run)
-        if cfg.skip_invalid:
             lines = [json.dumps({"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason})
                      for r in rejected]
             atomic_write_bytes(out / REJECTED_NAME, "".join(line + "\n" for line in lines).encode())
-        manifest.save(out)
-
+            manifest = Manifest(run={**run, "records": {k: sum(c.records for c in checks if c.kind == k)
+                                                        for k in inputs}, "rejected": len(rejected)})
+            manifest.save(out)
+        else:
+            _refuse_invalid(cfg, rejected, None)
+        tasks = with_skips(tasks, rejected)
         todo = [t for t in tasks if not _finished(out, manifest, t.rel_path)]
         skipped = len(tasks) - len(todo)
         _say(cfg, f"lmod: {len(tasks)} shards planned, {skipped} already finished, {len(todo)} to run")
         if todo:
-            _run_tasks(cfg, manifest, todo, len(tasks), skipped)
+            _run_tasks(cfg, manifest, todo, len(tasks), skipped, ray_session())
     return manifest
+
+
+def _refuse_invalid(cfg: DumpConfig, rejected: list[Rejection], checks: list[ShardCheck] | None) -> None:
+    if rejected and not cfg.skip_invalid:
+        more = f" (and {len(rejected) - 1} more invalid records)" if len(rejected) > 1 else ""
+        raise InputError(f"{format_rejection(rejected[0])}{more}; fix the input or pass --skip-invalid")
+    if checks is not None and not any(c.records for c in checks):
+        raise InputError("no valid records to dump")
+
+
+def _rejections_of(out: Path, manifest: Manifest) -> list[Rejection] | None:
+    """The refusals of the validation a resumed dump already ran (OUT/rejected.jsonl), or None when
+    they cannot be trusted (missing, unreadable, or not as many as the manifest says)."""
+    try:
+        lines = (out / REJECTED_NAME).read_text().splitlines()
+        rejected = [Rejection(d["file"], d["row"], d["id"], d["reason"]) for d in map(json.loads, lines)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rejected if len(rejected) == manifest.run.get("rejected", -1) else None
 
 
 LOCK_NAME = ".lmod-dump.lock"
@@ -328,34 +456,34 @@ def _finished(out: Path, manifest: Manifest, rel: str) -> bool:
 
 
 def _say(cfg: DumpConfig, msg: str) -> None:
+    """Progress goes to stderr (as tqdm's bars): stdout carries only the result (the plan, the dump's facts)."""
     if cfg.progress:
-        print(msg, flush=True)
+        print(msg, file=sys.stderr, flush=True)
 
 
-def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total: int, skipped: int) -> None:
+def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total: int, skipped: int,
+               reaper: Any) -> None:
     import ray
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    workers, reaper = _start_workers(cfg, len(todo))
+    workers = _start_workers(cfg, len(todo))
     try:
-        pool = ActorPool(workers)
-        bar = tqdm(total=total, initial=skipped, desc="teacher shards", unit="shard", disable=not cfg.progress)
-        tokens = 0
-        for rel, entry in pool.map_unordered(lambda w, t: w.run_shard.remote(t), todo):
-            manifest.shards[rel] = entry
-            manifest.save(cfg.out)  # after every shard: a crash loses at most the shards in flight
-            tokens += entry.tokens
-            bar.update(1)
-            bar.set_postfix(tokens=tokens)
-            if reaper is not None:
-                reaper.watch()  # the actors' processes, now that they run
-            if cfg.progress:
-                tqdm.write(f"lmod: finished {rel} ({entry.rows} rows, {entry.tokens} tokens)")
-        bar.close()
+        with _remote_errors():
+            pool = ActorPool(workers)
+            bar = tqdm(total=total, initial=skipped, desc="teacher shards", unit="shard", disable=not cfg.progress)
+            tokens = 0
+            for rel, entry in pool.map_unordered(lambda w, t: w.run_shard.remote(t, cfg.max_model_len), todo):
+                manifest.shards[rel] = entry
+                manifest.save(cfg.out)  # after every shard: a crash loses at most the shards in flight
+                tokens += entry.tokens
+                bar.update(1)
+                bar.set_postfix(tokens=tokens)
+                if reaper is not None:
+                    reaper.watch()  # the actors' processes, now that they run
+                if cfg.progress:
+                    tqdm.write(f"lmod: finished {rel} ({entry.rows} rows, {entry.tokens} tokens)", file=sys.stderr)
+            bar.close()
     finally:
         for w in workers:
             ray.kill(w)
-        if reaper is not None:
-            ray.shutdown()
-            reaper.close()

@@ -1,11 +1,15 @@
-"""A shard of records -> teacher rows of the shared schema. `TeacherWorker` is the thin Ray actor
-around it: it builds its backend once and then writes one shard per call."""
+"""A shard of input rows -> teacher rows of the shared schema. Two thin Ray actors use it:
+`InputValidator` reads, checks, encodes and length-checks a shard's rows before any teacher starts
+(`ShardCheck`), and `TeacherWorker` builds its backend once and then writes one shard per call,
+scoring its records a chunk at a time (its memory does not grow with the shard)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +20,14 @@ from PIL import Image
 from shared.codec import Encoding
 from shared.manifest import ShardEntry
 from shared.mllm import ImageFeatures, ModelInputs, SampleEncoder
-from shared.prompt import llava_messages, pref_messages
+from shared.prompt import TemplateError, llava_messages, pref_messages
 from teacher_dump.backends import ScoreRequest, ScoreResult, TeacherBackend
-from teacher_dump.inputs import Record
-from teacher_dump.shard_writer import write_shard
+from teacher_dump.inputs import InputError, InputSlice, Record, Rejection, check_row, format_rejection, iter_slice
+from teacher_dump.shard_writer import ShardWriter
+
+# Records per backend call. vLLM gets many (it schedules them itself; pixel tensors are dropped),
+# transformers one batch's worth (it needs each image's tensors, held until the chunk is scored).
+CHUNK_RECORDS = {"vllm": 256, "hf": 32}
 
 
 @dataclass
@@ -27,14 +35,153 @@ class ShardTask:
     kind: str
     index: int
     rel_path: str
-    records: list[Record]
+    rows: InputSlice  # the input rows [lo, hi) this shard covers
+    image_root: str | None = None
+    skip_rows: frozenset[int] = frozenset()  # rows refused when the inputs were validated (--skip-invalid)
 
 
-def load_image(rec: Record) -> tuple[Image.Image | None, str]:
-    if rec.image_path is None and rec.image_bytes is None:
-        return None, ""
-    data = rec.image_bytes if rec.image_bytes is not None else Path(rec.image_path).read_bytes()
-    return Image.open(io.BytesIO(data)).convert("RGB"), hashlib.sha256(data).hexdigest()
+@dataclass
+class ShardCheck:
+    """What validating one shard's rows found: counts for the plan, every refusal, and a 64-bit hash
+    of each valid record's id (the driver finds ids repeated across shards from them)."""
+
+    kind: str
+    index: int
+    records: int
+    tokens: int  # teacher positions: every token of every sequence, image tokens included
+    longest: int
+    rejected: list[Rejection]
+    id_hashes: np.ndarray  # uint64, one per valid record
+    id_rows: np.ndarray  # int64, their input rows
+
+
+def id_hash(sample_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class Encoded:
+    """A valid record ready to score: its image (decoded, and the digest of its bytes) and its
+    sequences (mimic: one; pref: chosen and rejected)."""
+
+    record: Record
+    image: Image.Image | None
+    image_sha256: str
+    sequences: list[ModelInputs]
+
+
+class ImageCache:
+    """The last few distinct images a worker decoded and processed, by the sha256 of their bytes:
+    data sets ask many questions of one image (LLaVA's conversations of a COCO picture, a
+    preference pair's variants), often in neighbouring rows. A hit costs a read and a hash."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self.items: OrderedDict[str, tuple[Image.Image, ImageFeatures | None]] = OrderedDict()
+
+    def get(self, digest: str) -> tuple[Image.Image, ImageFeatures | None] | None:
+        if digest in self.items:
+            self.items.move_to_end(digest)
+        return self.items.get(digest)
+
+    def put(self, digest: str, value: tuple[Image.Image, ImageFeatures | None]) -> None:
+        self.items[digest] = value
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+def prepare(encoder: SampleEncoder, rec: Record, keep_tensors: bool = True,
+            cache: ImageCache | None = None) -> Encoded:
+    """Decode the image and encode the record; ValueError (with the reason) if it cannot be.
+    `keep_tensors=False` drops the processor's pixel tensors once the token run is known (vLLM
+    processes the image itself; a chunk of SmolVLM images is gigabytes of them)."""
+    data = image_bytes(rec)
+    if data is None:
+        return Encoded(rec, None, "", encode_record(encoder, rec, None))
+    digest = hashlib.sha256(data).hexdigest()
+    hit = cache.get(digest) if cache is not None else None
+    if hit is None:
+        try:
+            pil = Image.open(io.BytesIO(data)).convert("RGB")
+        except Exception as e:  # PIL raises several types for truncated or corrupt images
+            raise ValueError(f"image {rec.image_ref or '<bytes>'} cannot be decoded ({type(e).__name__}: {e})") from e
+        features = encoder.image_features(pil)
+        if features is not None and not keep_tensors:
+            features = ImageFeatures(features.ids, {})
+        hit = (pil, features)
+        if cache is not None:
+            cache.put(digest, hit)
+    return Encoded(rec, hit[0], digest, encode_record(encoder, rec, hit[1]))
+
+
+def valid_records(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
+                  keep_tensors: bool = True, cache: ImageCache | None = None) -> Iterator[Encoded | Rejection]:
+    """The shard's rows in order, each encoded or with the reason it is invalid: fields, image
+    (header and pixels), the record against the chat template, the length. Rows in
+    `task.skip_rows` are passed over."""
+    for row, raw, err in iter_slice(task.rows):
+        if row in task.skip_rows:
+            continue
+        rec = check_row(Path(task.rows.path), task.kind, row, raw, err, task.image_root)
+        if isinstance(rec, Rejection):
+            yield rec
+            continue
+        try:
+            item = prepare(encoder, rec, keep_tensors, cache)
+        except TemplateError:
+            raise  # the model's template, not this record: no point in going on
+        except ValueError as e:
+            yield Rejection(task.rows.path, row, rec.sample_id, str(e))
+            continue
+        longest = max(len(e.ids) for e in item.sequences)
+        if longest > max_model_len:
+            yield Rejection(task.rows.path, row, rec.sample_id, f"{longest} tokens > --max-model-len {max_model_len}")
+        else:
+            yield item
+
+
+def check_shard(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
+                cache: ImageCache | None = None) -> ShardCheck:
+    rejected: list[Rejection] = []
+    hashes: list[int] = []
+    rows: list[int] = []
+    tokens = longest = 0
+    for item in valid_records(encoder, task, max_model_len, keep_tensors=False, cache=cache):
+        if isinstance(item, Rejection):
+            rejected.append(item)
+            continue
+        hashes.append(id_hash(item.record.sample_id))
+        rows.append(item.record.input_row)
+        tokens += sum(len(e.ids) for e in item.sequences)
+        longest = max([longest, *(len(e.ids) for e in item.sequences)])
+    return ShardCheck(task.kind, task.index, len(rows), tokens, longest, rejected,
+                      np.array(hashes, dtype=np.uint64), np.array(rows, dtype=np.int64))
+
+
+class InputValidator:
+    """A Ray actor per CPU: holds the teacher's processor (no weights) and checks shards."""
+
+    def __init__(self, model_dir: str, max_model_len: int):
+        from shared.mllm import load_encoder
+
+        self.encoder = load_encoder(model_dir)
+        self.max_model_len = max_model_len
+        self.cache = ImageCache()
+
+    def check(self, task: ShardTask) -> ShardCheck:
+        return check_shard(self.encoder, task, self.max_model_len, self.cache)
+
+
+def image_bytes(rec: Record) -> bytes | None:
+    """The record's image as stored (inline, or read from its path now); ValueError if it is gone."""
+    if rec.image_bytes is not None:
+        return rec.image_bytes
+    if rec.image_path is None:
+        return None
+    try:
+        return Path(rec.image_path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"image {rec.image_ref} cannot be read ({e.strerror})") from e
 
 
 def encode_record(encoder: SampleEncoder, rec: Record, image: ImageFeatures | None) -> list[ModelInputs]:
@@ -65,26 +212,25 @@ def rest_mass(topk_logprobs: np.ndarray) -> np.ndarray:
 
 
 def shard_rows(
-    backend: TeacherBackend, encoder: SampleEncoder, records: list[Record], top_k: int,
+    backend: TeacherBackend, encoder: SampleEncoder, items: list[Encoded], top_k: int,
     encoding: Encoding = Encoding("f32"), sample: int = 0, sample_seed: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Score all records of one shard in one backend call; returns (rows in `encoding`, response tokens)."""
-    images, encoded, requests = [], [], []
-    for rec in records:
-        image, digest = load_image(rec)
-        images.append((rec.image_ref, digest))
-        encs = encode_record(encoder, rec, encoder.image_features(image))
-        encoded.append(encs)
+    """Score encoded records in one backend call; returns (rows in `encoding`, response tokens)."""
+    requests = []
+    for item in items:
+        rec, image = item.record, item.image
         k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
         n = sample if rec.kind == "mimic" else 0
         seed = record_seed(sample_seed, rec.sample_id) if n else 0
-        requests.extend(_request(e, image, k, n, seed) for e in encs)
+        requests.extend(_request(e, image, k, n, seed) for e in item.sequences)
     results: list[ScoreResult] = backend.score(requests) if requests else []
     rows: list[dict[str, Any]] = []
     tokens = 0
     it = iter(results)
-    for rec, encs, (ref, digest) in zip(records, encoded, images):
-        common = {"sample_id": rec.sample_id, "input_row": rec.input_row, "image": ref, "image_sha256": digest}
+    for item in items:
+        rec, encs, digest = item.record, item.sequences, item.image_sha256
+        common = {"sample_id": rec.sample_id, "input_row": rec.input_row, "image": rec.image_ref,
+                  "image_sha256": digest}
         if rec.kind == "mimic":
             (enc,) = encs
             res = next(it)
@@ -141,10 +287,25 @@ class TeacherWorker:
         self.encoding = Encoding(encoding)
         self.sample, self.sample_seed = sample, sample_seed
         self.out_dir = Path(out_dir)
+        self.chunk_records = CHUNK_RECORDS[backend]
+        self.cache = ImageCache()
 
-    def run_shard(self, task: ShardTask) -> tuple[str, ShardEntry]:
-        rows, tokens = shard_rows(self.backend, self.encoder, task.records, self.top_k, self.encoding, self.sample,
-                                  self.sample_seed)
-        rng = [task.records[0].input_row, task.records[-1].input_row + 1] if task.records else [0, 0]
-        entry = write_shard(self.out_dir, task.rel_path, task.kind, task.index, rows, tokens, rng, self.encoding)
-        return task.rel_path, entry
+    def run_shard(self, task: ShardTask, max_model_len: int) -> tuple[str, ShardEntry]:
+        with ShardWriter(self.out_dir, task.rel_path, task.kind, task.index, [task.rows.lo, task.rows.hi],
+                         self.encoding) as writer:
+            chunk: list[Encoded] = []
+            for item in valid_records(self.encoder, task, max_model_len, keep_tensors=self.backend.name == "hf",
+                                      cache=self.cache):
+                if isinstance(item, Rejection):  # validated before the teachers started: the input changed since
+                    raise InputError(f"{format_rejection(item)}; the input changed after it was validated; "
+                                     "rerun the dump")
+                chunk.append(item)
+                if len(chunk) == self.chunk_records:
+                    writer.write(*self._score(chunk))
+                    chunk = []
+            if chunk:
+                writer.write(*self._score(chunk))
+        return task.rel_path, writer.entry
+
+    def _score(self, chunk: list[Encoded]) -> tuple[list[dict[str, Any]], int]:
+        return shard_rows(self.backend, self.encoder, chunk, self.top_k, self.encoding, self.sample, self.sample_seed)

@@ -36,6 +36,14 @@ def _dump_args(w: Path, teacher: Path, out: Path, *extra: str) -> list[str]:
             "--top-k", "4", "--max-model-len", "256", *extra]
 
 
+def _error(res) -> str:
+    """The one error line, last (after the plan line and the validators' progress)."""
+    errors = [line for line in res.output.splitlines() if line.startswith("lmod: error:")]
+    assert len(errors) == 1, res.output
+    assert res.output.rstrip().endswith(errors[0]), res.output
+    return errors[0]
+
+
 def _no_shards(out: Path) -> bool:
     return not out.exists() or not list(out.rglob("*.parquet"))
 
@@ -66,9 +74,8 @@ def test_bad_record_is_named_and_nothing_is_written(world, teacher, tmp_path, ki
     out = tmp_path / "out"
     res = _cli(*_dump_args(w, teacher, out))
     assert res.exit_code == 2
-    msg = res.output.strip().splitlines()
-    assert len(msg) == 1, res.output
-    assert f"{kind}.jsonl:{row + 1}" in msg[0] and expected in msg[0] and "--skip-invalid" in msg[0]
+    msg = _error(res)
+    assert f"{kind}.jsonl:{row + 1}" in msg and expected in msg and "--skip-invalid" in msg
     assert _no_shards(out)
 
 
@@ -233,10 +240,105 @@ def test_dry_run_validates_everything_and_prints_the_plan_without_a_teacher(worl
     out = tmp_path / "out"
     res = _cli(*_dump_args(w, teacher, out, "--dry-run"))
     assert res.exit_code == 0, res.output
-    plan = json.loads(res.output[res.output.index("{"):])
+    plan = json.loads(res.stdout)  # stdout is the plan alone (progress and Ray's logs go to stderr)
     assert [s["records"] for s in plan["shards"]["mimic"]] == [24, 24] and plan["encoding"] == "u8"
     assert plan["shards"]["pref"][1]["input_rows"] == [12, 24]
     assert not out.exists()  # nothing written, no lock taken
     _rewrite(w / "mimic.jsonl", 5, _set("image", "images/nope.png"))
     res = _cli(*_dump_args(w, teacher, out, "--dry-run"))
     assert res.exit_code == 2 and "mimic-000005" in res.output and not out.exists()
+
+
+def _raw_rows(path: Path) -> list[tuple[int, dict]]:
+    """Every record of a JSONL file with its line number, read the plain way."""
+    return [(i, json.loads(line)) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
+
+
+def test_shards_are_planned_from_row_counts_and_slices_cover_every_row_once(world, tmp_path):
+    """JSONL (a blank line, no final newline), Parquet (row groups of 5), a datasets directory and
+    a JSON list: any number of shards reads each row exactly once, as the plain reader does."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from teacher_dump.inputs import count_rows, iter_slice, plan_slices
+
+    lines = (world / "mimic.jsonl").read_text().splitlines()
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text("\n".join(lines[:10] + [""] + lines[10:]))  # row 10 is blank; no newline at the end
+    want = _raw_rows(jsonl)
+    records = [r for _, r in want]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "m.parquet", row_group_size=5)
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "m_ds"))
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    for path, expected in [(jsonl, want), *[(tmp_path / name, list(enumerate(records)))
+                                            for name in ("m.parquet", "m_ds", "m.json")]]:
+        rows = count_rows(path)
+        assert rows == (49 if path == jsonl else 48)
+        for n in (1, 3, 7, 100):
+            slices = plan_slices(path, "mimic", n, rows)
+            assert len(slices) == min(n, rows) and slices[0].lo == 0 and slices[-1].hi == rows
+            assert all(a.hi == b.lo for a, b in zip(slices, slices[1:]))
+            got = [(row, rec) for sl in slices for row, rec, err in iter_slice(sl)]
+            assert got == expected, (path, n)
+
+
+def test_an_id_repeated_in_another_shard_is_refused_with_both_rows(world, teacher, tmp_path):
+    w = _copy_world(world, tmp_path)
+    _rewrite(w / "mimic.jsonl", 40, _set("id", "mimic-000003"))  # shard 1 of 2 repeats an id of shard 0
+    res = _cli(*_dump_args(w, teacher, tmp_path / "out", "--dry-run"))
+    assert res.exit_code == 2
+    assert "mimic.jsonl:41 (id mimic-000003): duplicate id 'mimic-000003' (first at row 3)" in _error(res)
+    res = _cli(*_dump_args(w, teacher, tmp_path / "out", "--dry-run", "--skip-invalid"))
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert [(s["records"], s["rejected"]) for s in plan["shards"]["mimic"]] == [(24, 0), (23, 1)]
+    assert plan["records"] == 71 and plan["rejected"] == 1
+
+
+def test_a_resumed_dump_reuses_its_validation_and_keeps_refusing_without_skip_invalid(world, teacher, tmp_path):
+    w = _copy_world(world, tmp_path)
+    _rewrite(w / "mimic.jsonl", 5, _set("image", "images/nope.png"))
+    out = tmp_path / "out"
+    res = _cli(*_dump_args(w, teacher, out, "--skip-invalid"))
+    assert res.exit_code == 0, res.output
+    before = {p: p.read_bytes() for p in out.rglob("*.parquet")}
+    lost = out / "mimic" / "shard-00000-of-00002.parquet"
+    lost.unlink()
+    res = _cli(*_dump_args(w, teacher, out, "--skip-invalid"))
+    assert res.exit_code == 0 and "3 already finished, 1 to run" in res.output, res.output
+    assert "validating inputs" not in res.output  # the first run's refusals (rejected.jsonl) are reused
+    assert {p: p.read_bytes() for p in out.rglob("*.parquet")} == before
+    lost.unlink()
+    res = _cli(*_dump_args(w, teacher, out))
+    assert res.exit_code == 2 and "mimic.jsonl:6 (id mimic-000005): image not found" in _error(res)
+    assert not lost.exists()
+
+
+def test_a_worker_scoring_in_chunks_writes_the_same_rows(world, teacher, tmp_path, hf_dump):
+    """The teacher scores a shard a chunk of records at a time and writes row groups as they fill:
+    chunks of 5 give the fixture's rows (chunks of 32; values to float rounding, as the batches'
+    padding differs), and the same chunking gives the same bytes twice."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from shared.schema import shard_name
+    from teacher_dump.inputs import count_rows, plan_slices
+    from teacher_dump.worker import ShardTask, TeacherWorker
+    from tests.conftest import TOP_K
+
+    path = world / "mimic.jsonl"
+    sl = plan_slices(path, "mimic", 3, count_rows(path))[1]
+    worker = TeacherWorker(str(teacher), "hf", {"dtype": "float32"}, TOP_K, str(tmp_path), "f32")
+    worker.chunk_records = 5
+    rel = shard_name("mimic", 1, 3)
+    _, entry = worker.run_shard(ShardTask("mimic", 1, rel, sl), 256)
+    first = (tmp_path / rel).read_bytes()
+    _, again = worker.run_shard(ShardTask("mimic", 1, rel, sl), 256)
+    assert (tmp_path / rel).read_bytes() == first and again == entry
+    got, want = pq.read_table(tmp_path / rel).to_pylist(), pq.read_table(hf_dump / rel).to_pylist()
+    assert entry.rows == len(want) == 16 and entry.input_range == [16, 32]
+    for g, w in zip(got, want):
+        assert g["sample_id"] == w["sample_id"] and g["response_ids"] == w["response_ids"]
+        assert g["topk_ids"][0] == w["topk_ids"][0]
+        np.testing.assert_allclose(np.concatenate(g["topk_logprobs"]), np.concatenate(w["topk_logprobs"]), atol=1e-4)

@@ -51,4 +51,4 @@ def test_recipe_runs_end_to_end_on_tiny_stand_ins(family_models, family_world, t
     again = subprocess.run(["bash", str(RECIPES / "distill.sh")], env={**env, "RESUME": "1"}, cwd=ROOT,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "2 already finished" in again.stdout or "4 already finished" in again.stdout
+    assert "2 already finished" in again.stderr or "4 already finished" in again.stderr  # progress: stderr

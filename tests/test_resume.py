@@ -72,7 +72,7 @@ def test_killed_dump_resumes_without_recomputing_and_leaves_no_ray_behind(world,
 
     res = subprocess.run(_args(world, teacher, out), capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 0, res.stdout + res.stderr
-    assert f"{len(done)} already finished, {2 * SHARDS - len(done)} to run" in res.stdout
+    assert f"{len(done)} already finished, {2 * SHARDS - len(done)} to run" in res.stderr
     assert {rel: (out / rel).stat().st_mtime_ns for rel in kept} == kept  # not recomputed
     assert verify_dump(out) == []
 
