@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from shared.mllm import SampleEncoder, batch_inputs, expert_counts, load_encoder, moe_routers
+from shared.mllm import FinalHidden, SampleEncoder, batch_inputs, expert_counts, load_encoder, moe_routers
 from shared.prompt import pref_messages
 
 
@@ -63,7 +63,7 @@ def _routed_slots(model: Any, encoder: SampleEncoder, seqs: list[list[int]], ima
     handles = [m.register_forward_hook(lambda mod, i, o: logits.append(o[0])) for m in routers]
     try:
         inputs = batch_inputs(encoder, seqs, images)
-        model(**inputs)
+        FinalHidden(model)(model, inputs)  # the body only: routing needs no logits
     finally:
         for h in handles:
             h.remove()

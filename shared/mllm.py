@@ -196,6 +196,47 @@ def load_encoder(model_dir: str | Path) -> SampleEncoder:
                          eos_ids=eos)
 
 
+class FinalHidden:
+    """The model's final hidden states instead of its logits: while active, a forward pre-hook on the
+    output projection keeps the hidden states it is handed and passes on an empty slice, so the
+    model's forward (DDP's included) runs its body only and no [batch, length, V] logits exist. The
+    caller projects the positions it needs with `head` (losses.OutputHead), chunk by chunk."""
+
+    def __init__(self, model: torch.nn.Module):
+        head = model.get_output_embeddings()
+        if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+            raise TypeError(f"{type(model).__name__}: no output projection (get_output_embeddings) to apply apart")
+        text = getattr(model.config, "text_config", model.config)
+        for key in ("final_logit_softcapping", "logit_scale"):
+            if getattr(text, key, None) not in (None, 1.0):
+                raise TypeError(f"{type(model).__name__}: {key}={getattr(text, key)} changes the logits after the "
+                                "output projection, which lmod's fused losses do not apply; this family is not "
+                                "supported as a student yet")
+        self.head = head
+        self.hidden: torch.Tensor | None = None
+        self.active = False
+        head.register_forward_pre_hook(self._keep)
+
+    def _keep(self, module: torch.nn.Module, args: tuple) -> tuple | None:
+        if not self.active:
+            return None
+        (hidden, *rest) = args
+        self.hidden = hidden
+        return (hidden[..., :0, :], *rest)
+
+    def __call__(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Final hidden states [B, L, H] of `model(**inputs)` (model may be a DDP wrapper)."""
+        self.active, self.hidden = True, None
+        try:
+            model(**inputs)
+        finally:
+            self.active = False
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError("the model's forward never reached its output projection")
+        return hidden
+
+
 def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The router modules of a transformers MoE text model (their forward returns router logits first)."""
     return [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "num_experts")]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from shared.mllm import load_encoder
+from shared.mllm import FinalHidden, load_encoder
 from student_train.data import check_shards, collate_mimic, iter_examples
 from student_train.train import TrainConfig, mimic_terms
 
@@ -22,9 +22,10 @@ def kl_to_teacher(model_dir: Path, shards: list[Path], image_root: Path | None, 
     examples = iter_examples(check_shards(shards, "mimic", enc), "mimic", image_root)
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     cfg = TrainConfig(kd_tail=tail)
+    body = FinalHidden(model)
     total = tokens = 0.0
     while batch := list(islice(examples, batch_size)):
         collated = collate_mimic(enc, batch)
-        total += float(mimic_terms(model, collated, cfg, len(enc.tokenizer))["kl"])
+        total += float(mimic_terms(model, collated, cfg, body, len(enc.tokenizer))["kl"])
         tokens += collated.tokens
     return total / max(1.0, tokens)

@@ -7,6 +7,8 @@ logits already aligned so that row n predicts the token the shard's row n descri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,14 @@ def sparse_kl(
             raise ValueError("tail='rest' needs temperature 1: the stored rest mass is at temperature 1")
         s_all = F.log_softmax(_wide(student_logits), dim=-1)
         s_top = s_all.gather(-1, topk_ids)
-        masked = s_all.scatter(-1, topk_ids, float("-inf"))
+        # The student's rest is every id outside the teacher's *real* top-k: entries of log-prob
+        # -inf (folded ids pointing at a duplicate) leave their id in it. A row whose top-k covers
+        # the whole vocabulary has an empty rest; its teacher rest is a rounding residue and adds
+        # nothing (a clamped log of 0 would add r * (log r + large) per token).
+        real = (~_wide(topk_logprobs).isneginf()).to(s_all.dtype)
+        covered = torch.zeros_like(s_all).scatter_add(-1, topk_ids, real) > 0
+        empty = covered.all(-1)
+        masked = s_all.masked_fill(covered, torch.finfo(s_all.dtype).min)  # finite: no 0 * inf in backward
         s_rest = torch.logsumexp(masked, dim=-1)  # log of the student's mass outside the top-k
         t_top = _wide(topk_logprobs)
         # The stored rest was computed in float64 by the teacher; 1 - sum(exp) of float32 values
@@ -55,8 +64,8 @@ def sparse_kl(
         t_rest_mass = (_wide(rest_mass) if rest_mass is not None else 1.0 - t_top.exp().sum(-1)).clamp(min=0.0)
         t_p = t_top.exp()
         top_term = (torch.xlogy(t_p, t_p) - t_p * s_top).sum(-1)
-        rest_term = torch.xlogy(t_rest_mass, t_rest_mass) - t_rest_mass * s_rest.clamp(min=-1e4)
-        return top_term + rest_term
+        rest_term = torch.xlogy(t_rest_mass, t_rest_mass) - t_rest_mass * s_rest
+        return top_term + rest_term.masked_fill(empty, 0.0)
     raise ValueError(f"unknown tail {tail!r}; use 'renorm' or 'rest'")
 
 
@@ -118,7 +127,8 @@ def fold_outside_vocab(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A teacher with padded embedding rows may put (tiny) mass on ids no tokenizer produces: that
     mass joins the rest bucket instead of a student logit. Such entries get log-prob -inf and point
-    at the row's first id (a duplicate of zero weight changes nothing)."""
+    at the row's first id (or 0): `sparse_kl` reads entries of log-prob -inf as absent, so the id they
+    point at keeps its place in the student's rest."""
     outside = topk_ids >= vocab
     if not bool(outside.any()):
         return topk_ids, topk_logprobs, rest_mass
@@ -128,43 +138,98 @@ def fold_outside_vocab(
             rest_mass + moved)
 
 
-class _RowChunks(torch.autograd.Function):
-    """y = fn(x, *args) for a row-wise fn, computed `chunk` rows at a time, the gradient of each chunk
-    taken right away into one buffer the size of x: no [N, V] float32 intermediates of the whole
-    batch are kept for backward (the approach of Liger's and torchtune's chunked losses). fn returns
-    [C] or [C, m]; with m columns only column 0 carries a gradient (the others are metrics)."""
+@dataclass(frozen=True)
+class OutputHead:
+    """The student's output projection, applied by the loss instead of the model: logits = hidden @
+    weight[:vocab].T (+ bias), computed in `dtype` (the autocast dtype; float32 otherwise). Rows of a
+    padded embedding beyond `vocab` are no tokens and are never projected."""
+
+    weight: torch.Tensor  # [V_padded, H], a parameter (tied or not)
+    bias: torch.Tensor | None = None
+    vocab: int | None = None
+    dtype: torch.dtype | None = None  # None: the weight's dtype
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, vocab: int | None = None, dtype: torch.dtype | None = None) -> OutputHead:
+        return cls(module.weight, getattr(module, "bias", None), vocab, dtype)
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n = self.vocab if self.vocab is not None else self.weight.shape[0]
+        return self.weight[:n], None if self.bias is None else self.bias[:n]
+
+
+def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(h, w, None if b is None else b.to(w.dtype))
+
+
+class _HeadChunks(torch.autograd.Function):
+    """y = fn(hidden @ W.T + b, *row_args) for a row-wise fn, `chunk` rows at a time, forward and
+    backward: at most one [chunk, V] block of logits (and its gradient) exists at a time. Backward
+    recomputes each chunk's logits (one extra head matmul, as activation checkpointing does) so the
+    upstream gradient may differ per row (DPO's per-sequence weights); the loss and the weight
+    gradient are computed in float32 whatever the compute dtype of the projection. With W None, `hidden` are already
+    the logits. fn returns [C] or [C, m]; with m columns only column 0 carries a gradient."""
 
     @staticmethod
-    def forward(ctx, fn, chunk, x, *row_args):
-        want_grad = ctx.needs_input_grad[2]
-        grad = torch.empty_like(x) if want_grad else None
+    def forward(ctx, fn, chunk, dtype, hidden, weight, bias, *row_args):
+        ctx.fn, ctx.chunk, ctx.dtype = fn, chunk, dtype
+        ctx.save_for_backward(hidden, weight, bias, *row_args)
         out = []
-        for s in range(0, x.shape[0], chunk):
-            xs, args = x[s : s + chunk], [a[s : s + chunk] for a in row_args]
-            if grad is None:
-                out.append(fn(xs, *args))
-                continue
-            with torch.enable_grad():
-                leaf = xs.detach().requires_grad_()
-                value = fn(leaf, *args)
-                objective = value if value.dim() == 1 else value[:, 0]
-                (g,) = torch.autograd.grad(objective.sum(), leaf)
-            grad[s : s + chunk] = g
-            out.append(value.detach())
-        ctx.save_for_backward(grad if grad is not None else x.new_empty(0))
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = None if weight is None else weight.to(dtype)
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s : s + chunk]
+                logits = h if w is None else _project(h.to(dtype), w, bias)
+                out.append(fn(logits, *[a[s : s + chunk] for a in row_args]))
         return torch.cat(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        weight = grad_out if grad_out.dim() == 1 else grad_out[:, 0]
-        return (None, None, grad.mul_(weight[:, None].to(grad.dtype)), *([None] * (len(ctx.needs_input_grad) - 3)))
+        hidden, weight, bias, *row_args = ctx.saved_tensors
+        fn, chunk, dtype = ctx.fn, ctx.chunk, ctx.dtype
+        upstream = grad_out if grad_out.dim() == 1 else grad_out[:, 0]
+        want_w, want_b = ctx.needs_input_grad[4:6]
+        grad_h = torch.zeros_like(hidden)
+        # The weight gradient sums over every scored token: each chunk's share is computed and summed
+        # in float32 (float64 for float64 weights), never rounded to bf16 per chunk.
+        wide = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=wide, device=bias.device) if want_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = None if weight is None else weight.detach().to(dtype)
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s : s + chunk].detach()
+                logits = h if w is None else _project(h.to(dtype), w, None if bias is None else bias.detach())
+                with torch.enable_grad():
+                    leaf = logits.to(torch.promote_types(logits.dtype, torch.float32)).requires_grad_()
+                    value = fn(leaf, *[a[s : s + chunk] for a in row_args])
+                    objective = value if value.dim() == 1 else value[:, 0]
+                    weight_rows = upstream[s : s + chunk].to(objective.dtype)
+                    (g,) = torch.autograd.grad(objective, leaf, grad_outputs=weight_rows)
+                if w is None:
+                    grad_h[s : s + chunk] = g.to(hidden.dtype)
+                    continue
+                grad_h[s : s + chunk] = (g.to(dtype) @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w += g.to(wide).T @ h.to(wide)
+                if grad_b is not None:
+                    grad_b += g.to(wide).sum(0)
+        return (None, None, None, grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), *([None] * len(row_args)))
 
 
-def chunked_rows(fn, x: torch.Tensor, *row_args: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """`fn(x, *row_args)` for a row-wise `fn`, with the memory of `chunk` rows. Values and gradients
-    equal the unchunked call (each row is computed by the same operations). x must have rows."""
-    return _RowChunks.apply(fn, chunk, x, *row_args)
+def chunked_rows(fn, x: torch.Tensor, *row_args: torch.Tensor, head: OutputHead | None = None,
+                 chunk: int = 1024) -> torch.Tensor:
+    """`fn(logits, *row_args)` for a row-wise `fn`, with the memory of `chunk` rows. `x` is the
+    logits [N, V], or with `head` the hidden states [N, H] that the head projects chunk by chunk (a
+    [N, V] tensor never exists). Values and gradients equal the unchunked call. x must have rows."""
+    if head is None:
+        return _HeadChunks.apply(fn, chunk, x.dtype, x, None, None, *row_args)
+    weight, bias = head.parts()
+    dtype = head.dtype or weight.dtype
+    if torch.is_autocast_enabled(x.device.type) and head.dtype is None:
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return _HeadChunks.apply(fn, chunk, dtype, x, weight, bias, *row_args)
 
 
 def _selective_logprobs(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -172,34 +237,39 @@ def _selective_logprobs(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log softmax(logits)[n, targets[n]] for logits [N, V], without a [N, V] log-softmax (TRL's
-    selective log-softmax, chunked)."""
-    return chunked_rows(_selective_logprobs, logits, targets, chunk=chunk)
+def token_logprobs(x: torch.Tensor, targets: torch.Tensor, head: OutputHead | None = None,
+                   chunk: int = 1024) -> torch.Tensor:
+    """log softmax(logits)[n, targets[n]] for logits [N, V] (or hidden states and their `head`),
+    without a [N, V] log-softmax (TRL's selective log-softmax, chunked)."""
+    return chunked_rows(_selective_logprobs, x, targets, head=head, chunk=chunk)
 
 
-def chunked_sparse_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+def _no_rest(rest_mass: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return rest_mass if rest_mass is not None else like.new_full(like.shape[:1], float("nan"))
+
+
+def chunked_sparse_kl(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                       rest_mass: torch.Tensor | None = None, tail: str = "renorm", temperature: float = 1.0,
-                      chunk: int = 1024) -> torch.Tensor:
+                      head: OutputHead | None = None, chunk: int = 1024) -> torch.Tensor:
     """`sparse_kl`, `chunk` tokens at a time (equal values and gradients, bounded memory)."""
-    rest = rest_mass if rest_mass is not None else topk_logprobs.new_full(topk_logprobs.shape[:1], float("nan"))
     return chunked_rows(lambda x, i, lp, r: sparse_kl(x, i, lp, tail, temperature, None if rest_mass is None else r),
-                        student_logits, topk_ids, topk_logprobs, rest, chunk=chunk)
+                        x, topk_ids, topk_logprobs, _no_rest(rest_mass, topk_logprobs), head=head, chunk=chunk)
 
 
-def mimic_token_losses(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+def mimic_token_losses(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                        rest_mass: torch.Tensor | None, targets: torch.Tensor, kd_weight: float, ce_weight: float,
-                       tail: str = "rest", temperature: float = 1.0, chunk: int = 1024) -> torch.Tensor:
+                       tail: str = "rest", temperature: float = 1.0, head: OutputHead | None = None,
+                       chunk: int = 1024) -> torch.Tensor:
     """Per token [N, 3]: kd_weight * KL + ce_weight * CE (differentiable), KL, CE (metrics), in one
-    chunked pass (one gradient buffer for both terms)."""
+    chunked pass over the logits (or over hidden states projected by `head`)."""
 
     def rows(x, i, lp, r, t):
         kl = sparse_kl(x, i, lp, tail, temperature, None if rest_mass is None else r)
         ce = -_selective_logprobs(x, t)
         return torch.stack([kd_weight * kl + ce_weight * ce, kl, ce], dim=-1)
 
-    rest = rest_mass if rest_mass is not None else topk_logprobs.new_full(topk_logprobs.shape[:1], float("nan"))
-    return chunked_rows(rows, student_logits, topk_ids, topk_logprobs, rest, targets, chunk=chunk)
+    return chunked_rows(rows, x, topk_ids, topk_logprobs, _no_rest(rest_mass, topk_logprobs), targets, head=head,
+                        chunk=chunk)
 
 
 def sampled_kd(student_logits: torch.Tensor, sampled_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -213,8 +283,9 @@ def sampled_kd(student_logits: torch.Tensor, sampled_ids: torch.Tensor, weights:
     return -(weights.to(log_s.dtype) * log_s).sum(-1)
 
 
-def sampled_token_losses(student_logits: torch.Tensor, sampled_ids: torch.Tensor, weights: torch.Tensor,
-                         targets: torch.Tensor, kd_weight: float, ce_weight: float, chunk: int = 1024) -> torch.Tensor:
+def sampled_token_losses(x: torch.Tensor, sampled_ids: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor,
+                         kd_weight: float, ce_weight: float, head: OutputHead | None = None,
+                         chunk: int = 1024) -> torch.Tensor:
     """Per token [N, 3]: kd_weight * sampled KD + ce_weight * CE (differentiable), sampled KD, CE."""
 
     def rows(x, i, w, t):
@@ -222,4 +293,4 @@ def sampled_token_losses(student_logits: torch.Tensor, sampled_ids: torch.Tensor
         ce = -_selective_logprobs(x, t)
         return torch.stack([kd_weight * kd + ce_weight * ce, kd, ce], dim=-1)
 
-    return chunked_rows(rows, student_logits, sampled_ids, weights, targets, chunk=chunk)
+    return chunked_rows(rows, x, sampled_ids, weights, targets, head=head, chunk=chunk)

@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 import torch
 
-from shared.mllm import SampleEncoder, expert_counts, load_encoder, moe_routers
+from shared.mllm import FinalHidden, SampleEncoder, expert_counts, load_encoder, moe_routers
 from student_train.data import LoaderFailure, MicroBatches, MimicBatch, PrefBatch, ShardError, check_shards, loader
 from student_train.losses import (
+    OutputHead,
     fold_outside_vocab,
     load_balancing_loss,
     mimic_token_losses,
@@ -190,37 +191,38 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # Forward: a batch's loss terms as sums (normalised by the caller, once per optimizer step)
 
 
-def mimic_terms(model, batch: MimicBatch, cfg: TrainConfig, vocab: int, tap: RouterTap | None = None
-                ) -> dict[str, torch.Tensor]:
+def mimic_terms(model, batch: MimicBatch, cfg: TrainConfig, body: FinalHidden, vocab: int,
+                tap: RouterTap | None = None) -> dict[str, torch.Tensor]:
     """Summed KL(teacher || student) and CE over the batch's label tokens, their weighted sum as
-    "objective" (+ router terms)."""
+    "objective" (+ router terms). The model runs its body; the output projection runs only at the
+    label positions, chunk by chunk inside the loss (no [tokens, V] logits)."""
     inputs = batch.inputs
-    logits = model(**inputs).logits
+    student = body(model, inputs)[batch.rows, batch.cols]  # [N, H]
     # Rows of a padded embedding beyond the shared vocabulary are no tokens: they get no mass.
-    student = logits[batch.rows, batch.cols, :vocab]  # [N, V]
+    head = OutputHead.of(body.head, vocab)
     targets = inputs["input_ids"][batch.rows, batch.cols + 1]
     if cfg.kd == "sampled":
         per_token = sampled_token_losses(student, batch.sampled_ids, batch.sampled_weights, targets, cfg.kd_weight,
-                                         cfg.ce_weight, chunk=cfg.loss_chunk)
+                                         cfg.ce_weight, head=head, chunk=cfg.loss_chunk)
         terms = {"objective": per_token[:, 0].sum(), "sampled_kd": per_token[:, 1].sum(), "ce": per_token[:, 2].sum()}
         return _with_router_terms(terms, tap, inputs["attention_mask"])
     ids, lps, rest = fold_outside_vocab(batch.topk_ids, batch.topk_logprobs, batch.rest_mass, vocab)
     per_token = mimic_token_losses(student, ids, lps, rest if cfg.kd_tail == "rest" else None, targets,
                                    cfg.kd_weight, cfg.ce_weight, tail=cfg.kd_tail, temperature=cfg.temperature,
-                                   chunk=cfg.loss_chunk)
+                                   head=head, chunk=cfg.loss_chunk)
     terms = {"objective": per_token[:, 0].sum(), "kl": per_token[:, 1].sum(), "ce": per_token[:, 2].sum()}
     return _with_router_terms(terms, tap, inputs["attention_mask"])
 
 
-def pref_terms(model, batch: PrefBatch, cfg: TrainConfig, vocab: int, tap: RouterTap | None = None
-               ) -> dict[str, torch.Tensor]:
+def pref_terms(model, batch: PrefBatch, cfg: TrainConfig, body: FinalHidden, vocab: int,
+               tap: RouterTap | None = None) -> dict[str, torch.Tensor]:
     """Summed per-pair preference loss, rewards and chosen-answer CE (+ router terms). IPO compares
     per-token mean log-probs (policy and teacher alike), as TRL does: its squared loss aims the
     log-ratio margin at 1/(2 beta), a target that only means something independent of length."""
     inputs = batch.inputs
-    logits = model(**inputs).logits
-    tokens = token_logprobs(logits[batch.rows, batch.cols, :vocab], inputs["input_ids"][batch.rows, batch.cols + 1],
-                            chunk=cfg.loss_chunk)
+    hidden = body(model, inputs)[batch.rows, batch.cols]
+    targets = inputs["input_ids"][batch.rows, batch.cols + 1]
+    tokens = token_logprobs(hidden, targets, head=OutputHead.of(body.head, vocab), chunk=cfg.loss_chunk)
     n_seq = 2 * batch.pairs
     seq_logps = torch.zeros(n_seq, dtype=torch.float64, device=tokens.device).index_add(0, batch.rows, tokens.double())
     n = batch.pairs
@@ -258,6 +260,7 @@ class Trainer:
     forward_model: torch.nn.Module  # DDP wrapper under torchrun, else the model
     opt: torch.optim.Optimizer
     tap: RouterTap
+    body: FinalHidden  # the model's final hidden states; the loss applies the output projection
     encoder: SampleEncoder
     vocab: int  # the shared vocabulary: student logits beyond it are sliced off
     data: MicroBatches
@@ -314,7 +317,8 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    return Trainer(cfg, device, dist, model, forward_model, opt, tap, encoder, len(encoder.tokenizer), data, out, step)
+    return Trainer(cfg, device, dist, model, forward_model, opt, tap, FinalHidden(model), encoder,
+                   len(encoder.tokenizer), data, out, step)
 
 
 def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: dict[str, float], sync: bool
@@ -328,9 +332,9 @@ def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: di
     with no_sync:
         with autocast:
             if cfg.stage == "mimic":
-                terms = mimic_terms(t.forward_model, batch, cfg, t.vocab, t.tap)
+                terms = mimic_terms(t.forward_model, batch, cfg, t.body, t.vocab, t.tap)
             else:
-                terms = pref_terms(t.forward_model, batch, cfg, t.vocab, t.tap)
+                terms = pref_terms(t.forward_model, batch, cfg, t.body, t.vocab, t.tap)
         # DDP averages gradients over ranks, so each rank divides by (global count / ranks).
         per_rank = {k: v / t.dist.world for k, v in denominators.items()}
         if cfg.stage == "mimic":

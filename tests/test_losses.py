@@ -296,3 +296,124 @@ def test_sampled_kd_gradient_is_unbiased_and_top_k_is_biased():
     assert all(np.array_equal(a, b) for a, b in zip(again, counts))
     other = sample_counts(t_logp.expand(m, v), n, seed=1)[1]
     assert not all(np.array_equal(a, b) for a, b in zip(other, counts))
+
+
+# ----------------------------------------------------------------------------------------------
+# The output projection fused with the losses (no [N, V] logits), and two edge cases
+
+
+def _head_case(dtype, vocab_rows=V + 3, hidden=16, bias=False, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, hidden, generator=gen, dtype=torch.float64).to(dtype)
+    w = (torch.randn(vocab_rows, hidden, generator=gen, dtype=torch.float64) / 2).to(dtype)
+    b = torch.randn(vocab_rows, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    return h, w, b
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("loss", ["mimic", "logprobs", "sampled"])
+def test_fused_head_equals_projecting_every_row_then_the_loss(loss, bias):
+    """Values and gradients (hidden, weight, bias) equal logits = h @ W[:V].T + b followed by the
+    unchunked loss, under a per-row upstream gradient; padded rows of W get a zero gradient."""
+    from student_train.losses import OutputHead, sampled_token_losses
+
+    h0, w0, b0 = _head_case(torch.float64, bias=bias)
+    _, ids, lps = _teacher(8)
+    rest = (1 - lps.exp().sum(-1)).clamp(min=0)
+    targets = ids[:, 1].clone()
+    weights = torch.rand(N, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def run(fused: bool):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        b = None if b0 is None else b0.clone().requires_grad_()
+        head = OutputHead(w, b, vocab=V)
+        x = h if fused else F.linear(h, w[:V], None if b is None else b[:V])
+        kw = {"head": head} if fused else {}
+        if loss == "mimic":
+            out = mimic_token_losses(x, ids, lps, rest, targets, 0.7, 0.3, tail="rest", chunk=5, **kw)
+        elif loss == "logprobs":
+            out = token_logprobs(x, targets, chunk=5, **kw)
+        else:
+            out = sampled_token_losses(x, ids, lps.exp(), targets, 1.0, 0.5, chunk=5, **kw)
+        value = out if out.dim() == 1 else out[:, 0]
+        (value * weights).sum().backward()
+        return out.detach(), h.grad, w.grad, None if b is None else b.grad
+
+    fused, direct = run(True), run(False)
+    for got, want in zip(fused, direct):
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    assert fused[2][V:].abs().max() == 0
+
+
+def test_fused_head_in_bfloat16_autocast_is_within_bf16_rounding_and_accumulates_in_float32():
+    """Under bf16 autocast the chunks' logits are bf16 matmuls (as the model's head would be); the
+    weight gradient summed over many chunks stays float32-accurate (a bf16 running sum would not)."""
+    from student_train.losses import OutputHead
+
+    h0, w0, _ = _head_case(torch.float32, hidden=32)
+    _, ids, lps = _teacher(8)
+    rest = (1 - lps.exp().sum(-1)).clamp(min=0)
+    targets = ids[:, 0].clone()
+
+    def run(chunk, autocast):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = mimic_token_losses(h, ids, lps, rest, targets, 1.0, 1.0, head=OutputHead(w, vocab=V), chunk=chunk)
+        out[:, 0].sum().backward()
+        return out[:, 0].detach(), h.grad, w.grad
+
+    exact = run(N, False)
+    one_chunk, per_row = run(N, True), run(1, True)
+    assert per_row[2].dtype == torch.float32
+    for got in (one_chunk, per_row):
+        torch.testing.assert_close(got[0], exact[0], atol=0.05, rtol=0.02)
+        torch.testing.assert_close(got[2], exact[2], atol=0.02, rtol=0.05)
+    # Chunking changes only the order of float32 sums of the same bf16 products.
+    torch.testing.assert_close(per_row[2], one_chunk[2], atol=1e-5, rtol=1e-4)
+
+
+def test_fused_head_with_a_tied_embedding_sums_both_gradients():
+    from student_train.losses import OutputHead
+
+    emb = torch.nn.Embedding(V, 16).double()
+    tokens = torch.randint(0, V, (N,))
+    targets = torch.randint(0, V, (N,))
+    out = token_logprobs(emb(tokens), targets, head=OutputHead(emb.weight), chunk=4)
+    out.sum().backward()
+    g_fused = emb.weight.grad.clone()
+    emb.weight.grad = None
+    x = emb(tokens)
+    torch.log_softmax(x @ emb.weight.T, -1).gather(-1, targets[:, None]).sum().backward()
+    torch.testing.assert_close(g_fused, emb.weight.grad)
+
+
+def test_rest_tail_at_k_equal_vocab_adds_nothing_for_a_float32_residue():
+    """k = V: the student's rest is empty; the teacher's stored rest is a float32 rounding residue
+    (here made 1e-3, above what a real residue reaches) and must not add r * (log r + 1e4)."""
+    t_logp, ids, lps = _teacher(V)
+    s_logits = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
+    full = (t_logp.exp() * (t_logp - torch.log_softmax(s_logits, -1))).sum(-1)
+    residue = torch.full((N,), 1e-3, dtype=torch.float64)
+    got = sparse_kl(s_logits, ids, lps, tail="rest", rest_mass=residue)
+    torch.testing.assert_close(got, full, atol=1e-10, rtol=1e-10)
+    got.sum().backward()
+    assert torch.isfinite(s_logits.grad).all()
+
+
+def test_folded_outside_vocab_entries_leave_their_id_in_the_student_rest():
+    """A teacher top-1 outside the student's vocabulary: the folded entry points at id 0, which is
+    not in the teacher's real top-k; the student's rest must still hold id 0's probability."""
+    gen = torch.Generator().manual_seed(5)
+    s_logits = torch.randn(N, V, generator=gen, dtype=torch.float64)
+    s_logits[:, 0] += 4.0  # id 0 holds a visible share of the student's mass
+    probs = torch.softmax(torch.randn(N, 6, generator=gen, dtype=torch.float64), -1) * 0.9
+    ids = torch.stack([torch.randperm(V - 1, generator=gen)[:6] + 1 for _ in range(N)])  # never id 0
+    ids[:, 0] = V + 2  # the top-1 lies outside the shared vocabulary
+    lps = probs.log()
+    rest = 1 - probs.sum(-1)
+    f_ids, f_lps, f_rest = fold_outside_vocab(ids, lps, rest, V)
+    assert (f_ids[:, 0] == 0).all()
+    got = sparse_kl(s_logits, f_ids, f_lps, tail="rest", rest_mass=f_rest)
+    want = sparse_kl(s_logits, ids[:, 1:], lps[:, 1:], tail="rest", rest_mass=rest + probs[:, 0])
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
