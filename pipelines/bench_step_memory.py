@@ -1,7 +1,7 @@
 """Peak memory of one mimic training step of the tiny MoE student with its vocabulary padded to a
 real size (151,936, Qwen2/3's), side by side in one run, each case in a fresh process:
 
-    python pipelines/bench_step_memory.py [--vocab 151936] [--shapes 1x256 48x256 1x4096] [--response 64]
+    python pipelines/bench_step_memory.py [--vocab 151936] [--shapes 1x128 48x128 1x4096] [--response 64]
 
 "logits" is the step as it was before the fused head: `model(**inputs).logits` ([rows, length, V]
 for every position), the response positions gathered, then the chunked loss. "fused" is the step
@@ -80,7 +80,7 @@ def _measure(student: str, mode: str, rows: int, length: int, response: int, voc
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--vocab", type=int, default=151_936)
-    ap.add_argument("--shapes", nargs="+", default=["1x256", "48x256", "1x4096"], help="ROWSxTOKENS per case")
+    ap.add_argument("--shapes", nargs="+", default=["1x128", "48x128", "1x4096"], help="ROWSxTOKENS per case")
     ap.add_argument("--response", type=int, default=64, help="response (scored) tokens per row")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=256)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ from student_train.losses import (
     sampled_token_losses,
     token_logprobs,
 )
+from student_train.parts import DEFAULT_TRAIN, PARTS, apply_trainable, unused_safe_params
 
 
 class TrainError(RuntimeError):
@@ -68,6 +70,9 @@ class TrainConfig:
     loader_workers: int = 2  # DataLoader processes reading, decoding and encoding batches (0: in-process)
     shuffle_window: int = 8  # row groups shuffled together (and cached per loader worker)
     loss_chunk: int = 256  # tokens per chunk of the KL / log-prob computation (bounds [N, V] buffers)
+    # What trains (student_train/parts.py): vision, projector, language, experts, router, or [all].
+    # The paper's default for the distillation stages: the MoE experts and routers, vision frozen.
+    train: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN))
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
@@ -91,6 +96,16 @@ class TrainConfig:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             value, hint = getattr(self, f.name), hints[f.name]
+            if f.name == "train":
+                if isinstance(value, str):
+                    value = [value]
+                    setattr(self, f.name, value)
+                if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                    raise ValueError(f"train: {value!r}; a list of {' | '.join(PARTS)}, or [all]")
+                bad = sorted(set(value) - set(PARTS) - {"all"})
+                if bad or ("all" in value and len(value) > 1):
+                    raise ValueError(f"train: {value!r}; use any of {list(PARTS)}, or [all] alone")
+                continue
             if typing.get_origin(hint) is Literal:
                 allowed = typing.get_args(hint)
                 if value not in allowed:
@@ -265,6 +280,8 @@ class Trainer:
     vocab: int  # the shared vocabulary: student logits beyond it are sliced off
     data: MicroBatches
     out: Path
+    always_touched: list[torch.nn.Parameter]  # trainable params a micro-batch may not reach (parts.py)
+    trained_parts: dict[str, int]  # parameters that train, per part
     step: int = 0
 
 
@@ -308,17 +325,23 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     torch.manual_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_pretrained(str(checkpoint or student), dtype=torch.float32).to(device)
     model.train()
+    try:
+        trained_parts = apply_trainable(model, cfg.train, f"{encoder.family.name} student {student}")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     tap = RouterTap(model)
+    # Frozen parameters get no gradient, no optimizer state and are not all-reduced.
     forward_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=device.startswith("cuda"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     step = 0
     if checkpoint is not None:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        # Each rank reads the optimizer state onto its own device (not the device it was saved from).
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location=device)
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
     return Trainer(cfg, device, dist, model, forward_model, opt, tap, FinalHidden(model), encoder,
-                   len(encoder.tokenizer), data, out, step)
+                   len(encoder.tokenizer), data, out, unused_safe_params(model), trained_parts, step)
 
 
 def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: dict[str, float], sync: bool
@@ -342,6 +365,8 @@ def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: di
         else:
             loss = terms["dpo_loss"] / per_rank["pairs"] + cfg.pref_ce_weight * terms["ce"] / per_rank["tokens"]
         loss = loss + (cfg.aux_loss_coef * terms["aux_loss"] + cfg.z_loss_coef * terms["z_loss"]) / per_rank["micro"]
+        if t.dist.world > 1 and t.always_touched:  # the same gradient set on every rank, whatever it read
+            loss = loss + 0.0 * torch.stack([p.sum() for p in t.always_touched]).sum()
         loss.backward()
     return {"loss": loss.detach().double(), **{k: v.detach().double() for k, v in terms.items()}}
 
@@ -416,6 +441,9 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
 
     t = setup(shards, student, out, cfg, image_root, resume, allow_partial)
     rank0 = t.dist.rank == 0
+    if rank0 and progress:
+        parts = ", ".join(f"{k} {v / 1e6:.3g}M" for k, v in sorted(t.trained_parts.items()))
+        print(f"training {'/'.join(cfg.train)}: {parts} parameters", file=sys.stderr)
     out = t.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = _open_metrics(out, t.step) if rank0 else None

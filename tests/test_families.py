@@ -188,3 +188,58 @@ def test_qwen3_vl_upcycles_into_qwen3_vl_moe(tmp_path):
              "image_grid_thw": torch.tensor([[1, 4, 4]]), "mm_token_type_ids": (ids == 290).long()}
     with torch.no_grad():
         torch.testing.assert_close(moe(**batch).logits, dense(**batch).logits, atol=2e-5, rtol=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_trains_a_llava_next_student_on_rows_with_and_without_images(family_models, family_world, tmp_path):
+    """2 gloo ranks vs one process, everything trainable, on a LLaVA-NeXT student whose CLIP tower's
+    last layer and post-layernorm are never read, over rows with and without images (a rank's
+    micro-batch may hold none): DDP needs the same gradient set on every rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from student_train.moe import upcycle
+    from student_train.train import TrainConfig, train
+    from tests.conftest import _dump
+
+    world = tmp_path / "world"
+    world.mkdir()
+    rows = [json.loads(line) for line in (family_world / "mimic.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if i % 3 == 0:  # a third of the rows are text only
+            row.pop("image")
+            for turn in row["conversations"]:
+                turn["value"] = turn["value"].replace("<image>\n", "").replace("<image>", "")
+    (world / "mimic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (world / "pref.jsonl").write_text((family_world / "pref.jsonl").read_text())
+    os.symlink(family_world / "images", world / "images")
+    dump = tmp_path / "dump"
+    _dump(family_models["llava_next"], world, dump, "hf")
+    student = tmp_path / "student"
+    upcycle(family_models["llava_next-base"], student, num_experts=4, top_k=2)
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text("stage: mimic\nsteps: 3\nbatch_size: 4\nlr: 0.002\nwarmup: 1\naux_loss_coef: 0.0\n"
+                        "loader_workers: 0\ntrain: [all]\n")
+    train([dump], student, tmp_path / "one", TrainConfig.from_yaml(cfg_file), image_root=world, progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(dump), "--student", str(student),
+           "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(world)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    start = load_file(student / "model.safetensors")
+    assert any(not torch.equal(a[k], start[k]) for k in a if "vision_tower" in k), "the vision tower did not train"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

@@ -597,3 +597,104 @@ def test_eval_names_a_truncated_image_before_any_model_runs(world, moe_student, 
     res = _cli("eval", "--model", moe_student, "--data", tmp_path / "eval.jsonl")
     assert res.exit_code == 2 and "eval.jsonl:1: image" in res.output and "cannot be decoded" in res.output
     assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+@pytest.mark.parametrize("stage", ["mimic", "pref"])
+def test_the_fused_head_step_equals_the_full_logits_step(stage, hf_dump, world, moe_student):
+    """The training step's loss and every parameter gradient equal the computation through the
+    model's full `[batch, length, V]` logits, and the output projection inside the model's forward
+    now sees no position at all."""
+    from transformers import AutoModelForImageTextToText
+
+    from shared.mllm import FinalHidden
+    from student_train.data import collate_mimic
+    from student_train.losses import mimic_token_losses, token_logprobs
+    from student_train.train import mimic_terms, pref_terms
+
+    enc = load_encoder(moe_student)
+    vocab = len(enc.tokenizer)
+    files = check_shards([hf_dump], stage, enc)
+    examples = (load_mimic if stage == "mimic" else load_pref)(files, world)[:4]
+    batch = collate_mimic(enc, examples) if stage == "mimic" else collate_pref(enc, examples)
+    cfg = TrainConfig(stage=stage, ce_weight=0.3, loss_chunk=7, pref_ce_weight=0.5)
+    model = AutoModelForImageTextToText.from_pretrained(str(moe_student), dtype=torch.float32)
+    model.get_output_embeddings().weight.data[vocab - 5:] += 1.0  # a head that is not the embedding
+
+    def grads() -> dict[str, torch.Tensor]:
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    seen: list[tuple[int, ...]] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    if stage == "mimic":
+        fused = mimic_terms(model, batch, cfg, FinalHidden(model), vocab)
+        loss = fused["objective"]
+    else:
+        fused = pref_terms(model, batch, cfg, FinalHidden(model), vocab)
+        loss = fused["dpo_loss"] + 0.5 * fused["ce"]
+    loss.backward()
+    got = grads()
+    assert seen and all(0 in shape for shape in seen), seen  # no position was projected by the model
+    hook.remove()
+
+    logits = model(**batch.inputs).logits[batch.rows, batch.cols, :vocab]
+    targets = batch.inputs["input_ids"][batch.rows, batch.cols + 1]
+    if stage == "mimic":
+        want_loss = mimic_token_losses(logits, batch.topk_ids, batch.topk_logprobs, batch.rest_mass, targets,
+                                       cfg.kd_weight, cfg.ce_weight, tail=cfg.kd_tail)[:, 0].sum()
+    else:
+        from student_train.losses import preference_loss
+
+        tok = token_logprobs(logits, targets).double()
+        seq = torch.zeros(2 * batch.pairs, dtype=torch.float64).index_add(0, batch.rows, tok)
+        n = batch.pairs
+        per_pair, _, _ = preference_loss(seq[:n], seq[n:], batch.ref_chosen, batch.ref_rejected, beta=cfg.beta)
+        want_loss = per_pair.sum() + 0.5 * -seq[:n].sum()
+    want_loss.backward()
+    want = grads()
+    torch.testing.assert_close(loss.double(), want_loss.double(), atol=1e-6, rtol=1e-6)
+    assert got.keys() == want.keys()
+    scale = max(g.abs().max().item() for g in want.values())
+    for name in want:  # float32 sums in another order: relative to the largest gradient entry
+        assert (got[name] - want[name]).abs().max().item() <= 1e-5 * scale, name
+
+
+def test_what_trains_is_declared_and_frozen_parts_get_no_grad_or_optimizer_state(hf_dump, world, moe_student,
+                                                                                  tmp_path):
+    """The default (the paper's): experts and routers only. The vision tower, projector, attention
+    and embeddings stay as they were and hold no optimizer state."""
+    from safetensors.torch import load_file
+
+    from student_train.parts import is_expert, is_router
+    from student_train.train import setup
+
+    cfg = TrainConfig(stage="mimic", steps=2, batch_size=4, lr=0.01, warmup=1, loader_workers=0)
+    assert cfg.train == ["experts", "router"]
+    train([hf_dump], moe_student, tmp_path / "run", cfg, image_root=world, progress=False)
+    start, end = load_file(moe_student / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert changed and all(is_expert(k) or is_router(k) for k in changed), sorted(changed)[:5]
+    assert any(is_router(k) for k in changed) and any(is_expert(k) for k in changed)
+    t = setup([hf_dump], moe_student, tmp_path / "other", cfg, image_root=world)
+    frozen = [p for p in t.model.parameters() if not p.requires_grad]
+    assert frozen and all(p not in t.opt.state for p in frozen)
+    assert sum(len(g["params"]) for g in t.opt.param_groups) == sum(p.requires_grad for p in t.model.parameters())
+
+
+@pytest.mark.parametrize("train_parts,message", [
+    ("[vision, eyes]", r"train: .*use any of"),
+    ("[all, vision]", r"\[all\] alone"),
+])
+def test_bad_train_parts_are_one_line_config_errors(train_parts, message, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"train: {train_parts}\n")
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_yaml(tmp_path / "c.yaml")
+
+
+def test_experts_of_a_dense_student_are_refused_naming_the_family(hf_dump, world, tmp_path, teacher):
+    from student_train.train import TrainError, setup
+
+    make_dense_student(teacher, tmp_path / "dense")
+    with pytest.raises(TrainError, match=r"Idefics3 / SmolVLM student .*'experts' matches no parameter"):
+        setup([hf_dump], tmp_path / "dense", tmp_path / "out", TrainConfig(), image_root=world)
