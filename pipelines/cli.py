@@ -266,6 +266,9 @@ def eval_cmd(
     image_root: Path | None = typer.Option(None),
     shards: list[Path] | None = typer.Option(None, help="Teacher dumps of held-out data: adds kl_to_teacher."),
     shards_image_root: Path | None = typer.Option(None, help="Root of those shards' image paths."),
+    device: str = typer.Option("auto", help="auto (the first GPU if any) | cpu | cuda | cuda:N."),
+    dtype: str = typer.Option("float32", help="Weights during evaluation: float32 | bfloat16 | float16."),
+    batch_size: int = typer.Option(64, min=1, help="Questions answered per batch (greedy, left-padded)."),
 ) -> None:
     """Held-out accuracy by type, POPE-style hallucination metrics, expert utilisation, KL to teacher."""
     check_environment()
@@ -275,7 +278,12 @@ def eval_cmd(
     if out is not None and not out.parent.is_dir():
         fail(f"{out.parent}: no such directory for --out")
     try:
-        metrics = evaluate_model(model, data, image_root)  # every line is checked before the model loads
+        if device != "auto" and device.startswith("cuda") and not __import__("torch").cuda.is_available():
+            fail(f"--device {device}: no GPU is visible here; use --device cpu (or auto)")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            fail(f"--dtype {dtype!r}; use float32 | bfloat16 | float16")
+        # every line is checked before the model loads
+        metrics = evaluate_model(model, data, image_root, device=device, dtype=dtype, batch_size=batch_size)
     except EvalDataError as e:
         fail(str(e))
     if shards:
@@ -283,7 +291,7 @@ def eval_cmd(
         from student_train.evaluate import kl_to_teacher
 
         try:
-            metrics["kl_to_teacher"] = kl_to_teacher(model, shards, shards_image_root)
+            metrics["kl_to_teacher"] = kl_to_teacher(model, shards, shards_image_root, device=device, dtype=dtype)
         except ShardError as e:
             fail(str(e))
     text = json.dumps(metrics, indent=2)

@@ -35,7 +35,8 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
                                   encoder.image_features(Image.open(root / rec["image"]).convert("RGB")))
             for rec in chunk
         ]
-        inputs = batch_inputs(encoder, [p.ids for p in prompts], [p.image for p in prompts], left=True)
+        inputs = batch_inputs(encoder, [p.ids for p in prompts], [p.image for p in prompts], device=model.device,
+                              float_dtype=model.dtype, left=True)
         width = inputs["input_ids"].shape[1]
         out = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=encoder.pad_id,
@@ -62,12 +63,12 @@ def _routed_slots(model: Any, encoder: SampleEncoder, seqs: list[list[int]], ima
     logits: list[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda mod, i, o: logits.append(o[0])) for m in routers]
     try:
-        inputs = batch_inputs(encoder, seqs, images)
+        inputs = batch_inputs(encoder, seqs, images, device=model.device, float_dtype=model.dtype)
         FinalHidden(model)(model, inputs)  # the body only: routing needs no logits
     finally:
         for h in handles:
             h.remove()
-    return list(expert_counts(logits, inputs["attention_mask"], top_k).long())
+    return list(expert_counts(logits, inputs["attention_mask"], top_k).long().cpu())
 
 
 def _first_word(answer: str) -> str:
@@ -162,14 +163,32 @@ def read_eval_records(data: Path, image_root: Path) -> list[dict]:
     return records
 
 
-def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, limit: int | None = None) -> dict:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    """'auto': the first GPU when there is one, else the CPU."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load_eval_model(model_dir: Path, device: str = "cpu", dtype: str = "float32") -> Any:
+    """A model directory ready for evaluation on `device` in `dtype` (weights in that dtype)."""
     from transformers import AutoModelForImageTextToText
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}; use {' | '.join(DTYPES)}")
+    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+    return model.to(resolve_device(device)).eval()
+
+
+def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, limit: int | None = None,
+                   device: str = "cpu", dtype: str = "float32", batch_size: int = 64) -> dict:
     records = read_eval_records(data, image_root or Path(data).parent)[:limit]
     encoder = load_encoder(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = load_eval_model(model_dir, device, dtype)
     counts: list[torch.Tensor] = []
-    answers = greedy_answers(model, encoder, records, image_root or Path(data).parent, expert_counts=counts)
+    answers = greedy_answers(model, encoder, records, image_root or Path(data).parent, batch_size=batch_size,
+                             expert_counts=counts)
     metrics = score(records, answers)
     if counts:
         total = torch.stack(counts).sum(0).float()

@@ -698,3 +698,28 @@ def test_experts_of_a_dense_student_are_refused_naming_the_family(hf_dump, world
     make_dense_student(teacher, tmp_path / "dense")
     with pytest.raises(TrainError, match=r"Idefics3 / SmolVLM student .*'experts' matches no parameter"):
         setup([hf_dump], tmp_path / "dense", tmp_path / "out", TrainConfig(), image_root=world)
+
+
+def test_eval_runs_in_the_runs_dtype_on_the_named_device(moe_student, world, held_out_dump, tmp_path):
+    """`lmod eval --device --dtype`: bfloat16 weights give the KL of float32 within bf16 rounding
+    (computed in float32 either way); float32 answers do not depend on the batch size; a GPU asked
+    for where none is gets one line."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from shared.evaluation import evaluate_model
+
+    held_dump, held_world = held_out_dump
+    f32 = kl_to_teacher(moe_student, [held_dump], held_world, device="cpu", dtype="float32")
+    bf16 = kl_to_teacher(moe_student, [held_dump], held_world, device="cpu", dtype="bfloat16")
+    assert bf16 == pytest.approx(f32, rel=0.05) and bf16 != f32
+    one = evaluate_model(moe_student, world / "eval.jsonl", device="cpu", dtype="float32", batch_size=3)
+    assert one == evaluate_model(moe_student, world / "eval.jsonl")
+    res = CliRunner().invoke(app, ["eval", "--model", str(moe_student), "--data", str(world / "eval.jsonl"),
+                                   "--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 8
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(app, ["eval", "--model", str(moe_student), "--data", str(world / "eval.jsonl"),
+                                       "--device", "cuda"])
+        assert res.exit_code != 0 and "no GPU is visible" in res.output
