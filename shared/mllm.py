@@ -72,14 +72,16 @@ class SampleEncoder:
 
     def _response_ranges(self, text: str, chunks: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of `text` and, per assistant chunk, the token range of its response: from the
-        chunk's first token through its first end-of-turn token."""
+        token holding the chunk's first character through its first end-of-turn token. A token
+        that crosses the start (a generation prompt ending in a space before a byte-level BPE
+        answer: " red" is one token) belongs to the response, as in TRL's DPO tokenisation."""
         ids, offsets = self._tokens(text)
         ranges = []
         for lo, hi in chunks:
-            if any(s < lo < e or s < hi < e for s, e in offsets):
-                raise TemplateError(f"{self.name}: a token crosses the boundary of an assistant turn in {text!r}; "
-                                    "prompt and response cannot be tokenised apart")
-            inside = [t for t, (s, e) in enumerate(offsets) if lo <= s and e <= hi and e > s]
+            inside = [t for t, (s, e) in enumerate(offsets) if e > lo and s < hi and e > s]
+            if inside and offsets[inside[0]][0] < lo and ids[inside[0]] in self.eos_ids:
+                raise TemplateError(f"{self.name}: the end-of-turn token crosses the start of an assistant turn in "
+                                    f"{text!r}; prompt and response cannot be tokenised apart")
             end = next((t for t in inside if ids[t] in self.eos_ids), None)
             if not inside or end is None:
                 eos = sorted(self.tokenizer.convert_ids_to_tokens(sorted(self.eos_ids)))

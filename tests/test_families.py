@@ -243,3 +243,22 @@ def test_ddp_trains_a_llava_next_student_on_rows_with_and_without_images(family_
     assert any(not torch.equal(a[k], start[k]) for k in a if "vision_tower" in k), "the vision tower did not train"
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_token_across_the_prompt_response_boundary_belongs_to_the_response(family_models):
+    """A generation prompt ending in a space ("Assistant: ") before a byte-level BPE answer: " red"
+    is one token. It is the response's first token (was: refused), the prompt ends before it, and
+    a student with another template takes the stored response ids as they are."""
+    enc = load_encoder(family_models["smolvlm"])
+    enc.template = ("{% for m in messages %}{% if m['role'] == 'user' %}User: {{ m['content'][-1]['text'] }}"
+                    "<end_of_utterance>\n{% else %}Assistant: {{ m['content'][-1]['text'] }}<end_of_utterance>\n"
+                    "{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}")
+    turns = [{"from": "human", "value": "what colour?"}, {"from": "gpt", "value": "red circle"}]
+    got = enc.encode(llava_messages(turns, False))
+    response = [t for t, m in zip(got.ids, got.response_mask) if m]
+    assert enc.tokenizer.decode(response) == " red circle<end_of_utterance>"
+    prompt = enc.tokenizer.decode(got.ids[: got.response_mask.index(True)])
+    assert prompt.endswith("Assistant:") and enc.tokenizer.decode(got.ids) == got.text
+    other = load_encoder(family_models["smolvlm"])  # the shipped template: no space after "Assistant:"
+    student = other.encode(llava_messages(turns, False), responses=[response])
+    assert "Assistant: red circle<end_of_utterance>" in other.tokenizer.decode(student.ids)
