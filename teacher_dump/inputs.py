@@ -77,6 +77,33 @@ def _load_json_list(path: Path) -> list:
     return data
 
 
+def json_list_to_jsonl(src: Path, dst: Path) -> int:
+    """Stream one JSON list of records (LLaVA's 665k mix is ~1 GB of it) into JSONL, a record per
+    line, in bounded memory (ijson's incremental parser); written to a temporary name and renamed.
+    Returns the records written. Line N of the result is record N of the list."""
+    import ijson
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{__import__('os').getpid()}")
+    n = 0
+    try:
+        with open(src, "rb") as f, open(tmp, "w", encoding="utf-8") as out:
+            head = f.read(1 << 12).lstrip()
+            if not head.startswith(b"["):
+                raise InputError(f"{src}: expected a JSON list of records")
+            f.seek(0)
+            for record in ijson.items(f, "item", use_float=True):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                n += 1
+        tmp.replace(dst)
+    except ijson.JSONError as e:
+        raise InputError(f"{src}: malformed JSON after record {n} ({e}); fix the file and rerun") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
 _CHUNK = 1 << 22  # bytes read at a time when scanning JSONL for line boundaries
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -36,6 +37,7 @@ from teacher_dump.inputs import (
     format_rejection,
     input_format,
     iter_slice,
+    json_list_to_jsonl,
     plan_slices,
 )
 from teacher_dump.worker import ShardCheck, ShardTask
@@ -72,9 +74,11 @@ def _input_digest(path: Path) -> str:
     return sha256_file(path)
 
 
-def plan_tasks(cfg: DumpConfig) -> tuple[list[ShardTask], dict[str, Any]]:
+def plan_tasks(cfg: DumpConfig, convert_dir: Path | None = None) -> tuple[list[ShardTask], dict[str, Any]]:
     """Shards from row counts alone (JSONL line offsets, Parquet metadata, a dataset's length): no
-    record is read or held here. Returns the tasks and, per kind, the input's file, digest and rows."""
+    record is read or held here. A JSON list is first streamed into JSONL under `convert_dir`
+    (OUT/inputs/KIND.jsonl; reused while the list's sha256 is the same), so that no reader parses
+    the whole list. Returns the tasks and, per kind, the input's file, digest and rows."""
     tasks: list[ShardTask] = []
     inputs: dict[str, Any] = {}
     root = str(cfg.image_root) if cfg.image_root else None
@@ -83,17 +87,37 @@ def plan_tasks(cfg: DumpConfig) -> tuple[list[ShardTask], dict[str, Any]]:
         if path is None:
             continue
         path = Path(path)
+        digest = _input_digest(path)
+        inputs[kind] = {"file": path.name, "sha256": digest}
+        if input_format(path) == "json":
+            readable = Path(convert_dir or Path(cfg.out) / INPUTS_DIR) / f"{kind}.jsonl"
+            inputs[kind]["converted"] = _converted(cfg, path, digest, readable)
+            path = readable
         rows = count_rows(path)
-        if input_format(path) == "json" and path.stat().st_size > JSON_LIST_WARN_BYTES:
-            _say(cfg, f"lmod: {path} is one JSON list of {path.stat().st_size >> 20} MiB, parsed whole by every "
-                      "shard; convert it to JSONL (a record per line) for data this size")
+        inputs[kind]["rows"] = rows
         slices = plan_slices(path, kind, cfg.shards, rows) if rows else []
         tasks += [ShardTask(kind, i, shard_name(kind, i, len(slices)), sl, root) for i, sl in enumerate(slices)]
-        inputs[kind] = {"file": path.name, "sha256": _input_digest(path), "rows": rows}
     return tasks, inputs
 
 
-JSON_LIST_WARN_BYTES = 64 << 20
+INPUTS_DIR = "inputs"  # JSON lists converted to JSONL, inside the dump directory
+
+
+def _converted(cfg: DumpConfig, src: Path, digest: str, dst: Path) -> dict[str, Any]:
+    """The JSONL form of a JSON list at `dst`, converted once: a rerun reuses it when the list's
+    sha256 (recorded beside it) is unchanged and the JSONL's own sha256 still matches."""
+    stamp = dst.with_name(dst.name + ".sha256.json")
+    try:
+        seen = json.loads(stamp.read_text())
+        if seen["source_sha256"] == digest and sha256_file(dst) == seen["sha256"]:
+            return {"path": f"{INPUTS_DIR}/{dst.name}", "sha256": seen["sha256"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    _say(cfg, f"lmod: converting the JSON list {src} ({src.stat().st_size >> 20} MiB) to JSONL once: {dst}")
+    records = json_list_to_jsonl(src, dst)
+    info = {"source_sha256": digest, "sha256": sha256_file(dst), "records": records}
+    atomic_write_bytes(stamp, json.dumps(info).encode())
+    return {"path": f"{INPUTS_DIR}/{dst.name}", "sha256": info["sha256"]}
 
 
 def _duplicates(kind: str, checks: list[ShardCheck], tasks: list[ShardTask]) -> list[Rejection]:
@@ -333,7 +357,17 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
     if cfg.top_k > vocab:
         raise InputError(f"--top-k {cfg.top_k} exceeds the vocabulary ({vocab})")
 
-    tasks, inputs = plan_tasks(cfg)
+    dry_dir = tempfile.TemporaryDirectory(prefix="lmod-dry-run-") if cfg.dry_run else None  # nothing in OUT
+    try:
+        tasks, inputs = plan_tasks(cfg, Path(dry_dir.name) if dry_dir else None)
+        return _dump_planned(cfg, out, encoder, vocab, tasks, inputs)
+    finally:
+        if dry_dir is not None:
+            dry_dir.cleanup()
+
+
+def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: list[ShardTask],
+                  inputs: dict[str, Any]) -> Manifest:
     if not tasks:
         raise InputError("no records to dump: the inputs are empty")
     run = {
@@ -378,8 +412,13 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
             lines = [json.dumps({"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason})
                      for r in rejected]
             atomic_write_bytes(out / REJECTED_NAME, "".join(line + "\n" for line in lines).encode())
+            # A resume whose refusals were lost re-validates; validation is a pure function of the
+            # inputs (their digests are part of the run), so its finished shards stay: each is
+            # still checked against its checksum before it counts as done.
+            kept = manifest.shards if manifest is not None and not cfg.force else {}
             manifest = Manifest(run={**run, "records": {k: sum(c.records for c in checks if c.kind == k)
-                                                        for k in inputs}, "rejected": len(rejected)})
+                                                        for k in inputs}, "rejected": len(rejected)},
+                                shards=dict(kept))
             manifest.save(out)
         else:
             _refuse_invalid(cfg, rejected, None)

@@ -342,3 +342,40 @@ def test_a_worker_scoring_in_chunks_writes_the_same_rows(world, teacher, tmp_pat
         assert g["sample_id"] == w["sample_id"] and g["response_ids"] == w["response_ids"]
         assert g["topk_ids"][0] == w["topk_ids"][0]
         np.testing.assert_allclose(np.concatenate(g["topk_logprobs"]), np.concatenate(w["topk_logprobs"]), atol=1e-4)
+
+
+def test_a_json_list_is_converted_once_into_the_dump_and_teaches_what_jsonl_does(world, teacher, tmp_path, hf_dump):
+    """LLaVA's mix is one ~1 GB JSON list: it is streamed once into OUT/inputs/mimic.jsonl (its sha256
+    in the manifest), which every reader then seeks in; a rerun reuses it; rows equal the JSONL dump's."""
+    import pyarrow.parquet as pq
+
+    from shared.shards import shard_paths
+    from teacher_dump.run import DumpConfig, dump_teacher
+
+    w = _copy_world(world, tmp_path)
+    records = [json.loads(line) for line in (w / "mimic.jsonl").read_text().splitlines()]
+    (w / "mimic.json").write_text(json.dumps(records, indent=1))
+    out = tmp_path / "out"
+    cfg = DumpConfig(model=teacher, out=out, mimic_data=w / "mimic.json", pref_data=w / "pref.jsonl", shards=3,
+                     top_k=8, backend="hf", max_model_len=256, progress=False, encoding="f32", image_root=w)
+    manifest = dump_teacher(cfg)
+    converted = out / "inputs" / "mimic.jsonl"
+    assert [json.loads(line) for line in converted.read_text().splitlines()] == records
+    assert manifest.run["inputs"]["mimic"]["converted"]["path"] == "inputs/mimic.jsonl"
+    rows = lambda d: [r for p in shard_paths(d, "mimic") for r in pq.read_table(p).to_pylist()]  # noqa: E731
+    assert rows(out) == rows(hf_dump)
+    stamps = {p: p.stat().st_mtime_ns for p in [converted, *out.rglob("*.parquet")]}
+    assert dump_teacher(cfg).shards == manifest.shards
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing converted or scored again
+
+
+def test_a_resume_whose_refusals_were_lost_revalidates_and_keeps_its_finished_shards(world, teacher, tmp_path):
+    out = tmp_path / "out"
+    dump(world, teacher, out, "hf", shards=2, top_k=4, encoding="u8")  # as the CLI runs below
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    (out / "rejected.jsonl").unlink()
+    res = _cli(*_dump_args(world, teacher, out))
+    assert res.exit_code == 0, res.output
+    assert "4 already finished, 0 to run" in res.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
+    assert (out / "rejected.jsonl").is_file() and len(Manifest.load(out).shards) == 4
