@@ -1,0 +1,165 @@
+"""The GPU-only paths, checked the day a GPU is lent (`bash pipelines/gpu_check.sh`; CI does not run
+it). On the tiny world, in a few minutes, with every GPU of the machine:
+
+1. a teacher dump on the GPU (vLLM when it imports, else the transformers backend; says which);
+2. `torchrun` bf16 mimic and pref training, one rank per GPU, each killed (SIGKILL) after its first
+   checkpoint and resumed: the resumed run ends where an uninterrupted one does, and its per-step
+   losses equal a CPU float32 run of the same steps within bf16 tolerance;
+3. `lmod eval --device cuda`: float32 answers equal the CPU's; bf16 metrics are printed;
+4. the peak GPU memory of one mimic step at V = 151,936 (vocabulary padded), logits vs fused head.
+
+Prints one JSON summary; exits non-zero at the first check that fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).parents[1]
+LMOD = [sys.executable, "-m", "pipelines.cli"]
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+    if res.returncode != 0:
+        raise SystemExit(f"gpu_check: {' '.join(cmd[:6])} ... failed:\n{res.stderr[-3000:]}")
+    return res
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _torchrun(gpus: int, port: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port", str(port),
+            "-m", "pipelines.cli", *args]
+
+
+def _killed_then_resumed(cmd: list[str], out: Path) -> None:
+    """Start `cmd`, SIGKILL its process group once OUT has a checkpoint, then rerun with --resume."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "latest_checkpoint").exists():
+        if proc.poll() is not None or time.time() > deadline:
+            raise SystemExit(f"gpu_check: no checkpoint before the kill:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _run([*cmd, "--resume"], timeout=600)
+
+
+def check_training(stage: str, shards: Path, student: Path, world: Path, tmp: Path, gpus: int) -> dict:
+    cfg = tmp / f"{stage}.yaml"
+    lr = "0.002" if stage == "mimic" else "0.0002"
+    base = f"stage: {stage}\nsteps: 6\nbatch_size: {4 * gpus}\nlr: {lr}\nwarmup: 1\naux_loss_coef: 0.0\nsave_every: 3\n"
+    cfg.write_text(base + "dtype: bfloat16\ndevice: cuda\ntrain: [all]\n")
+    (tmp / f"{stage}_cpu.yaml").write_text(base + "dtype: float32\ndevice: cpu\ntrain: [all]\n")
+    args = ["train", "--stage", stage, "--shards", str(shards), "--student", str(student), "--image-root", str(world)]
+    _run([*LMOD, *args, "--out", str(tmp / f"{stage}_cpu"), "--config", str(tmp / f"{stage}_cpu.yaml")], timeout=600)
+    _run(_torchrun(gpus, 29611, [*args, "--out", str(tmp / f"{stage}_gpu"), "--config", str(cfg)]), timeout=600)
+    _killed_then_resumed(_torchrun(gpus, 29612, [*args, "--out", str(tmp / f"{stage}_resumed"), "--config",
+                                                 str(cfg)]), tmp / f"{stage}_resumed")
+    cpu, gpu, resumed = (_losses(tmp / f"{stage}_{k}") for k in ("cpu", "gpu", "resumed"))
+    for a, b in zip(cpu, gpu, strict=True):
+        assert abs(a - b) <= 0.03 * abs(a) + 0.01, (stage, "bf16 GPU vs CPU float32 losses", cpu, gpu)
+    for a, b in zip(gpu, resumed, strict=True):
+        assert abs(a - b) <= 1e-3 * abs(a) + 1e-4, (stage, "killed and resumed vs uninterrupted", gpu, resumed)
+    return {"cpu_float32": cpu, "gpu_bf16": gpu, "gpu_bf16_resumed": resumed}
+
+
+def peak_step_memory(student: Path, vocab_rows: int = 151_936, rows: int = 8, length: int = 2048) -> dict:
+    from transformers import AutoModelForImageTextToText
+
+    from shared.mllm import FinalHidden
+    from student_train.data import MimicBatch
+    from student_train.losses import mimic_token_losses
+    from student_train.train import TrainConfig, mimic_terms
+
+    out = {}
+    for mode in ("logits", "fused"):
+        model = AutoModelForImageTextToText.from_pretrained(str(student), dtype=torch.float32).cuda()
+        vocab = model.config.text_config.vocab_size
+        model.resize_token_embeddings(vocab_rows, mean_resizing=False)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (rows, length), generator=gen)
+        response = 128
+        cols = torch.arange(length - response - 1, length - 1).repeat(rows)
+        index = torch.arange(rows).repeat_interleave(response)
+        top = torch.randn(index.numel(), 256, generator=gen).log_softmax(-1).topk(64, -1)
+        batch = MimicBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, index, cols, top.indices,
+                           top.values, (1 - top.values.double().exp().sum(-1)).clamp(min=0).float()).to("cuda")
+        cfg = TrainConfig(dtype="bfloat16")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if mode == "fused":
+                    loss = mimic_terms(model, batch, cfg, FinalHidden(model), vocab)["objective"]
+                else:
+                    logits = model(**batch.inputs).logits[batch.rows, batch.cols, :vocab]
+                    targets = batch.inputs["input_ids"][batch.rows, batch.cols + 1]
+                    loss = mimic_token_losses(logits, batch.topk_ids, batch.topk_logprobs, batch.rest_mass, targets,
+                                              1.0, 0.0)[:, 0].sum()
+            loss.backward()
+            torch.cuda.synchronize()
+            out[mode] = {"peak_mb": round((torch.cuda.max_memory_allocated() - base) / 2**20), "loss": float(loss)}
+        except torch.OutOfMemoryError:
+            out[mode] = {"peak_mb": None, "loss": None, "error": "out of memory"}
+        del model, batch
+        torch.cuda.empty_cache()
+    return {"vocab": vocab_rows, "rows": rows, "tokens_per_row": length, **out}
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no GPU visible; this check is for a machine with one (CI does not run it)")
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 answers compared with the CPU's
+    gpus = torch.cuda.device_count()
+    from shared.world import make_world
+    from student_train.moe import make_dense_student, upcycle
+    from teacher_dump.tiny_teacher import make_tiny_teacher
+
+    summary: dict = {"gpus": gpus, "device": torch.cuda.get_device_name(0)}
+    with tempfile.TemporaryDirectory(prefix="lmod-gpu-check-") as name:
+        tmp = Path(name)
+        world = tmp / "world"
+        make_world(world, seed=3, n_mimic=64, n_pref=32, n_eval=16)
+        make_tiny_teacher(world, tmp / "teacher", steps=200)
+        try:
+            import vllm  # noqa: F401
+
+            backend = "vllm"
+        except ImportError:
+            backend = "hf"
+        summary["dump_backend"] = backend
+        _run([*LMOD, "dump-teacher", "--model", str(tmp / "teacher"), "--out", str(tmp / "shards"), "--mimic-data",
+              str(world / "mimic.jsonl"), "--pref-data", str(world / "pref.jsonl"), "--shards", "4", "--top-k", "16",
+              "--backend", backend, "--dtype", "bfloat16", "--max-model-len", "256"], timeout=900)
+        make_dense_student(tmp / "teacher", tmp / "dense")
+        upcycle(tmp / "dense", tmp / "student")
+        summary["mimic"] = check_training("mimic", tmp / "shards", tmp / "student", world, tmp, gpus)
+        summary["pref"] = check_training("pref", tmp / "shards", tmp / "mimic_gpu", world, tmp, gpus)
+        evals = {}
+        for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
+            res = _run([*LMOD, "eval", "--model", str(tmp / "mimic_gpu"), "--data", str(world / "eval.jsonl"),
+                        "--device", device, "--dtype", dtype], timeout=600)
+            evals[f"{device}_{dtype}"] = json.loads(res.stdout)
+        assert evals["cuda_float32"]["accuracy_by_type"] == evals["cpu_float32"]["accuracy_by_type"], evals
+        summary["eval_accuracy"] = {k: v["accuracy"] for k, v in evals.items()}
+        summary["step_memory"] = peak_step_memory(tmp / "student")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
