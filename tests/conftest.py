@@ -15,6 +15,23 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 TOP_K = 8
 
+# Test tiers (pytest markers, registered in pyproject.toml). `pytest` runs the fast tier;
+# `.ci/run` runs every tier. A test is `integration` when it says so or uses a teacher dump
+# fixture; `slow` (whole demo, recipes, kill/resume) and `distributed` (torchrun) are marked by hand;
+# every other test is `fast`.
+TIERS = ("fast", "integration", "slow", "distributed")
+_DUMP_FIXTURES = {"vllm_dump", "hf_dump", "u8_dump", "family_dumps", "held_out_dump"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        marked = {m.name for m in item.iter_markers()} & set(TIERS)
+        if not marked and _DUMP_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+            marked = {"integration"}
+        if not marked:
+            item.add_marker(pytest.mark.fast)
+
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipelines.demo import DemoConfig, run_demo
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_end_to_end_resumes_and_repeats(tmp_path):

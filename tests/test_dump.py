@@ -16,6 +16,8 @@ from shared.schema import MIMIC_SCHEMA, PREF_SCHEMA
 from shared.shards import dump_info, shard_paths, verify_dump
 from tests.conftest import TOP_K
 
+pytestmark = pytest.mark.integration
+
 
 def read_kind(dump_dir: Path, kind: str) -> list[dict]:
     rows = []

@@ -198,6 +198,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.distributed
 def test_ddp_trains_a_llava_next_student_on_rows_with_and_without_images(family_models, family_world, tmp_path):
     """2 gloo ranks vs one process, everything trainable, on a LLaVA-NeXT student whose CLIP tower's
     last layer and post-layernorm are never read, over rows with and without images (a rank's

@@ -13,6 +13,8 @@ from pipelines.cli import app
 from shared.manifest import Manifest
 from tests.conftest import dump
 
+pytestmark = pytest.mark.integration
+
 
 def _copy_world(world: Path, tmp_path: Path) -> Path:
     out = tmp_path / "w"
@@ -94,6 +96,7 @@ def test_skip_invalid_records_reasons_and_dumps_the_rest(world, teacher, tmp_pat
     assert sum(e.rows for e in m.shards.values() if e.kind == "pref") == 23
 
 
+@pytest.mark.fast
 def test_zero_shards_refused(world, teacher, tmp_path):
     res = _cli(*_dump_args(world, teacher, tmp_path / "out")[:-8], "--shards", "0")
     assert res.exit_code == 2 and "--shards must be >= 1" in res.output
@@ -171,6 +174,7 @@ def test_image_token_inside_an_answer_and_a_truncated_png_are_named(world, teach
 
 @pytest.mark.parametrize("extra,expected", [(["--dtype", "fp32"], "--dtype 'fp32'"),
                                             (["--workers", "0"], "--workers must be >= 1")])
+@pytest.mark.fast
 def test_bad_options_get_one_line(world, teacher, tmp_path, extra, expected):
     res = _cli(*_dump_args(world, teacher, tmp_path / "out", *extra))
     assert res.exit_code == 2 and expected in res.output and len(res.output.strip().splitlines()) == 1
@@ -229,6 +233,7 @@ def test_a_second_dump_into_the_same_out_is_locked_out_and_stale_temp_files_go(w
     assert not stale.exists()
 
 
+@pytest.mark.fast
 def test_max_model_len_beyond_the_models_positions_is_refused(world, teacher, tmp_path):
     args = [a if a != "256" else "4096" for a in _dump_args(world, teacher, tmp_path / "out")]
     res = _cli(*args)
@@ -254,6 +259,7 @@ def _raw_rows(path: Path) -> list[tuple[int, dict]]:
     return [(i, json.loads(line)) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
 
 
+@pytest.mark.fast
 def test_shards_are_planned_from_row_counts_and_slices_cover_every_row_once(world, tmp_path):
     """JSONL (a blank line, no final newline), Parquet (row groups of 5), a datasets directory and
     a JSON list: any number of shards reads each row exactly once, as the plain reader does."""

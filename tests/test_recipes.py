@@ -14,7 +14,10 @@ import pytest
 ROOT = Path(__file__).parents[1]
 RECIPES = ROOT / "pipelines" / "recipes"
 
+pytestmark = pytest.mark.slow
 
+
+@pytest.mark.fast
 @pytest.mark.parametrize("env_file", ["smolvlm.env", "qwen3_vl.env"])
 def test_full_size_settings_name_every_variable_the_recipe_needs(env_file):
     script = (RECIPES / "distill.sh").read_text()

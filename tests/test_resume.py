@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from shared.manifest import Manifest
 from shared.shards import verify_dump
 from tests.conftest import dump
+
+pytestmark = pytest.mark.slow
 
 SHARDS = 6
 

@@ -158,6 +158,16 @@ def test_padded_embedding_rows_are_no_tokens(hf_dump, world, moe_student, tmp_pa
                                                                          rel=1e-5)
 
 
+@pytest.mark.distributed
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
 def test_two_ddp_ranks_match_one_process(hf_dump, world, moe_student, tmp_path):
     """torchrun, 2 CPU ranks (gloo) vs one process on the same global batch. The router aux loss
     is per rank (as in Switch and Megatron), so it is off here to compare exactly."""
@@ -170,7 +180,7 @@ def test_two_ddp_ranks_match_one_process(hf_dump, world, moe_student, tmp_path):
     cfg_file.write_text("stage: mimic\nsteps: 3\nbatch_size: 8\nlr: 0.002\nwarmup: 1\naux_loss_coef: 0.0\n")
     single = TrainConfig.from_yaml(cfg_file)
     train([hf_dump], moe_student, tmp_path / "one", single, image_root=world, progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(hf_dump), "--student",
            str(moe_student), "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(world)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1],
@@ -205,6 +215,7 @@ def test_eval_cli_reports_accuracy_pope_experts_and_kl(moe_student, teacher, wor
     assert kl_to_teacher(teacher, [held_dump], held_world) < 1e-4  # the teacher agrees with itself
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(hf_dump, world, moe_student, tmp_path):
     """SIGKILL mid-run, between checkpoints: the rerun replays from the checkpoint and ends with the
     same weights and metrics as an uninterrupted run."""
