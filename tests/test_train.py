@@ -158,7 +158,6 @@ def test_padded_embedding_rows_are_no_tokens(hf_dump, world, moe_student, tmp_pa
                                                                          rel=1e-5)
 
 
-@pytest.mark.distributed
 def _free_port() -> int:
     import socket
 
