@@ -226,6 +226,8 @@ def train_cmd(
     image_root: Path | None = typer.Option(None, help="Root of the shards' image paths."),
     resume: bool = typer.Option(False, help="Continue from OUT's checkpoint."),
     allow_partial: bool = typer.Option(False, help="Train on a dump whose shards are not all finished."),
+    stop_after: int | None = typer.Option(None, min=1, help="End this run after N more steps, at a checkpoint "
+                                          "(time-boxed or preemptible jobs); --resume continues it."),
     seed: int | None = typer.Option(None),
     steps: int | None = typer.Option(None),
     kd: str | None = typer.Option(None, help="topk | sampled (RS-KD on a dump made with --sample)"),
@@ -252,7 +254,8 @@ def train_cmd(
     if (out / "latest_checkpoint").exists() and not resume:
         fail(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     try:
-        history = train(shards, student, out, cfg, image_root=image_root, resume=resume, allow_partial=allow_partial)
+        history = train(shards, student, out, cfg, image_root=image_root, resume=resume, allow_partial=allow_partial,
+                        stop_after=stop_after)
     except (ShardError, TrainError, TemplateError, FileNotFoundError) as e:
         fail(str(e))
     typer.echo(json.dumps(history[-1] if history else {}))

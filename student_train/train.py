@@ -73,6 +73,9 @@ class TrainConfig:
     # What trains (student_train/parts.py): vision, projector, language, experts, router, or [all].
     # The paper's default for the distillation stages: the MoE experts and routers, vision frozen.
     train: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN))
+    # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
+    # the rest (FSDP2 fully_shard) for students whose weights + gradients + Adam do not fit one device.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
@@ -330,18 +333,55 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     except ValueError as e:
         raise TrainError(str(e)) from None
     tap = RouterTap(model)
+    fsdp = dist.world > 1 and cfg.parallel == "fsdp"
     # Frozen parameters get no gradient, no optimizer state and are not all-reduced.
-    forward_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
+    if fsdp:
+        forward_model = shard_model(model)
+    else:
+        forward_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     step = 0
     if checkpoint is not None:
         # Each rank reads the optimizer state onto its own device (not the device it was saved from).
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location=device)
-        opt.load_state_dict(state["optimizer"])
+        if state.get("layout") == "full":  # written by a sharded run: keyed by parameter names
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
         step = state["step"]
     return Trainer(cfg, device, dist, model, forward_model, opt, tap, FinalHidden(model), encoder,
                    len(encoder.tokenizer), data, out, unused_safe_params(model), trained_parts, step)
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: each language-model layer (the family's `_no_split_modules`) is its own group, gathered
+    for its forward and backward only; the rest (vision tower, projector, embeddings, head) is one
+    root group that every rank gathers at every forward, so a micro-batch without images runs the
+    same collectives as one with images."""
+    from torch.distributed.fsdp import fully_shard
+
+    from student_train.parts import part_of
+
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for name, module in model.named_modules():
+        if type(module).__name__ in layers and part_of(name + ".") == "language":
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def full_state(t: Trainer) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Under FSDP the whole model and optimizer state gathered onto the CPU (a collective: every
+    rank calls it); None otherwise (rank 0 saves its replica)."""
+    if not (t.dist.world > 1 and t.cfg.parallel == "fsdp"):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(t.model, options=opts), get_optimizer_state_dict(t.model, t.opt, options=opts)
 
 
 def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: dict[str, float], sync: bool
@@ -351,7 +391,11 @@ def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: di
     cfg = t.cfg
     autocast = torch.autocast(device_type=t.device.split(":")[0], dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bfloat16")
-    no_sync = t.forward_model.no_sync() if t.dist.world > 1 and not sync else nullcontext()
+    if t.dist.world > 1 and cfg.parallel == "fsdp":
+        t.forward_model.set_requires_gradient_sync(sync)  # FSDP's no_sync: reduce-scatter on the last only
+        no_sync = nullcontext()
+    else:
+        no_sync = t.forward_model.no_sync() if t.dist.world > 1 and not sync else nullcontext()
     with no_sync:
         with autocast:
             if cfg.stage == "mimic":
@@ -365,8 +409,11 @@ def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: di
         else:
             loss = terms["dpo_loss"] / per_rank["pairs"] + cfg.pref_ce_weight * terms["ce"] / per_rank["tokens"]
         loss = loss + (cfg.aux_loss_coef * terms["aux_loss"] + cfg.z_loss_coef * terms["z_loss"]) / per_rank["micro"]
-        if t.dist.world > 1 and t.always_touched:  # the same gradient set on every rank, whatever it read
-            loss = loss + 0.0 * torch.stack([p.sum() for p in t.always_touched]).sum()
+        # The same gradient set on every rank, whatever it read. Under FSDP the parameters are looked up
+        # now: after the forward the module holds the gathered (unsharded) ones.
+        touched = unused_safe_params(t.model) if cfg.parallel == "fsdp" else t.always_touched
+        if t.dist.world > 1 and touched:
+            loss = loss + 0.0 * torch.stack([p.sum() for p in touched]).sum()
         loss.backward()
     return {"loss": loss.detach().double(), **{k: v.detach().double() for k, v in terms.items()}}
 
@@ -401,7 +448,8 @@ def train_step(t: Trainer, micro_batches: list[MimicBatch | PrefBatch]) -> StepR
     metrics = {k: v / denominators[_MEAN_OVER[k]] for k, v in zip(names, values, strict=True) if k in _MEAN_OVER}
     metrics["tokens"] = counts[0]
     per_layer = reduced[len(names):].reshape(expert_counts.shape)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip))
+    norm = torch.nn.utils.clip_grad_norm_([p for p in t.model.parameters() if p.requires_grad], cfg.grad_clip)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):  # before anything reaches the weights
         terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         t.opt.zero_grad(set_to_none=True)
@@ -443,7 +491,8 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     rank0 = t.dist.rank == 0
     if rank0 and progress:
         parts = ", ".join(f"{k} {v / 1e6:.3g}M" for k, v in sorted(t.trained_parts.items()))
-        print(f"training {'/'.join(cfg.train)}: {parts} parameters", file=sys.stderr)
+        how = f", {cfg.parallel} over {t.dist.world} ranks" if t.dist.world > 1 else ""
+        print(f"training {'/'.join(cfg.train)}: {parts} parameters{how}", file=sys.stderr)
     out = t.out
     out.mkdir(parents=True, exist_ok=True)
     metrics_file = _open_metrics(out, t.step) if rank0 else None
@@ -466,10 +515,11 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
             shown["load"] = "/".join(f"{x:.2f}" for x in result.expert_load)
             bar.set_postfix(shown)
         if (cfg.save_every and t.step % cfg.save_every == 0) or t.step == stop_at:
+            gathered = full_state(t)
             if rank0:
-                save_checkpoint(t.model, t.opt, t.step, out, t.encoder)
+                save_checkpoint(t.model, t.opt, t.step, out, t.encoder, gathered)
                 if t.step == cfg.steps:  # the finished model, loadable from OUT itself
-                    t.model.save_pretrained(str(out))
+                    t.model.save_pretrained(str(out), state_dict=gathered[0] if gathered else None)
                     t.encoder.processor.save_pretrained(str(out))
             t.dist.barrier()
     bar.close()
@@ -524,7 +574,8 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[1])
 
 
-def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder) -> None:
+def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder,
+                    gathered: tuple[dict, dict] | None = None) -> None:
     """OUT/checkpoint-STEP/: safetensors weights (from_pretrained-loadable), processor, optimizer and
     data position. The OUT/latest_checkpoint pointer moves only once the directory is complete, so a
     kill while saving leaves the previous checkpoint in force; older checkpoints are then removed."""
@@ -533,9 +584,10 @@ def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder) ->
     from shared.manifest import atomic_write_bytes
 
     ckpt = out / f"checkpoint-{step:07d}"
-    model.save_pretrained(str(ckpt))
+    model.save_pretrained(str(ckpt), state_dict=gathered[0] if gathered else None)
     encoder.processor.save_pretrained(str(ckpt))
-    torch.save({"optimizer": opt.state_dict(), "step": step}, ckpt / "trainer_state.pt")
+    optimizer = {"optimizer": gathered[1], "layout": "full"} if gathered else {"optimizer": opt.state_dict()}
+    torch.save({**optimizer, "step": step}, ckpt / "trainer_state.pt")
     atomic_write_bytes(out / LATEST, ckpt.name.encode())
     for old in out.glob("checkpoint-*"):
         if old != ckpt:

@@ -733,3 +733,34 @@ def test_eval_runs_in_the_runs_dtype_on_the_named_device(moe_student, world, hel
         res = CliRunner().invoke(app, ["eval", "--model", str(moe_student), "--data", str(world / "eval.jsonl"),
                                        "--device", "cuda"])
         assert res.exit_code != 0 and "no GPU is visible" in res.output
+
+
+@pytest.mark.distributed
+def test_fsdp_ranks_stopped_and_resumed_match_one_process(hf_dump, world, moe_student, tmp_path):
+    """parallel: fsdp (FSDP2 fully_shard, gloo): 2 ranks that stop at a checkpoint after 2 of 4 steps
+    and resume (gathered weights and name-keyed optimizer state) end with one process's weights."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg_file = tmp_path / "fsdp.yaml"
+    cfg_file.write_text("stage: mimic\nsteps: 4\nbatch_size: 8\nlr: 0.002\nwarmup: 1\naux_loss_coef: 0.0\n"
+                        "loader_workers: 0\ntrain: [all]\nparallel: fsdp\n")
+    train([hf_dump], moe_student, tmp_path / "one", TrainConfig.from_yaml(cfg_file), image_root=world, progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+           "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(hf_dump), "--student",
+           str(moe_student), "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(world)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for extra in (["--stop-after", "2"], ["--resume"]):
+        res = subprocess.run([*cmd[:6], str(_free_port()), *cmd[7:], *extra], capture_output=True, text=True,
+                             cwd=Path(__file__).parents[1], env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "fsdp over 2 ranks" in res.stderr
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
