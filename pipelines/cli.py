@@ -251,8 +251,6 @@ def train_cmd(
     except (ValueError, OSError) as e:
         fail(f"config: {e}")
     require_model(student, "--student")
-    if (out / "latest_checkpoint").exists() and not resume:
-        fail(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     try:
         history = train(shards, student, out, cfg, image_root=image_root, resume=resume, allow_partial=allow_partial,
                         stop_after=stop_after)

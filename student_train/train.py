@@ -317,6 +317,7 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     if cfg.batch_size % dist.world:
         raise TrainError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
     out = Path(out)
+    _check_out(out, student, shards, resume)
     checkpoint = latest_checkpoint(out) if resume else None
     if resume:
         _check_resumable(out, checkpoint, cfg)
@@ -554,6 +555,33 @@ def _check_resumable(out: Path, checkpoint: Path | None, cfg: TrainConfig) -> No
         diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise TrainError(f"{out}: --resume with a changed config ({diff}); resume with the run's own config "
                          f"({saved_path}), or train into another --out")
+
+
+# What a model directory holds: a fresh run never writes into one (its weights would be replaced).
+_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "preprocessor_config.json", "processor_config.json", "chat_template.jinja", "chat_template.json")
+
+
+def _check_out(out: Path, student: Path, shards: list[Path], resume: bool) -> None:
+    """OUT is this run's: never the student or a dump it reads, and (without --resume) holding no
+    model or checkpoint. The leftovers of a run killed before its first checkpoint (its metrics and
+    config) are this run's to redo."""
+    target = out.resolve()
+    for what, path in [("--student", Path(student)), *[("--shards", Path(s)) for s in shards]]:
+        if target == path.resolve():
+            raise TrainError(f"--out {out} is the {what} directory this run reads; train into another --out")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: exists and is not a directory; --out must be a training directory")
+    if resume or not out.is_dir():
+        return
+    if (out / LATEST).exists():
+        raise TrainError(f"{out} holds a training run; pass --resume to continue it or choose another --out")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name in _MODEL_FILES or p.suffix == ".safetensors" or p.name.startswith("checkpoint-")
+                     or p.name == "manifest.json")
+    if foreign:
+        raise TrainError(f"{out} holds {foreign[0]!r}: a model or another run's files, not this run's; train into "
+                         "a new or empty --out (nothing there was changed)")
 
 
 def _logged_step(line: str) -> int:

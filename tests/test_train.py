@@ -764,3 +764,23 @@ def test_fsdp_ranks_stopped_and_resumed_match_one_process(hf_dump, world, moe_st
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_train_never_writes_into_a_model_directory_or_its_own_inputs(hf_dump, world, moe_student, teacher, tmp_path):
+    """`--out` set to the student, the teacher or any model directory was written over (exit 0)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    before = {p: p.read_bytes() for p in [*moe_student.iterdir(), *teacher.iterdir()] if p.is_file()}
+    for out, expected in [(moe_student, "is the --student directory"), (teacher, "a model or another run's files"),
+                          (hf_dump, "is the --shards directory")]:
+        res = CliRunner().invoke(app, ["train", "--stage", "mimic", "--shards", str(hf_dump), "--student",
+                                       str(moe_student), "--out", str(out), "--image-root", str(world)])
+        assert res.exit_code == 2 and expected in res.output, res.output
+    assert {p: p.read_bytes() for p in before} == before
+    leftovers = tmp_path / "killed-early"  # a run killed before its first checkpoint: redone
+    leftovers.mkdir()
+    (leftovers / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = TrainConfig(stage="mimic", steps=1, batch_size=4, loader_workers=0)
+    assert len(train([hf_dump], moe_student, leftovers, cfg, image_root=world, progress=False)) == 1
