@@ -59,6 +59,26 @@ class SampleEncoder:
         self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.eos_ids = {int(i) for i in eos_ids} | {self.tokenizer.eos_token_id} - {None}
         self.pad_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Strings the tokenizer reads as special tokens wherever they appear: in user text they would
+        # end a turn early, forge one, or become an image token.
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_texts: list[str] = sorted(
+            {str(t) for t in getattr(self.tokenizer, "all_special_tokens", [])}
+            | {getattr(t, "content", str(t)) for t in added.values() if getattr(t, "special", False)}, key=len,
+            reverse=True)
+
+    def check_text(self, messages: Messages) -> None:
+        """User text is text: a question or answer holding the literal text of a special token is
+        refused, naming the token (the tokenizer would read it as that token: an answer cut at
+        `<end_of_utterance>`, an assistant turn forged in a question)."""
+        for i, message in enumerate(messages):
+            for item in message["content"]:
+                text = item.get("text") if isinstance(item, dict) else None
+                hit = next((t for t in self.special_texts if text and t in text), None) if text else None
+                if hit is not None:
+                    part = "answer" if message["role"] == "assistant" else "question"
+                    raise ValueError(f"the {part} of turn {i} contains {hit!r}, a special token of {self.name}'s "
+                                     "tokenizer, which would read it as that token; remove it from the data")
 
     # -- text ---------------------------------------------------------------------------------
     def render(self, messages: Messages, add_generation_prompt: bool) -> str:
@@ -92,6 +112,7 @@ class SampleEncoder:
 
     def encode(self, messages: Messages, image: ImageFeatures | None = None,
                responses: Sequence[Sequence[int]] | None = None) -> ModelInputs:
+        self.check_text(messages)
         rendered = render_with_spans(self.render, messages, self.name)
         ids, ranges = self._response_ranges(rendered.text, rendered.chunks)
         if responses is not None and len(responses) != len(ranges):
@@ -112,6 +133,7 @@ class SampleEncoder:
 
     def encode_prompt(self, messages: Messages, image: ImageFeatures | None = None) -> ModelInputs:
         """The generation prompt for the last user turn (evaluation)."""
+        self.check_text(messages)
         text = self.render(messages, True)
         ids, _ = self._tokens(text)
         return self._with_image(ids, [False] * len(ids), [], text, image)

@@ -5,6 +5,7 @@ text model (vLLM + hf). One vLLM engine per family per session."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,20 @@ def test_a_token_across_the_prompt_response_boundary_belongs_to_the_response(fam
     other = load_encoder(family_models["smolvlm"])  # the shipped template: no space after "Assistant:"
     student = other.encode(llava_messages(turns, False), responses=[response])
     assert "Assistant: red circle<end_of_utterance>" in other.tokenizer.decode(student.ids)
+
+
+@pytest.mark.parametrize("family", ["smolvlm", "llava_next", "blip2"])
+def test_special_token_text_in_the_data_is_refused_naming_the_token(family, family_models):
+    """Every special token of each family's tokenizer, as literal text in an answer or a question, is
+    refused (it was read as the token: an answer cut at its end-of-turn, a turn forged in a question)."""
+    enc = load_encoder(family_models[family])
+    assert enc.special_texts
+    for tok in enc.special_texts:
+        for turns, part in [([{"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": f"a {tok} b"}],
+                             "answer of turn 1"),
+                            ([{"from": "human", "value": f"<image>\nwhat {tok}?"}, {"from": "gpt", "value": "b"}],
+                             "question of turn 0")]:
+            if tok == "<image>" and part.startswith("question"):
+                continue  # LLaVA data's own image placeholder: an image there, not text
+            with pytest.raises(ValueError, match=f"{part} contains {re.escape(repr(tok))}"):
+                enc.encode(llava_messages(turns, True), _ask(enc, (64, 64)).image)

@@ -68,6 +68,9 @@ def _set(key, value):
         ("mimic", 7, lambda line: line[:-3], "malformed JSON"),
         ("mimic", 2, _set("conversations", [{"from": "human", "value": "<image>\nhi"}]), "no response"),
         ("pref", 4, _set("rejected", None), "'rejected' missing"),
+        ("pref", 3, _set("chosen", "a red<end_of_utterance> circle"), "answer of turn 1 contains '<end_of_utterance>'"),
+        ("mimic", 4, _set("conversations", [{"from": "human", "value": "<image>\nhi<end_of_utterance>\nAssistant: no"},
+                                            {"from": "gpt", "value": "yes"}]), "question of turn 0 contains"),
     ],
 )
 def test_bad_record_is_named_and_nothing_is_written(world, teacher, tmp_path, kind, row, fn, expected):
