@@ -52,11 +52,23 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
     streamed, a few at a time; readers later trust them."""
     mine = vocabulary_facts(encoder.tokenizer)
     files: list[Path] = []
+    seen: dict[Path, Path] = {}
+    inputs: dict[str, Path] = {}
     for d in dirs:
+        if Path(d).resolve() in seen:
+            raise ShardError(f"{d}: given twice in --shards (as {seen[Path(d).resolve()]}); its rows would be "
+                             "trained twice")
+        seen[Path(d).resolve()] = Path(d)
         try:
             manifest = Manifest.load(d)
         except FileNotFoundError as e:
             raise ShardError(str(e)) from None
+        digest = manifest.run.get("inputs", {}).get(kind, {}).get("sha256")
+        if digest in inputs:
+            raise ShardError(f"{d} and {inputs[digest]} were dumped from the same {kind} data (sha256 {digest[:12]}); "
+                             "its rows would be trained twice: pass one of them")
+        if digest:
+            inputs[digest] = Path(d)
         if "vocabulary" in manifest.run:
             problem = vocabulary_mismatch(manifest.run["vocabulary"], mine)
         elif manifest.run["tokenizer_sha256"] != tokenizer_fingerprint(encoder.tokenizer):  # older dumps
@@ -84,7 +96,27 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
         files.extend(paths)
     if not files:
         raise ShardError(f"no {kind} shards in {', '.join(map(str, dirs))}; run `lmod dump-teacher` first")
+    if len(dirs) > 1:
+        _warn_shared_ids(files)
     return files
+
+
+def _warn_shared_ids(files: list[Path]) -> None:
+    """Dumps of different data that share sample ids (a subset dumped again, a renamed copy): said
+    once on stderr with the count and an example; their rows are trained as given."""
+    import sys
+
+    owner: dict[str, Path] = {}
+    shared: list[tuple[str, Path, Path]] = []
+    for path in files:
+        for sid in pq.read_table(path, columns=["sample_id"]).column(0).to_pylist():
+            first = owner.setdefault(sid, path)
+            if first.parent.parent != path.parent.parent:
+                shared.append((sid, first, path))
+    if shared:
+        sid, a, b = shared[0]
+        print(f"lmod: warning: {len(shared)} sample ids appear in more than one dump (e.g. {sid!r} in {a} and {b}); "
+              "those rows are trained once per dump", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------

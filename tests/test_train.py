@@ -784,3 +784,17 @@ def test_train_never_writes_into_a_model_directory_or_its_own_inputs(hf_dump, wo
     (leftovers / "metrics.jsonl").write_text('{"step": 1}\n')
     cfg = TrainConfig(stage="mimic", steps=1, batch_size=4, loader_workers=0)
     assert len(train([hf_dump], moe_student, leftovers, cfg, image_root=world, progress=False)) == 1
+
+
+def test_the_same_rows_are_not_trained_twice(hf_dump, u8_dump, held_out_dump, moe_student, capsys):
+    """--shards X --shards X, and two dumps of the same data, were concatenated without a word."""
+    enc = load_encoder(moe_student)
+    with pytest.raises(ShardError, match="given twice in --shards"):
+        check_shards([hf_dump, hf_dump], "mimic", enc)
+    with pytest.raises(ShardError, match="dumped from the same mimic data"):
+        check_shards([hf_dump, u8_dump], "mimic", enc)
+    files = check_shards([hf_dump, held_out_dump[0]], "mimic", enc)  # other data whose ids repeat: said once
+    assert len(files) == len(check_shards([hf_dump], "mimic", enc)) + len(check_shards([held_out_dump[0]], "mimic",
+                                                                                        enc))
+    err = capsys.readouterr().err
+    assert "sample ids appear in more than one dump (e.g. 'mimic-000000'" in err
