@@ -45,9 +45,9 @@ def check_environment() -> None:
 def world_make(
     out: Path = typer.Option(..., help="Directory to write images/ and the JSONL files into."),
     seed: int = typer.Option(0),
-    n_mimic: int = typer.Option(2000, help="Conversation records for mimic distillation."),
-    n_pref: int = typer.Option(500, help="Preference pairs."),
-    n_eval: int = typer.Option(400, help="Held-out evaluation questions (half POPE-style)."),
+    n_mimic: int = typer.Option(2000, min=0, help="Conversation records for mimic distillation."),
+    n_pref: int = typer.Option(500, min=0, help="Preference pairs."),
+    n_eval: int = typer.Option(400, min=0, help="Held-out evaluation questions (half POPE-style)."),
 ) -> None:
     """Write DIR/mimic.jsonl, DIR/pref.jsonl, DIR/eval.jsonl and DIR/images/."""
     from shared.world import make_world
@@ -169,7 +169,7 @@ def student_make_tiny(
     num_experts: int = typer.Option(4),
     top_k: int = typer.Option(2),
     moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
-    noise: float = typer.Option(0.0, help="Relative noise added to each expert copy."),
+    noise: float = typer.Option(0.0, min=0.0, help="Relative noise added to each expert copy."),
     seed: int = typer.Option(0),
 ) -> None:
     """Build the tiny dense student, then upcycle it (the same code as `lmod student upcycle`)."""
@@ -190,7 +190,8 @@ def student_upcycle(
     num_experts: int = typer.Option(4),
     top_k: int = typer.Option(2),
     moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
-    noise: float = typer.Option(0.0, help="Relative noise added to each expert copy (0: equals the dense model)."),
+    noise: float = typer.Option(0.0, min=0.0,
+                                help="Relative noise added to each expert copy (0: equals the dense model)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Sparse upcycling: the text model's FFNs become experts of its MoE counterpart (Qwen2 -> Qwen2-MoE,

@@ -148,6 +148,8 @@ def read_eval_records(data: Path, image_root: Path) -> list[dict]:
         missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str)]
         if missing:
             raise EvalDataError(f"{data}:{no}: {', '.join(repr(k) for k in missing)} missing or not a string")
+        if rec.get("type") == "pope" and normalise(rec["answer"]) not in ("yes", "no"):
+            raise EvalDataError(f"{data}:{no}: POPE label {rec['answer']!r} is not yes or no; fix or drop the line")
         path = image_root / rec["image"]
         if not path.is_file():
             raise EvalDataError(f"{data}:{no}: image not found: {path} (check --image-root)")

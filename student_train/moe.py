@@ -165,6 +165,8 @@ def upcycle(
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     dense_dir, out = Path(dense_dir), Path(out)
+    if not noise >= 0:  # NaN too
+        raise ValueError(f"--noise {noise}: the relative noise on each expert copy must be >= 0")
     dcfg = AutoConfig.from_pretrained(str(dense_dir))  # refuse before loading any weights
     text = dcfg.get_text_config()
     n_layers = text.num_hidden_layers

@@ -263,6 +263,9 @@ def _check_mimic(rec: dict) -> dict[str, Any]:
         raise ValueError("conversation must start with a human turn")
     if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
         raise ValueError("conversation has no response (no non-empty 'gpt' turn)")
+    empty = next((i for i, t in enumerate(turns) if t["from"] == "gpt" and not t["value"].strip()), None)
+    if empty is not None:
+        raise ValueError(f"turn {empty}: an empty answer (the student would learn to say nothing); drop the turn")
     if sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns) > 1:
         raise ValueError(f"more than one {IMAGE_PLACEHOLDER} placeholder; one image per sample is supported")
     return {"conversations": [{"from": t["from"], "value": t["value"]} for t in turns]}
@@ -296,6 +299,8 @@ def check_row(path: Path, kind: str, row: int, rec: Any, parse_error: str | None
             raise ValueError("record is not an object")
         if sid is None:
             raise ValueError("'id' missing")
+        if not sid.strip():
+            raise ValueError("'id' is empty; give every record a unique id")
         fields = (_check_mimic if kind == "mimic" else _check_pref)(rec)
         ref, resolved, data = _check_image(rec.get("image"), root)
         if ref is None and data is None and IMAGE_PLACEHOLDER in json.dumps(fields):
