@@ -62,8 +62,11 @@ def _load_dataset(path: Path) -> Any:
     ds = datasets.load_from_disk(str(path))  # memory-mapped Arrow: opening it reads no rows
     if isinstance(ds, datasets.DatasetDict):
         raise InputError(f"{path}: a DatasetDict; point at one split's directory")
+    # Images stay bytes ({bytes, path}): decoded where they are checked, not on every row read.
     if "image" in ds.column_names and isinstance(ds.features["image"], datasets.Image):
         ds = ds.cast_column("image", datasets.Image(decode=False))
+    if "images" in ds.column_names and isinstance(getattr(ds.features["images"], "feature", None), datasets.Image):
+        ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
     return ds
 
 
@@ -285,22 +288,112 @@ def _check_pref(rec: dict) -> dict[str, Any]:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Formats users have, read into lmod's own (LLaVA conversations; id/image/question/chosen/rejected)
+
+
+def generated_id(path: Path, row: int) -> str:
+    """The id of a record that has none (raw RLAIF-V has `idx`, TRL's sets nothing): file and row,
+    stable across reruns of the same file."""
+    return f"{Path(path).name}:{row}"
+
+
+def _message_text(content: Any, where: str) -> tuple[str, int]:
+    """TRL message content (a string, or parts of type text/image) -> text with an `<image>`
+    placeholder per image part, and the number of image parts."""
+    if isinstance(content, str):
+        return content, content.count(IMAGE_PLACEHOLDER)
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: 'content' must be a string or a list of parts")
+    text, images = "", 0
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            text, images = text + IMAGE_PLACEHOLDER + "\n", images + 1
+        elif kind == "text" and isinstance(part.get("text"), str):
+            text += part["text"]
+        else:
+            raise ValueError(f"{where}: a content part must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
+    return text, images
+
+
+def _turns(messages: Any, where: str, roles: tuple[str, ...]) -> list[dict[str, str]]:
+    if isinstance(messages, str):  # a conversation stored as a JSON string (Parquet exports do this)
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise ValueError(f"'{where}' is a string that is not JSON") from None
+    if not isinstance(messages, list):
+        raise ValueError(f"'{where}' must be a list of messages")
+    turns = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in roles:
+            raise ValueError(f"{where} message {i}: role {role!r}; lmod reads {' and '.join(roles)} turns")
+        text, _ = _message_text(m.get("content"), f"{where} message {i}")
+        turns.append({"from": "human" if role == "user" else "gpt", "value": text})
+    return turns
+
+
+def _one_image(rec: dict) -> Any:
+    """`image`, or TRL's `images` list of one."""
+    if "images" not in rec:
+        return rec.get("image")
+    images = rec["images"]
+    if images is None or images == []:
+        return None
+    if not isinstance(images, list):
+        raise ValueError("'images' must be a list")
+    if len(images) > 1:
+        raise ValueError(f"{len(images)} images; one image per sample is supported")
+    return images[0]
+
+
+def canonical(kind: str, rec: dict) -> dict:
+    """A record in any accepted format -> lmod's own fields. Mimic: LLaVA `conversations` (also as
+    a JSON string), or TRL's conversational `messages` (+ `images`). Preference: `question` /
+    `chosen` / `rejected` strings (lmod's and raw RLAIF-V's), or TRL's vision preference format
+    (`prompt`, `chosen`, `rejected` as message lists, `images`)."""
+    out = {"id": rec.get("id"), "image": _one_image(rec)}
+    if kind == "mimic":
+        if "conversations" in rec:
+            conv = rec["conversations"]
+            if isinstance(conv, str):
+                try:
+                    conv = json.loads(conv)
+                except json.JSONDecodeError:
+                    raise ValueError("'conversations' is a string that is not JSON") from None
+            return {**out, "conversations": conv}
+        if "messages" in rec:
+            return {**out, "conversations": _turns(rec["messages"], "messages", ("user", "assistant"))}
+        raise ValueError("'conversations' (LLaVA) or 'messages' (TRL) missing")
+    if isinstance(rec.get("prompt"), (list, str)) and "question" not in rec:
+        prompt = _turns(rec["prompt"], "prompt", ("user",))
+        answers = {k: _turns(rec.get(k), k, ("assistant",)) for k in ("chosen", "rejected")}
+        if len(prompt) != 1 or any(len(a) != 1 for a in answers.values()):
+            raise ValueError("TRL preference rows need one user turn in 'prompt' and one assistant turn in 'chosen' "
+                             "and 'rejected'")
+        return {**out, "question": prompt[0]["value"], **{k: a[0]["value"] for k, a in answers.items()}}
+    return {**out, **{k: rec.get(k) for k in ("question", "chosen", "rejected")}}
+
+
 def check_row(path: Path, kind: str, row: int, rec: Any, parse_error: str | None,
               image_root: Path | None) -> Record | Rejection:
     """One raw row -> a Record, or the reason it is invalid (fields and image header; the image's
     pixels, the template and the length are checked where the record is encoded)."""
     path = Path(path)
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
-    sid = str(rec["id"]) if isinstance(rec, dict) and rec.get("id") is not None else None
+    sid = None
+    if isinstance(rec, dict):
+        sid = str(rec["id"]) if rec.get("id") is not None else generated_id(path, row)
     try:
         if parse_error:
             raise ValueError(parse_error)
         if not isinstance(rec, dict):
             raise ValueError("record is not an object")
-        if sid is None:
-            raise ValueError("'id' missing")
         if not sid.strip():
-            raise ValueError("'id' is empty; give every record a unique id")
+            raise ValueError("'id' is empty; give every record a unique id (or none: lmod then uses FILE:ROW)")
+        rec = canonical(kind, rec)
         fields = (_check_mimic if kind == "mimic" else _check_pref)(rec)
         ref, resolved, data = _check_image(rec.get("image"), root)
         if ref is None and data is None and IMAGE_PLACEHOLDER in json.dumps(fields):

@@ -35,6 +35,7 @@ from teacher_dump.inputs import (
     Rejection,
     count_rows,
     format_rejection,
+    generated_id,
     input_format,
     iter_slice,
     json_list_to_jsonl,
@@ -96,6 +97,10 @@ def plan_tasks(cfg: DumpConfig, convert_dir: Path | None = None) -> tuple[list[S
         rows = count_rows(path)
         inputs[kind]["rows"] = rows
         slices = plan_slices(path, kind, cfg.shards, rows) if rows else []
+        first = next(iter_slice(slices[0]), None) if slices else None
+        if first is not None and isinstance(first[1], dict) and first[1].get("id") is None:
+            _say(cfg, f"lmod: {path} has no 'id' field: each record's id is FILE:ROW (e.g. "
+                      f"{generated_id(path, first[0])!r}), stable while the file is unchanged")
         tasks += [ShardTask(kind, i, shard_name(kind, i, len(slices)), sl, root) for i, sl in enumerate(slices)]
     return tasks, inputs
 

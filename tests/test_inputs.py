@@ -388,3 +388,80 @@ def test_a_resume_whose_refusals_were_lost_revalidates_and_keeps_its_finished_sh
     assert "4 already finished, 0 to run" in res.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
     assert (out / "rejected.jsonl").is_file() and len(Manifest.load(out).shards) == 4
+
+
+def _trl_messages(turns: list[dict]) -> list[dict]:
+    out = []
+    for t in turns:
+        if t["from"] == "human":
+            parts = [{"type": "image"}] if "<image>" in t["value"] else []
+            out.append({"role": "user", "content": [*parts, {"type": "text",
+                                                              "text": t["value"].replace("<image>\n", "")}]})
+        else:
+            out.append({"role": "assistant", "content": [{"type": "text", "text": t["value"]}]})
+    return out
+
+
+def test_hugging_face_formats_teach_what_lmods_own_format_does(world, teacher, tmp_path):
+    """Files written the way each tool writes them: TRL's conversational `messages` + `images` (a
+    `datasets` directory, images inline), TRL's vision preference format (`images`, `prompt`,
+    `chosen`, `rejected` as message lists; Parquet by `datasets`), raw RLAIF-V (`image` as {bytes,
+    path} with a bare file name, `idx`, no `id`; Parquet) and `conversations` as a JSON string
+    (Parquet). Every stored value equals the dump of the same records in lmod's own JSONL."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from shared.shards import shard_paths
+    from teacher_dump.run import DumpConfig, dump_teacher
+
+    mimic = [json.loads(line) for line in (world / "mimic.jsonl").read_text().splitlines()[:6]]
+    pref = [json.loads(line) for line in (world / "pref.jsonl").read_text().splitlines()[:6]]
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "mimic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mimic))
+    (own / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pref))
+    png = {r["image"]: (world / r["image"]).read_bytes() for r in mimic + pref}
+    pil = {k: Image.open(world / k).convert("RGB") for k in png}
+
+    trl_chat = datasets.Dataset.from_dict({"messages": [_trl_messages(r["conversations"]) for r in mimic],
+                                           "images": [[pil[r["image"]]] for r in mimic]})
+    trl_chat.save_to_disk(str(tmp_path / "trl_chat"))
+    trl_pref = datasets.Dataset.from_dict({
+        "images": [[pil[r["image"]]] for r in pref],
+        "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                    "text": r["question"].replace("<image>\n", "")}]}]
+                   for r in pref],
+        "chosen": [[{"role": "assistant", "content": [{"type": "text", "text": r["chosen"]}]}] for r in pref],
+        "rejected": [[{"role": "assistant", "content": [{"type": "text", "text": r["rejected"]}]}] for r in pref]})
+    trl_pref.to_parquet(str(tmp_path / "trl_pref.parquet"))
+    pq.write_table(pa.Table.from_pylist([
+        {"id": r["id"], "image": r["image"], "conversations": json.dumps(r["conversations"])} for r in mimic]),
+        tmp_path / "conv_string.parquet")
+    pq.write_table(pa.Table.from_pylist([
+        {"idx": i, "image": {"bytes": png[r["image"]], "path": Path(r["image"]).name}, "question": r["question"],
+         "chosen": r["chosen"], "rejected": r["rejected"]} for i, r in enumerate(pref)]),
+        tmp_path / "rlaif_v.parquet")
+
+    def rows(mimic_data: Path, pref_data: Path, name: str) -> dict:
+        out = tmp_path / name
+        dump_teacher(DumpConfig(model=teacher, out=out, mimic_data=mimic_data, pref_data=pref_data, shards=1, top_k=8,
+                                backend="hf", max_model_len=256, progress=False, encoding="f32", image_root=world))
+        return {k: [r for p in shard_paths(out, k) for r in pq.read_table(p).to_pylist()] for k in ("mimic", "pref")}
+
+    want = rows(own / "mimic.jsonl", own / "pref.jsonl", "d_own")
+    # inline images are re-encoded PNGs; TRL places the image explicitly in the question
+    drop = {"sample_id", "input_row", "image", "image_sha256", "question"}
+
+    def same(got: list[dict], ref: list[dict]) -> None:
+        assert len(got) == len(ref) == 6
+        for g, r in zip(got, ref):
+            assert {k: v for k, v in g.items() if k not in drop} == {k: v for k, v in r.items() if k not in drop}
+
+    for mimic_data, pref_data in [(tmp_path / "trl_chat", tmp_path / "trl_pref.parquet"),
+                                  (tmp_path / "conv_string.parquet", tmp_path / "rlaif_v.parquet")]:
+        got = rows(mimic_data, pref_data, f"d_{mimic_data.stem}")
+        same(got["mimic"], want["mimic"])
+        same(got["pref"], want["pref"])
+    assert [r["sample_id"] for r in got["pref"]] == [f"rlaif_v.parquet:{i}" for i in range(6)]
