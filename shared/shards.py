@@ -7,6 +7,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from shared import image_store
 from shared.codec import Encoding
 from shared.fingerprint import sha256_file
 from shared.manifest import Manifest, ShardEntry
@@ -52,6 +53,13 @@ def verify_dump(out_dir: Path) -> list[str]:
             problems.append(f"{rel}: schema differs from the {entry.kind} schema")
         if meta.metadata.num_rows != entry.rows:
             problems.append(f"{rel}: {meta.metadata.num_rows} rows, manifest says {entry.rows}")
+    referenced: set[str] = set()  # inline images (no path) the shards use: they must be in the store
+    for rel in sorted(manifest.shards):
+        if out_dir.joinpath(rel).is_file() and not any(p.startswith(rel) for p in problems):
+            table = pq.read_table(out_dir / rel, columns=["image", "image_sha256"])
+            referenced |= {sha for ref, sha in zip(table.column(0).to_pylist(), table.column(1).to_pylist())
+                           if sha and not ref}
+    problems += image_store.problems(out_dir, referenced)
     plan = manifest.run.get("plan", {}).get("shards", {})
     for kind in KINDS:
         done = sum(e.kind == kind for e in manifest.shards.values())

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from shared import image_store
 from shared.codec import read_row_group
 from shared.fingerprint import tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
 from shared.manifest import Manifest
@@ -246,14 +247,17 @@ _COLUMNS = {
 }
 
 
-def _image(row: dict, image_root: Path | None, where: str) -> Image.Image | None:
-    """The image the teacher saw for this row, checked against the digest it stored."""
+def _image(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> Image.Image | None:
+    """The image the teacher saw for this row, checked against the digest it stored: from the dump's
+    image store when it came inline, else its path under `image_root`."""
     if not row["image_sha256"]:
         return None
-    if not row["image"]:
-        raise ShardError(f"{where}: the teacher was given inline image bytes, which shards do not keep; "
-                         "dump from image files (a path per record) to train on it")
-    path = Path(row["image"]) if image_root is None else image_root / row["image"]
+    path = image_store.store_path(dump_dir, row["image_sha256"])
+    if not path.is_file():
+        if not row["image"]:
+            raise ShardError(f"{where}: its inline image is missing from the dump's image store ({path}); run "
+                             f"`lmod shards verify {dump_dir}` and rerun the dump")
+        path = Path(row["image"]) if image_root is None else image_root / row["image"]
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -267,22 +271,22 @@ def _image(row: dict, image_root: Path | None, where: str) -> Image.Image | None
         raise ShardError(f"{where}: {path} cannot be decoded ({e})") from None
 
 
-def mimic_example(row: dict, image_root: Path | None, where: str) -> MimicExample:
+def mimic_example(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> MimicExample:
     responses, start = [], 0
     for n in row["response_turn_lengths"]:
         responses.append(row["response_ids"][start : start + n])
         start += n
     messages = llava_messages(json.loads(row["conversations_json"]), bool(row["image_sha256"]))
     return MimicExample(messages, responses, row["topk_ids"], row["topk_logprobs"], row["rest_mass"],
-                        _image(row, image_root, where), row.get("sampled_ids"), row.get("sampled_counts"))
+                        _image(row, image_root, where, dump_dir), row.get("sampled_ids"), row.get("sampled_counts"))
 
 
-def pref_example(row: dict, image_root: Path | None, where: str) -> PrefExample:
+def pref_example(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> PrefExample:
     has_image = bool(row["image_sha256"])
     return PrefExample(pref_messages(row["question"], row["chosen"], has_image),
                        pref_messages(row["question"], row["rejected"], has_image),
                        row["chosen_ids"], row["rejected_ids"], row["chosen_logprob_sum"], row["rejected_logprob_sum"],
-                       _image(row, image_root, where))
+                       _image(row, image_root, where, dump_dir))
 
 
 _EXAMPLE = {"mimic": mimic_example, "pref": pref_example}
@@ -300,7 +304,7 @@ def iter_examples(files: Sequence[Path], kind: str, image_root: Path | None, sam
         row = 0
         for g in range(pf.metadata.num_row_groups):
             for r in read_row_group(pf, g, columns(kind, sampled)).to_pylist():
-                yield _EXAMPLE[kind](r, image_root, f"{f} row {row} (id {r['sample_id']})")
+                yield _EXAMPLE[kind](r, image_root, f"{f} row {row} (id {r['sample_id']})", Path(f).parent.parent)
                 row += 1
 
 
@@ -488,7 +492,7 @@ class MicroBatches(torch.utils.data.Dataset):
             group = self.index.groups[g]
             record = self._table(g).slice(r, 1).to_pylist()[0]
             wheres.append(f"{group.path} row {group.first_row + r} (id {record['sample_id']})")
-            out.append(_EXAMPLE[self.kind](record, self.image_root, wheres[-1]))
+            out.append(_EXAMPLE[self.kind](record, self.image_root, wheres[-1], Path(group.path).parent.parent))
         return out, wheres
 
     def __getitem__(self, step: int) -> MimicBatch | PrefBatch | LoaderFailure:

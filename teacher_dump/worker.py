@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from shared import image_store
 from shared.codec import Encoding
 from shared.manifest import ShardEntry
 from shared.mllm import ImageFeatures, ModelInputs, SampleEncoder
@@ -229,8 +230,10 @@ def shard_rows(
     it = iter(results)
     for item in items:
         rec, encs, digest = item.record, item.sequences, item.image_sha256
-        common = {"sample_id": rec.sample_id, "input_row": rec.input_row, "image": rec.image_ref,
-                  "image_sha256": digest}
+        # An inline image (bytes in the input) has no path to name: it is in the dump's image store
+        # under its digest, and `image` stays empty.
+        common = {"sample_id": rec.sample_id, "input_row": rec.input_row,
+                  "image": rec.image_ref if rec.image_bytes is None else None, "image_sha256": digest}
         if rec.kind == "mimic":
             (enc,) = encs
             res = next(it)
@@ -308,4 +311,7 @@ class TeacherWorker:
         return task.rel_path, writer.entry
 
     def _score(self, chunk: list[Encoded]) -> tuple[list[dict[str, Any]], int]:
+        for item in chunk:  # inline images: kept in the dump for the student (shared/image_store.py)
+            if item.record.image_bytes is not None:
+                image_store.put(self.out_dir, item.record.image_bytes, item.image_sha256)
         return shard_rows(self.backend, self.encoder, chunk, self.top_k, self.encoding, self.sample, self.sample_seed)

@@ -465,3 +465,22 @@ def test_hugging_face_formats_teach_what_lmods_own_format_does(world, teacher, t
         same(got["mimic"], want["mimic"])
         same(got["pref"], want["pref"])
     assert [r["sample_id"] for r in got["pref"]] == [f"rlaif_v.parquet:{i}" for i in range(6)]
+    # Inline images are kept in the dump (content-addressed): the student reads what the teacher saw
+    # with no --image-root, and `shards verify` checks the store.
+    import numpy as np
+
+    from shared.image_store import store_path
+    from shared.shards import verify_dump
+    from student_train.data import iter_examples
+
+    trl = tmp_path / "d_trl_chat"
+    for kind, records in (("mimic", mimic), ("pref", pref)):
+        examples = list(iter_examples(shard_paths(trl, kind), kind, None))
+        assert [np.asarray(e.image).tolist() for e in examples] == [np.asarray(pil[r["image"]]).tolist()
+                                                                    for r in records]
+    assert verify_dump(trl) == []
+    sha = got["pref"][0]["image_sha256"]
+    store_path(tmp_path / "d_conv_string", sha).write_bytes(b"not the image")
+    assert any("bytes differ from their sha256 name" in p for p in verify_dump(tmp_path / "d_conv_string"))
+    store_path(tmp_path / "d_conv_string", sha).unlink()
+    assert any(f"{sha}: missing" in p for p in verify_dump(tmp_path / "d_conv_string"))
