@@ -311,6 +311,7 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> list[Any]:
     env = {
         "OMP_NUM_THREADS": str(per_worker_cpus),
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # Ray forwards workers' stdout onto ours: lmod's JSON only
         "TOKENIZERS_PARALLELISM": "false",
     }
     actor_cls = ray.remote(TeacherWorker).options(

@@ -104,3 +104,16 @@ def test_resume_redoes_a_shard_whose_bytes_changed(hf_dump, world, teacher, tmp_
     path.write_bytes(bytes(flipped))
     dump(world, teacher, out, "hf")
     assert path.read_bytes() == good and verify_dump(out) == []
+
+
+def test_a_vllm_dumps_stdout_is_lmods_json_only(world, teacher, tmp_path):
+    """vLLM's warnings reached stdout through Ray's log forwarding: `lmod dump-teacher ... | jq` broke."""
+    import json
+
+    args = _args(world, teacher, tmp_path / "out")
+    args[args.index("hf")] = "vllm"
+    args[args.index(str(SHARDS))] = "1"
+    res = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout)
+    assert info["backend"] == "vllm" and "WARNING" not in res.stdout
