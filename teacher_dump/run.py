@@ -90,7 +90,9 @@ def plan_tasks(cfg: DumpConfig, convert_dir: Path | None = None) -> tuple[list[S
         path = Path(path)
         digest = _input_digest(path)
         inputs[kind] = {"file": path.name, "sha256": digest}
+        kind_root = root
         if input_format(path) == "json":
+            kind_root = root or str(path.parent)  # image paths stay relative to the list's own folder
             readable = Path(convert_dir or Path(cfg.out) / INPUTS_DIR) / f"{kind}.jsonl"
             inputs[kind]["converted"] = _converted(cfg, path, digest, readable)
             path = readable
@@ -101,7 +103,7 @@ def plan_tasks(cfg: DumpConfig, convert_dir: Path | None = None) -> tuple[list[S
         if first is not None and isinstance(first[1], dict) and first[1].get("id") is None:
             _say(cfg, f"lmod: {path} has no 'id' field: each record's id is FILE:ROW (e.g. "
                       f"{generated_id(path, first[0])!r}), stable while the file is unchanged")
-        tasks += [ShardTask(kind, i, shard_name(kind, i, len(slices)), sl, root) for i, sl in enumerate(slices)]
+        tasks += [ShardTask(kind, i, shard_name(kind, i, len(slices)), sl, kind_root) for i, sl in enumerate(slices)]
     return tasks, inputs
 
 
@@ -393,6 +395,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
     }
     _say(cfg, f"lmod: {len(tasks)} shards planned over {sum(i['rows'] for i in inputs.values())} input rows")
     if cfg.dry_run:
+        _check_existing(out, run, cfg.force)  # what the real run would refuse, refused here too
         with _ray_session(cfg):
             checks, rejected = validate(cfg, tasks)
         _refuse_invalid(cfg, rejected, checks)
@@ -411,12 +414,15 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         if rejected is None:  # a fresh dump (or one whose refusals were lost): validate everything
             ray_session()
             checks, rejected = validate(cfg, tasks)
+            lines = [json.dumps({"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason})
+                     for r in rejected]
+            if cfg.skip_invalid:  # the refusals are written even when nothing is left to dump
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(out / REJECTED_NAME, "".join(line + "\n" for line in lines).encode())
             _refuse_invalid(cfg, rejected, checks)
             if cfg.force:
                 for kind in KINDS:
                     shutil.rmtree(out / kind, ignore_errors=True)
-            lines = [json.dumps({"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason})
-                     for r in rejected]
             atomic_write_bytes(out / REJECTED_NAME, "".join(line + "\n" for line in lines).encode())
             # A resume whose refusals were lost re-validates; validation is a pure function of the
             # inputs (their digests are part of the run), so its finished shards stay: each is
@@ -442,7 +448,8 @@ def _refuse_invalid(cfg: DumpConfig, rejected: list[Rejection], checks: list[Sha
         more = f" (and {len(rejected) - 1} more invalid records)" if len(rejected) > 1 else ""
         raise InputError(f"{format_rejection(rejected[0])}{more}; fix the input or pass --skip-invalid")
     if checks is not None and not any(c.records for c in checks):
-        raise InputError("no valid records to dump")
+        why = f" ({len(rejected)} refused: their reasons are in OUT/{REJECTED_NAME})" if rejected else ""
+        raise InputError(f"no valid records to dump{why}")
 
 
 def _rejections_of(out: Path, manifest: Manifest) -> list[Rejection] | None:

@@ -366,8 +366,8 @@ def test_a_json_list_is_converted_once_into_the_dump_and_teaches_what_jsonl_does
     (w / "mimic.json").write_text(json.dumps(records, indent=1))
     out = tmp_path / "out"
     cfg = DumpConfig(model=teacher, out=out, mimic_data=w / "mimic.json", pref_data=w / "pref.jsonl", shards=3,
-                     top_k=8, backend="hf", max_model_len=256, progress=False, encoding="f32", image_root=w)
-    manifest = dump_teacher(cfg)
+                     top_k=8, backend="hf", max_model_len=256, progress=False, encoding="f32")
+    manifest = dump_teacher(cfg)  # image paths relative to the list's folder, not to OUT/inputs
     converted = out / "inputs" / "mimic.jsonl"
     assert [json.loads(line) for line in converted.read_text().splitlines()] == records
     assert manifest.run["inputs"]["mimic"]["converted"]["path"] == "inputs/mimic.jsonl"
@@ -388,6 +388,22 @@ def test_a_resume_whose_refusals_were_lost_revalidates_and_keeps_its_finished_sh
     assert "4 already finished, 0 to run" in res.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")} == mtimes
     assert (out / "rejected.jsonl").is_file() and len(Manifest.load(out).shards) == 4
+    # --dry-run refuses what the real run would: here, another k than the dump's
+    res = _cli(*_dump_args(world, teacher, out, "--dry-run", "--top-k", "5"))
+    assert res.exit_code == 2 and "holds shards of another top k" in _error(res), res.output
+
+
+def test_skip_invalid_with_every_record_refused_still_says_why(world, teacher, tmp_path):
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "mimic.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "conversations": "nope"}) + "\n"
+                                           for i in range(3)))
+    out = tmp_path / "out"
+    res = _cli("dump-teacher", "--model", str(teacher), "--mimic-data", str(w / "mimic.jsonl"), "--out", str(out),
+               "--backend", "hf", "--skip-invalid", "--max-model-len", "256")
+    assert res.exit_code == 2 and "no valid records to dump (3 refused" in _error(res)
+    reasons = [json.loads(line)["reason"] for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert len(reasons) == 3 and all("turn" in r or "conversations" in r for r in reasons), reasons
 
 
 def _trl_messages(turns: list[dict]) -> list[dict]:
