@@ -411,6 +411,14 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
 
         manifest = _check_existing(out, run, cfg.force)
         rejected = _rejections_of(out, manifest) if manifest is not None else None
+        changed = _changed_images(out, manifest, tasks) if manifest is not None else {}
+        if changed:  # the shards that used them are redone, after a fresh validation
+            rel, image = next(iter(changed.items()))
+            _say(cfg, f"lmod: {len(changed)} finished shards used images that changed since (e.g. {image} in "
+                      f"{rel}); validating again and redoing them")
+            for rel in changed:
+                manifest.shards.pop(rel, None)
+            rejected = None
         if rejected is None:  # a fresh dump (or one whose refusals were lost): validate everything
             ray_session()
             checks, rejected = validate(cfg, tasks)
@@ -498,6 +506,40 @@ def _vllm_is_cpu_build() -> bool:
     except PackageNotFoundError:
         return False
     return True
+
+
+def _changed_images(out: Path, manifest: Manifest, tasks: list[ShardTask]) -> dict[str, str]:
+    """Finished shards whose image files (by path) no longer hash to the digest the teacher saw:
+    shard -> the first such image. Each distinct file is hashed once, a few at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    uses: dict[str, list[tuple[Path, str]]] = {}
+    for task in tasks:
+        if not _finished(out, manifest, task.rel_path):
+            continue
+        src = Path(task.rows.path)
+        root = Path(task.image_root) if task.image_root else (src if src.is_dir() else src.parent)
+        table = pq.read_table(out / task.rel_path, columns=["image", "image_sha256"])
+        uses[task.rel_path] = sorted({(root / ref, sha) for ref, sha in zip(table.column(0).to_pylist(),
+                                                                         table.column(1).to_pylist()) if ref and sha})
+    files = sorted({path for pairs in uses.values() for path, _ in pairs})
+
+    def digest(path: Path) -> str | None:
+        try:
+            return sha256_file(path)
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:  # hashlib releases the GIL
+        now = dict(zip(files, pool.map(digest, files)))
+    changed: dict[str, str] = {}
+    for rel, pairs in uses.items():
+        first = next((path for path, sha in pairs if now[path] != sha), None)
+        if first is not None:
+            changed[rel] = str(first)
+    return changed
 
 
 def _finished(out: Path, manifest: Manifest, rel: str) -> bool:

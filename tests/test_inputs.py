@@ -500,3 +500,29 @@ def test_hugging_face_formats_teach_what_lmods_own_format_does(world, teacher, t
     assert any("bytes differ from their sha256 name" in p for p in verify_dump(tmp_path / "d_conv_string"))
     store_path(tmp_path / "d_conv_string", sha).unlink()
     assert any(f"{sha}: missing" in p for p in verify_dump(tmp_path / "d_conv_string"))
+
+
+def test_a_rerun_after_an_image_changed_in_place_redoes_the_shards_that_used_it(world, teacher, tmp_path):
+    """The rerun kept the old shards and reported complete; training refused later."""
+    from PIL import Image
+
+    from shared.shards import shard_paths
+
+    w = _copy_world(world, tmp_path)
+    out = tmp_path / "out"
+    res = _cli(*_dump_args(w, teacher, out))
+    assert res.exit_code == 0, res.output
+    first = json.loads((w / "mimic.jsonl").read_text().splitlines()[0])
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(w / first["image"])  # the same name, other pixels
+    res = _cli(*_dump_args(w, teacher, out))
+    assert res.exit_code == 0, res.output
+    assert "1 finished shards used images that changed since" in res.output and "1 to run" in res.output
+    redone = {p for p in out.rglob("*.parquet") if p.stat().st_mtime_ns != mtimes[p]}
+    assert redone == {shard_paths(out, "mimic")[0]}
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    row = pq.read_table(redone.pop()).to_pylist()[0]
+    assert row["image_sha256"] == hashlib.sha256((w / first["image"]).read_bytes()).hexdigest()
