@@ -72,6 +72,8 @@ def teacher_make_tiny(
 
     if (out / "config.json").exists():
         fail(f"{out} already holds a model; choose another --out")
+    if not (world / "mimic.jsonl").is_file():
+        fail(f"{world}: no mimic.jsonl; --world must be a directory written by `lmod world make`")
     recipe = make_tiny_teacher(world, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     if eval_data is not None:
         from shared.evaluation import evaluate_model
@@ -178,6 +180,7 @@ def student_make_tiny(
 
     if (out / "config.json").exists():
         fail(f"{out} already holds a model; choose another --out")
+    require_model(teacher, "--teacher")
     dense = out.with_name(out.name + "-dense")
     make_dense_student(teacher, dense, seed=seed)
     _upcycle(dense, out, num_experts, top_k, moe_layers, noise, seed)

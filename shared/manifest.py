@@ -39,6 +39,8 @@ class Manifest:
     @classmethod
     def load(cls, out_dir: Path) -> Manifest:
         path = Path(out_dir) / MANIFEST_NAME
+        if not Path(out_dir).is_dir():
+            raise FileNotFoundError(f"{out_dir}: not a directory; give a `lmod dump-teacher` output directory")
         try:
             body = json.loads(path.read_text())
         except FileNotFoundError:
@@ -48,7 +50,12 @@ class Manifest:
         if body.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"{path}: shard format version {body.get('format_version')}, this lmod reads "
                              f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade lmod")
-        shards = {name: ShardEntry(**e) for name, e in body.get("shards", {}).items()}
+        if not isinstance(body.get("run"), dict) or not body["run"]:
+            raise ValueError(f"{path}: records no run (an empty or hand-made manifest); rerun `lmod dump-teacher`")
+        try:
+            shards = {name: ShardEntry(**e) for name, e in body.get("shards", {}).items()}
+        except TypeError as e:
+            raise ValueError(f"{path}: a shard entry is malformed ({e}); rerun `lmod dump-teacher`") from None
         return cls(run=body["run"], shards=shards, format_version=body["format_version"])
 
     def save(self, out_dir: Path) -> None:

@@ -81,7 +81,12 @@ class TrainConfig:
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
         import yaml
 
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of TrainConfig keys")
         known = {f.name for f in fields(cls)}

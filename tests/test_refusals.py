@@ -54,3 +54,37 @@ def test_empty_ids_and_empty_answer_turns_are_refused(record, reason, tmp_path):
 
     got = check_row(Path(tmp_path / "m.jsonl"), "mimic", 0, record, None, tmp_path)
     assert isinstance(got, Rejection) and reason in got.reason
+
+
+def test_what_was_a_traceback_or_a_hang_is_one_line(world, teacher, tmp_path):
+    """Each case exits 2 with one `lmod: error:` line naming the culprit, before Ray or a model
+    starts, and leaves nothing behind."""
+    import shutil
+
+    bad_model = tmp_path / "bad_model"
+    shutil.copytree(teacher, bad_model)
+    (bad_model / "config.json").write_text(json.dumps({"model_type": "no-such-family"}))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "bad.yaml").write_text("stage: [mimic\n")
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "manifest.json").write_text('{"format_version": 2, "run": {}, "shards": {}}')
+    dump = ["dump-teacher", "--mimic-data", world / "mimic.jsonl", "--backend", "hf"]
+    cases = [
+        ([*dump, "--model", bad_model, "--out", tmp_path / "o1"], "transformers cannot load this model"),
+        ([*dump, "--model", teacher, "--out", a_file / "sub"], "a_file is a file"),
+        ([*dump, "--model", teacher, "--out", tmp_path / "o2", "--gpu-memory-utilization", "5"], "in (0, 1]"),
+        ([*dump, "--model", teacher, "--out", tmp_path / "o3", "--address", "127.0.0.1:9"], "no Ray cluster answers"),
+        (["train", "--stage", "mimic", "--shards", tmp_path, "--student", teacher, "--out", tmp_path / "o4",
+          "--config", tmp_path / "bad.yaml"], "not valid YAML at line 2"),
+        (["shards", "info", a_file], "not a directory"),
+        (["shards", "info", tmp_path / "empty_run"], "records no run"),
+        (["shards", "verify", tmp_path / "empty_run"], "records no run"),
+        (["teacher", "make-tiny", "--world", tmp_path / "nowhere", "--out", tmp_path / "t2"], "no mimic.jsonl"),
+        (["student", "make-tiny", "--teacher", tmp_path / "nowhere", "--out", tmp_path / "s2"], "no config.json"),
+    ]
+    for args, expected in cases:
+        res = _cli(*args)
+        errors = [line for line in res.output.splitlines() if line.startswith("lmod: error:")]
+        assert res.exit_code == 2 and len(errors) == 1 and expected in errors[0], (args, res.output[-2000:])
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4", "t2", "s2", "s2-dense"))
