@@ -326,6 +326,7 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     checkpoint = latest_checkpoint(out) if resume else None
     if resume:
         _check_resumable(out, checkpoint, cfg)
+        checkpoint = usable_checkpoint(out, checkpoint)
     encoder = load_encoder(student)
     sampled = cfg.stage == "mimic" and cfg.kd == "sampled"
     files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial, sampled=sampled)
@@ -614,6 +615,7 @@ def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder,
     kill while saving leaves the previous checkpoint in force; older checkpoints are then removed."""
     import shutil
 
+    from shared.fingerprint import sha256_file
     from shared.manifest import atomic_write_bytes
 
     ckpt = out / f"checkpoint-{step:07d}"
@@ -621,9 +623,45 @@ def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder,
     encoder.processor.save_pretrained(str(ckpt))
     optimizer = {"optimizer": gathered[1], "layout": "full"} if gathered else {"optimizer": opt.state_dict()}
     torch.save({**optimizer, "step": step}, ckpt / "trainer_state.pt")
+    sums = {p.name: sha256_file(p) for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    atomic_write_bytes(ckpt / CHECKSUMS, json.dumps(sums, indent=1).encode())
     atomic_write_bytes(out / LATEST, ckpt.name.encode())
-    for old in out.glob("checkpoint-*"):
-        if old != ckpt:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in sorted(out.glob("checkpoint-*"))[:-2]:  # the previous one stays: a damaged latest falls back to it
+        shutil.rmtree(old, ignore_errors=True)
+
+
+CHECKSUMS = "lmod_checksums.json"
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (a file truncated or changed since it was
+    written), or None."""
+    from shared.fingerprint import sha256_file
+
+    try:
+        sums = json.loads((ckpt / CHECKSUMS).read_text())
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} missing or unreadable (a kill while saving?)"
+    for name, digest in sums.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} differs from what was saved (truncated or changed)"
+    return None
+
+
+def usable_checkpoint(out: Path, latest: Path) -> Path:
+    """The latest checkpoint, or when it is damaged the one before it (said on stderr), else a
+    one-line TrainError naming the damage."""
+    problem = checkpoint_problem(latest)
+    if problem is None:
+        return latest
+    earlier = [c for c in sorted(out.glob("checkpoint-*"), reverse=True)
+               if c.is_dir() and checkpoint_step(c) < checkpoint_step(latest) and checkpoint_problem(c) is None]
+    if not earlier:
+        raise TrainError(f"{latest}: {problem}, and no earlier checkpoint is intact; train into a new --out")
+    print(f"lmod: warning: {latest}: {problem}; resuming from {earlier[0].name}", file=sys.stderr)
+    return earlier[0]
 
 

@@ -798,3 +798,28 @@ def test_the_same_rows_are_not_trained_twice(hf_dump, u8_dump, held_out_dump, mo
                                                                                         enc))
     err = capsys.readouterr().err
     assert "sample ids appear in more than one dump (e.g. 'mimic-000000'" in err
+
+
+@pytest.mark.parametrize("damaged", ["trainer_state.pt", "model.safetensors"])
+def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(damaged, hf_dump, world, moe_student, tmp_path,
+                                                                  capsys):
+    """--resume with a truncated trainer_state.pt or model.safetensors was a traceback: the
+    checkpoint before it is used (it is kept), and the run still ends where an uninterrupted one does."""
+    from safetensors.torch import load_file
+
+    from student_train.train import TrainError
+
+    cfg = TrainConfig(stage="mimic", steps=4, batch_size=4, lr=2e-3, warmup=1, save_every=1, loader_workers=0)
+    full = train([hf_dump], moe_student, tmp_path / "full", cfg, image_root=world, progress=False)
+    train([hf_dump], moe_student, tmp_path / "cut", cfg, image_root=world, progress=False, stop_after=3)
+    victim = tmp_path / "cut" / "checkpoint-0000003" / damaged
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    rest = train([hf_dump], moe_student, tmp_path / "cut", cfg, image_root=world, progress=False, resume=True)
+    assert f"checkpoint-0000003: {damaged} differs from what was saved" in capsys.readouterr().err
+    assert [r["step"] for r in rest] == [3, 4] and rest[-1]["loss"] == full[-1]["loss"]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for ckpt in (tmp_path / "cut").glob("checkpoint-*"):  # nothing intact left to fall back to
+        (ckpt / damaged).write_bytes(b"")
+    with pytest.raises(TrainError, match="no earlier checkpoint is intact"):
+        train([hf_dump], moe_student, tmp_path / "cut", cfg, image_root=world, progress=False, resume=True)
