@@ -62,47 +62,64 @@ class TeacherBackend(Protocol):
 
 
 class HFBackend:
-    """transformers forward pass + log_softmax + topk, batched with right padding."""
+    """transformers: the model's body once per batch (right padding), then the output projection at
+    the scored positions only, `chunk` positions at a time: top-k of the raw logits and one
+    logsumexp per position, in float32 whatever the model dtype. No [batch, length, V] logits and
+    no full log-softmax exist (image and prompt positions are never projected)."""
 
     name = "hf"
 
-    def __init__(self, model_dir: str | Path, dtype: str = "float32", batch_size: int = 32, device: str = "auto"):
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", batch_size: int = 32, device: str = "auto",
+                 chunk: int = 256):
         from transformers import AutoModelForImageTextToText
+
+        from shared.mllm import FinalHidden
 
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.model = AutoModelForImageTextToText.from_pretrained(
             str(model_dir), dtype=getattr(torch, dtype)
         ).to(self.device).eval()
         self.batch_size = batch_size
+        self.chunk = chunk
         self.encoder = load_encoder(model_dir)
+        self.body = FinalHidden(self.model)
 
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         results: list[ScoreResult] = []
+        head = self.body.head
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             # Text-only rows simply contribute no image: models fill image tokens in order.
             inputs = batch_inputs(self.encoder, [r.ids for r in chunk], [r.features for r in chunk], self.device,
                                   self.model.dtype)
-            logits = self.model(**inputs).logits
+            hidden = self.body(self.model, inputs)
             for row, req in enumerate(chunk):
-                results.append(self._pick(logits[row], req))
+                pos = torch.tensor(req.positions, device=hidden.device) - 1  # the state at p-1 predicts ids[p]
+                results.append(self._pick(hidden[row, pos], head, req))
         return results
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, req: ScoreRequest) -> ScoreResult:
-        pos = torch.tensor(req.positions, device=logits.device)
-        logp = torch.log_softmax(logits[pos - 1].float(), dim=-1)  # logits at p-1 predict ids[p]
-        targets = torch.tensor([req.ids[p] for p in req.positions], device=logits.device)
-        target_lp = logp.gather(1, targets[:, None])[:, 0]
+    def _pick(self, hidden: torch.Tensor, head: torch.nn.Module, req: ScoreRequest) -> ScoreResult:
+        targets = torch.tensor([req.ids[p] for p in req.positions], device=hidden.device)
+        target_lp, top_ids, top_lp, full = [], [], [], []
+        for s in range(0, hidden.shape[0], self.chunk):
+            logits = head(hidden[s : s + self.chunk]).float()  # [C, V]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            target_lp.append(logits.gather(1, targets[s : s + self.chunk, None])[:, 0] - lse[:, 0])
+            if req.top_k > 0:
+                top = torch.topk(logits, req.top_k, dim=-1)
+                top_ids.append(top.indices)
+                top_lp.append(top.values - lse)
+            if req.sample:
+                full.append((logits - lse).cpu())  # RS-KD draws need the whole distribution
+        target = torch.cat(target_lp).cpu().numpy().astype(np.float32)
         if req.top_k <= 0:
-            return ScoreResult(target_lp.cpu().numpy().astype(np.float32))
-        top = torch.topk(logp, req.top_k, dim=-1)
-        sampled = sample_counts(logp, req.sample, req.sample_seed) if req.sample else ([], [])
+            return ScoreResult(target)
+        sampled = sample_counts(torch.cat(full), req.sample, req.sample_seed) if req.sample else ([], [])
         return ScoreResult(
-            target_lp.cpu().numpy().astype(np.float32),
-            top.indices.cpu().numpy().astype(np.int32),
-            top.values.cpu().numpy().astype(np.float32),
+            target,
+            torch.cat(top_ids).cpu().numpy().astype(np.int32),
+            torch.cat(top_lp).cpu().numpy().astype(np.float32),
             *sampled,
         )
 
