@@ -86,7 +86,7 @@ def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> No
         return
     from vllm import SamplingParams
 
-    engine = VLLMBackend(teacher, max_model_len=512)
+    engine = VLLMBackend(teacher, max_model_len=512, scoring="logprobs")
     prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.image}} for r in requests]
 
     def run(backend: VLLMBackend, **kw) -> float:
@@ -100,11 +100,18 @@ def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> No
     t_dump = _timed(partial(dump_path, engine))
     thrown = 1 - n_tokens / n_positions
     print(f"  vllm  bare forward {n_tokens / t_bare:9.0f}   dump k=32 {n_tokens / t_dump:9.0f} response tokens/s   "
-          f"dump/bare {t_bare / t_dump:.2f}")
+          f"dump/bare {t_bare / t_dump:.2f}   (--vllm-scoring logprobs, the earlier path)")
     print(f"  vllm  prompt log-probs cost {t_top - t_bare:.2f} s over the bare {t_bare:.2f} s (target only: "
           f"{t_target - t_bare:.2f} s); vLLM scores every prompt position, {thrown:.0%} of them prompt or image "
           f"positions lmod throws away: ~{(t_top - t_bare) * thrown / t_dump:.0%} of the dump's time")
-    del engine  # its engine process ends before the next teacher's starts
+    del engine  # its engine process ends before the next one starts
+    gc.collect()
+    hidden = VLLMBackend(teacher, max_model_len=512, scoring="hidden")
+    dump_path(hidden)
+    t_hidden = _timed(partial(dump_path, hidden))
+    print(f"  vllm  hidden states + head at scored positions (the default): dump k=32 {n_tokens / t_hidden:9.0f} "
+          f"response tokens/s   dump/bare {t_bare / t_hidden:.2f} (bare: the generate engine above)")
+    del hidden
     gc.collect()
 
 

@@ -96,6 +96,8 @@ def dump_teacher_cmd(
     sample: int = typer.Option(0, help="RS-KD: also store N draws per response position from the teacher (hf)."),
     sample_seed: int = typer.Option(0, help="Seed of those draws (with each record's id)."),
     backend: str = typer.Option("vllm", help="vllm | hf"),
+    vllm_scoring: str = typer.Option("hidden", help="vllm: hidden (the head at scored positions only) | logprobs "
+                                     "(prompt_logprobs over every position, the earlier path)"),
     dtype: str = typer.Option("float32", help="Teacher dtype: float32 | bfloat16 | float16."),
     max_model_len: int = typer.Option(512, help="Longest sequence; longer records are invalid."),
     address: str | None = typer.Option(None, help="Ray cluster address; a local Ray starts when absent."),
@@ -117,7 +119,7 @@ def dump_teacher_cmd(
         top_k=top_k, encoding=encoding, sample=sample, sample_seed=sample_seed, backend=backend, dtype=dtype,
         max_model_len=max_model_len, address=address, workers=workers,
         force=force, skip_invalid=skip_invalid, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, dry_run=dry_run,
+        gpu_memory_utilization=gpu_memory_utilization, dry_run=dry_run, vllm_scoring=vllm_scoring,
     )
     try:
         dump_teacher(cfg)

@@ -100,49 +100,91 @@ class HFBackend:
         return results
 
     def _pick(self, hidden: torch.Tensor, head: torch.nn.Module, req: ScoreRequest) -> ScoreResult:
-        targets = torch.tensor([req.ids[p] for p in req.positions], device=hidden.device)
-        target_lp, top_ids, top_lp, full = [], [], [], []
-        for s in range(0, hidden.shape[0], self.chunk):
-            logits = head(hidden[s : s + self.chunk]).float()  # [C, V]
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            target_lp.append(logits.gather(1, targets[s : s + self.chunk, None])[:, 0] - lse[:, 0])
-            if req.top_k > 0:
-                top = torch.topk(logits, req.top_k, dim=-1)
-                top_ids.append(top.indices)
-                top_lp.append(top.values - lse)
-            if req.sample:
-                full.append((logits - lse).cpu())  # RS-KD draws need the whole distribution
-        target = torch.cat(target_lp).cpu().numpy().astype(np.float32)
-        if req.top_k <= 0:
-            return ScoreResult(target)
-        sampled = sample_counts(torch.cat(full), req.sample, req.sample_seed) if req.sample else ([], [])
-        return ScoreResult(
-            target,
-            torch.cat(top_ids).cpu().numpy().astype(np.int32),
-            torch.cat(top_lp).cpu().numpy().astype(np.float32),
-            *sampled,
-        )
+        return score_positions(hidden, head, req, self.chunk)
+
+
+def score_positions(hidden: torch.Tensor, head: torch.nn.Module, req: ScoreRequest, chunk: int = 256) -> ScoreResult:
+    """The stored values of one request from the final hidden states at its scored positions
+    ([P, H], the state at p - 1 for position p): the head `chunk` positions at a time, top-k of the
+    raw logits and one logsumexp per position, in float32 (RS-KD draws from the whole distribution)."""
+    targets = torch.tensor([req.ids[p] for p in req.positions], device=hidden.device)
+    target_lp, top_ids, top_lp, full = [], [], [], []
+    for s in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[s : s + chunk]).float()  # [C, V]
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        target_lp.append(logits.gather(1, targets[s : s + chunk, None])[:, 0] - lse[:, 0])
+        if req.top_k > 0:
+            top = torch.topk(logits, req.top_k, dim=-1)
+            top_ids.append(top.indices)
+            top_lp.append(top.values - lse)
+        if req.sample:
+            full.append((logits - lse).cpu())
+    target = torch.cat(target_lp).cpu().numpy().astype(np.float32)
+    if req.top_k <= 0:
+        return ScoreResult(target)
+    sampled = sample_counts(torch.cat(full), req.sample, req.sample_seed) if req.sample else ([], [])
+    return ScoreResult(target, torch.cat(top_ids).cpu().numpy().astype(np.int32),
+                       torch.cat(top_lp).cpu().numpy().astype(np.float32), *sampled)
+
+
+def load_output_head(model_dir: str | Path, dtype: torch.dtype, device: str) -> torch.nn.Linear:
+    """The checkpoint's output projection as a Linear, read from its safetensors (the text model's
+    input embedding when the two are tied)."""
+    import json
+
+    from safetensors import safe_open
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
+    found: dict[str, Path] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            found.update({k: f for k in h.keys()})
+    name = None if tied else next((k for k in found if k.endswith("lm_head.weight")), None)
+    name = name or next((k for k in found if k.endswith("embed_tokens.weight") and "vision" not in k), None)
+    if name is None:
+        raise ValueError(f"{model_dir}: no lm_head.weight or embed_tokens.weight in its safetensors")
+    with safe_open(str(found[name]), "pt") as h:
+        weight = h.get_tensor(name)
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    head.weight = torch.nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+    return head
 
 
 class VLLMBackend:
-    """vLLM prompt log-probs: `max_tokens=1`, `prompt_logprobs=k`, flat lists, no detokenisation
-    (vLLM's per-entry Python objects and decoded strings otherwise dominate the dump's cost)."""
+    """vLLM, scoring only the positions a dump stores. `scoring="hidden"` (the default): the pooling
+    runner hands back each position's final hidden state (one prefill, no logits), and the worker
+    projects the scored positions itself (`score_positions`, as the hf backend does).
+    `scoring="logprobs"` (the earlier path, kept as a fallback): `prompt_logprobs=k` over every
+    position, flat lists, no detokenisation."""
 
     name = "vllm"
 
     def __init__(
         self, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 512, max_logprobs: int = 64,
-        gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1, scoring: str = "hidden",
     ):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
+        self.scoring = scoring
+        if scoring == "hidden":
+            from vllm.config import PoolerConfig
+
+            # Every position's final (normed) hidden state, not L2-normalised (use_activation=False).
+            runner = {"runner": "pooling", "convert": "embed",
+                      "pooler_config": PoolerConfig(pooling_type="ALL", use_activation=False, task="token_embed")}
+            self.head = load_output_head(model_dir, getattr(torch, dtype), "cuda" if on_gpu else "cpu")
+        elif scoring == "logprobs":
+            runner = {"max_logprobs": max_logprobs}
+        else:
+            raise ValueError(f"unknown vLLM scoring {scoring!r}; use 'hidden' or 'logprobs'")
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,
             max_model_len=max_model_len,
-            max_logprobs=max_logprobs,
+            **runner,
             enforce_eager=not on_gpu,
             # On the CPU backend this is the share of *host* memory for the KV cache.
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.2),
@@ -155,6 +197,28 @@ class VLLMBackend:
         )
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        return self._score_hidden(requests) if self.scoring == "hidden" else self._score_logprobs(requests)
+
+    def _score_hidden(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        prompts = [self._prompt(r) for r in requests]
+        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+        results = []
+        for out, req in zip(outputs, requests):
+            _check_expansion(out.prompt_token_ids, req)
+            hidden = out.outputs.data
+            pos = torch.tensor(req.positions) - 1  # the state at p-1 predicts ids[p]
+            results.append(score_positions(hidden[pos].to(self.head.weight.device, self.head.weight.dtype),
+                                           self.head, req))
+        return results
+
+    @staticmethod
+    def _prompt(r: ScoreRequest) -> dict:
+        prompt: dict = {"prompt_token_ids": r.prompt_ids}
+        if r.image is not None:
+            prompt["multi_modal_data"] = {"image": r.image}
+        return prompt
+
+    def _score_logprobs(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         from vllm import SamplingParams
 
         prompts = []
@@ -172,11 +236,7 @@ class VLLMBackend:
 
     @staticmethod
     def _pick(out, req: ScoreRequest) -> ScoreResult:
-        if list(out.prompt_token_ids) != req.ids:
-            raise RuntimeError(
-                "vLLM expanded the prompt differently from the processor "
-                f"({len(out.prompt_token_ids)} vs {len(req.ids)} tokens); check the model's processor config"
-            )
+        _check_expansion(out.prompt_token_ids, req)
         flat = out.prompt_logprobs
         k = req.top_k
         # Per position: the actual prompt token first, then the top-k in rank order. Gathered with
@@ -196,13 +256,22 @@ class VLLMBackend:
         return ScoreResult(target, token_ids[idx].astype(np.int32), logprobs[idx])
 
 
+def _check_expansion(prompt_token_ids, req: ScoreRequest) -> None:
+    if list(prompt_token_ids) != req.ids:
+        raise RuntimeError(
+            "vLLM expanded the prompt differently from the processor "
+            f"({len(prompt_token_ids)} vs {len(req.ids)} tokens); check the model's processor config"
+        )
+
+
 def make_backend(name: str, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 512,
                  max_top_k: int = 64, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float | None = None) -> TeacherBackend:
+                 gpu_memory_utilization: float | None = None, vllm_scoring: str = "hidden") -> TeacherBackend:
     """The one place engines are built: `hf` (one device) or `vllm` (tensor-parallel over GPUs)."""
     if name == "hf":
         return HFBackend(model_dir, dtype=dtype)
     if name == "vllm":
         return VLLMBackend(model_dir, dtype=dtype, max_model_len=max_model_len, max_logprobs=max(max_top_k, 1),
-                           gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
+                           gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                           scoring=vllm_scoring)
     raise ValueError(f"unknown backend {name!r}; use 'vllm' or 'hf'")

@@ -67,6 +67,7 @@ class DumpConfig:
     skip_invalid: bool = False
     progress: bool = True
     dry_run: bool = False  # validate every record and print the plan; no teacher, nothing written
+    vllm_scoring: str = "hidden"  # hidden: scored positions only (pooling runner); logprobs: prompt_logprobs
 
 
 def _input_digest(path: Path) -> str:
@@ -347,7 +348,8 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> list[Any]:
         num_gpus=tp if gpus else 0, num_cpus=per_worker_cpus if not gpus else 1, runtime_env={"env_vars": env},
     )
     engine = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "max_top_k": cfg.top_k,
-              "tensor_parallel_size": tp, "gpu_memory_utilization": cfg.gpu_memory_utilization}
+              "tensor_parallel_size": tp, "gpu_memory_utilization": cfg.gpu_memory_utilization,
+              "vllm_scoring": cfg.vllm_scoring}
     return [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out), cfg.encoding,
                              cfg.sample, cfg.sample_seed) for _ in range(n_workers)]
 
@@ -365,9 +367,12 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         raise InputError(f"--dtype {cfg.dtype!r}: use float32, bfloat16 or float16")
     if cfg.encoding not in ENCODINGS:
         raise InputError(f"--encoding {cfg.encoding!r}: use {' | '.join(ENCODINGS)}")
-    if cfg.sample and (cfg.sample < 0 or cfg.sample > 65535 or cfg.backend != "hf"):
-        raise InputError(f"--sample {cfg.sample}: draws per position must be 1..65535 and need --backend hf (vLLM "
-                         "returns at most k log-probs per position, not the full distribution to draw from)")
+    if cfg.vllm_scoring not in ("hidden", "logprobs"):
+        raise InputError(f"--vllm-scoring {cfg.vllm_scoring!r}: use hidden or logprobs")
+    full_distribution = cfg.backend == "hf" or cfg.vllm_scoring == "hidden"
+    if cfg.sample and (cfg.sample < 0 or cfg.sample > 65535 or not full_distribution):
+        raise InputError(f"--sample {cfg.sample}: draws per position must be 1..65535 and need the full distribution "
+                         "(--backend hf, or vllm with --vllm-scoring hidden; prompt_logprobs return only the top-k)")
     if cfg.workers is not None and cfg.workers < 1:
         raise InputError(f"--workers must be >= 1 (got {cfg.workers})")
     if cfg.tensor_parallel_size < 1 or (cfg.tensor_parallel_size > 1 and cfg.backend != "vllm"):
@@ -430,6 +435,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         "encoding": Encoding(cfg.encoding).manifest(),
         "sample": {"draws": cfg.sample, "seed": cfg.sample_seed} if cfg.sample else None,
         "backend": cfg.backend,
+        **({"vllm_scoring": cfg.vllm_scoring} if cfg.backend == "vllm" else {}),
         "dtype": cfg.dtype,
         "max_model_len": cfg.max_model_len,
         "inputs": inputs,

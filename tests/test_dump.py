@@ -179,3 +179,26 @@ def test_pref_schema_columns():
     names = set(PREF_SCHEMA.names)
     assert {"sample_id", "chosen_ids", "rejected_ids", "chosen_logprobs", "rejected_logprobs",
             "chosen_logprob_sum", "rejected_logprob_sum"} <= names
+
+
+def test_vllm_prompt_logprobs_fallback_agrees_with_the_hidden_state_path(vllm_dump: Path, world: Path,
+                                                                          teacher: Path, tmp_path: Path):
+    """--vllm-scoring logprobs (every position's top-k from vLLM, the earlier path) stores what the
+    default does (the head applied by the worker at the scored positions only); the default also
+    draws RS-KD samples, which prompt_logprobs cannot."""
+    from tests.conftest import dump
+
+    assert Manifest.load(vllm_dump).run["vllm_scoring"] == "hidden"
+    out = tmp_path / "logprobs"
+    dump(world, teacher, out, "vllm", shards=1, vllm_scoring="logprobs")
+    assert Manifest.load(out).run["vllm_scoring"] == "logprobs"
+    for kind, keys in (("mimic", ("target_logprobs", "topk_logprobs")), ("pref", ("chosen_logprobs",))):
+        old, new = read_kind(out, kind), read_kind(vllm_dump, kind)
+        assert [r["sample_id"] for r in old] == [r["sample_id"] for r in new]
+        for o, n in zip(old, new):
+            for key in keys:
+                np.testing.assert_allclose(o[key], n[key], atol=1e-3)
+    drawn = tmp_path / "sampled"
+    dump(world, teacher, drawn, "vllm", shards=1, sample=20)
+    rows = read_kind(drawn, "mimic")
+    assert all(sum(c) == 20 for r in rows for c in r["sampled_counts"])

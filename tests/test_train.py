@@ -572,8 +572,8 @@ def test_rs_kd_draws_are_stored_deterministically_and_train_a_student(world, tea
     assert 1 <= unique < 50
     assert pq.read_table(shard_paths(hf_dump, "mimic")[0]).column("sampled_ids").to_pylist()[0] == []
     res = _cli("dump-teacher", "--model", teacher, "--mimic-data", world / "mimic.jsonl", "--out", tmp_path / "v",
-               "--sample", "50", "--backend", "vllm")
-    assert res.exit_code == 2 and "need --backend hf" in res.output
+               "--sample", "50", "--backend", "vllm", "--vllm-scoring", "logprobs")
+    assert res.exit_code == 2 and "need the full distribution" in res.output
     cfg = TrainConfig(stage="mimic", steps=3, batch_size=4, kd="sampled", loader_workers=1, warmup=1)
     history = train([tmp_path / "a"], moe_student, tmp_path / "rs", cfg, image_root=world, progress=False)
     assert len(history) == 3 and history[0]["sampled_kd"] > 0 and "kl" not in history[0]
