@@ -127,15 +127,15 @@ def main() -> None:
 
     import pyarrow as pa
 
+    from pipelines.toy.tiny_families import build_tiny_family, family_tokenizer
+    from pipelines.toy.tiny_teacher import make_tiny_teacher
+    from pipelines.toy.world import make_world
     from shared.codec import ENCODINGS, Encoding
     from shared.mllm import batch_inputs, load_encoder
     from shared.schema import mimic_schema
-    from shared.tiny_families import build_tiny_family, family_tokenizer
-    from shared.world import make_world
     from teacher_dump.backends import HFBackend
     from teacher_dump.inputs import read_records
     from teacher_dump.shard_writer import table_bytes
-    from teacher_dump.tiny_teacher import make_tiny_teacher
     from teacher_dump.worker import prepare, shard_rows
 
     tmp = Path(tempfile.mkdtemp(prefix="lmod-bench-"))

@@ -83,8 +83,8 @@ def main() -> None:
     ap.add_argument("--skip-hold", action="store_true", help="leave out the old driver's way (holding records)")
     args = ap.parse_args()
 
-    from shared.world import make_world
-    from teacher_dump.tiny_teacher import make_tiny_teacher
+    from pipelines.toy.tiny_teacher import make_tiny_teacher
+    from pipelines.toy.world import make_world
 
     tmp = Path(tempfile.mkdtemp(prefix="lmod-bench-plan-"))
     make_world(tmp / "world", seed=7, n_mimic=48, n_pref=0, n_eval=0)

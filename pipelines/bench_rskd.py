@@ -23,9 +23,9 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=50)
     args = ap.parse_args()
 
+    from pipelines.toy.world import make_world
     from shared.codec import read_table
     from shared.shards import dump_info, shard_paths
-    from shared.world import make_world
     from student_train.evaluate import kl_to_teacher
     from student_train.moe import make_dense_student, upcycle
     from student_train.train import TrainConfig, train

@@ -23,9 +23,9 @@ from pathlib import Path
 
 
 def build_student(root: Path) -> Path:
-    from shared.world import make_world
+    from pipelines.toy.tiny_teacher import make_tiny_teacher
+    from pipelines.toy.world import make_world
     from student_train.moe import make_dense_student, upcycle
-    from teacher_dump.tiny_teacher import make_tiny_teacher
 
     make_world(root / "world", seed=0, n_mimic=4, n_pref=0, n_eval=0)
     make_tiny_teacher(root / "world", root / "teacher", steps=0)

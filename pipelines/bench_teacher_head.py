@@ -93,8 +93,8 @@ def main() -> None:
         print(json.dumps(_measure(teacher, mode, args.vocab, args.prompt, args.response, args.batch, args.k,
                                   args.repeat)))
         return
-    from shared.world import make_world
-    from teacher_dump.tiny_teacher import TinyMLLMConfig, make_tiny_teacher
+    from pipelines.toy.tiny_teacher import TinyMLLMConfig, make_tiny_teacher
+    from pipelines.toy.world import make_world
 
     with tempfile.TemporaryDirectory() as tmp:
         make_world(Path(tmp) / "w", seed=0, n_mimic=4, n_pref=0, n_eval=0)

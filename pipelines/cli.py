@@ -50,7 +50,7 @@ def world_make(
     n_eval: int = typer.Option(400, min=0, help="Held-out evaluation questions (half POPE-style)."),
 ) -> None:
     """Write DIR/mimic.jsonl, DIR/pref.jsonl, DIR/eval.jsonl and DIR/images/."""
-    from shared.world import make_world
+    from pipelines.toy.world import make_world
 
     paths = make_world(out, seed, n_mimic, n_pref, n_eval)
     typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -68,7 +68,7 @@ def teacher_make_tiny(
 ) -> None:
     """Build the tiny Idefics3 teacher and train it on the world (plain SFT)."""
     check_environment()
-    from teacher_dump.tiny_teacher import make_tiny_teacher
+    from pipelines.toy.tiny_teacher import make_tiny_teacher
 
     if (out / "config.json").exists():
         fail(f"{out} already holds a model; choose another --out")

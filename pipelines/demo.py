@@ -15,14 +15,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipelines.toy.tiny_teacher import make_tiny_teacher
+from pipelines.toy.world import make_world
 from shared.evaluation import evaluate_model
 from shared.shards import dump_info, verify_dump
-from shared.world import make_world
 from student_train.evaluate import kl_to_teacher
 from student_train.moe import active_parameters, make_dense_student, upcycle
 from student_train.train import TrainConfig, checkpoint_step, latest_checkpoint, train
 from teacher_dump.run import DumpConfig, dump_teacher
-from teacher_dump.tiny_teacher import make_tiny_teacher
 
 
 @dataclass

@@ -126,9 +126,9 @@ def main() -> None:
         raise SystemExit("gpu_check: no GPU visible; this check is for a machine with one (CI does not run it)")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 answers compared with the CPU's
     gpus = torch.cuda.device_count()
-    from shared.world import make_world
+    from pipelines.toy.tiny_teacher import make_tiny_teacher
+    from pipelines.toy.world import make_world
     from student_train.moe import make_dense_student, upcycle
-    from teacher_dump.tiny_teacher import make_tiny_teacher
 
     summary: dict = {"gpus": gpus, "device": torch.cuda.get_device_name(0)}
     with tempfile.TemporaryDirectory(prefix="lmod-gpu-check-") as name:

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    from shared.world import make_world
+    from pipelines.toy.world import make_world
 
     out = tmp_path_factory.mktemp("world")
     make_world(out, seed=3, n_mimic=48, n_pref=24, n_eval=8)
@@ -45,7 +45,7 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory, world) -> Path:
     """Random-init tiny teacher: real architecture and tokenizer, no training (speed)."""
-    from teacher_dump.tiny_teacher import make_tiny_teacher
+    from pipelines.toy.tiny_teacher import make_tiny_teacher
 
     out = tmp_path_factory.mktemp("teacher")
     make_tiny_teacher(world, out, steps=0)
@@ -94,7 +94,7 @@ SIZES = [(64, 64), (128, 64), (64, 128), (112, 112)]
 @pytest.fixture(scope="session")
 def family_world(tmp_path_factory) -> Path:
     """A small world whose images come in several sizes (image-token counts then differ)."""
-    from shared.world import make_world
+    from pipelines.toy.world import make_world
 
     out = tmp_path_factory.mktemp("family_world")
     make_world(out, seed=5, n_mimic=12, n_pref=6, n_eval=4)
@@ -111,14 +111,14 @@ def family_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def family_tok(tmp_path_factory):
-    from shared.tiny_families import family_tokenizer
+    from pipelines.toy.tiny_families import family_tokenizer
 
     return family_tokenizer(tmp_path_factory.mktemp("family_tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def family_models(tmp_path_factory, family_tok) -> dict[str, Path]:
-    from shared.tiny_families import TINY_FAMILIES, build_tiny_family
+    from pipelines.toy.tiny_families import TINY_FAMILIES, build_tiny_family
 
     root = tmp_path_factory.mktemp("families")
     tok = family_tok
@@ -139,7 +139,7 @@ def _dump(model: Path, world: Path, out: Path, backend: str):
 
 @pytest.fixture(scope="session")
 def family_dumps(tmp_path_factory, family_models, family_world) -> dict[tuple[str, str], Path]:
-    from shared.tiny_families import TINY_FAMILIES
+    from pipelines.toy.tiny_families import TINY_FAMILIES
 
     dumps = {}
     for family in TINY_FAMILIES:

@@ -136,8 +136,8 @@ def test_upcycled_student_equals_the_dense_model_on_images_of_several_sizes(fami
                                                                              family_tok, tmp_path):
     from transformers import AutoModelForImageTextToText
 
+    from pipelines.toy.tiny_families import build_tiny_family
     from shared.mllm import batch_inputs
-    from shared.tiny_families import build_tiny_family
     from student_train.moe import upcycle
 
     dense_dir = build_tiny_family(family, tmp_path / "dense", family_tok, text_model=text_model, layers=3, seed=2)

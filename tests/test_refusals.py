@@ -88,3 +88,24 @@ def test_what_was_a_traceback_or_a_hang_is_one_line(world, teacher, tmp_path):
         errors = [line for line in res.output.splitlines() if line.startswith("lmod: error:")]
         assert res.exit_code == 2 and len(errors) == 1 and expected in errors[0], (args, res.output[-2000:])
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3", "o4", "t2", "s2", "s2-dense"))
+
+
+def test_the_layers_import_downwards_only():
+    """shared/ imports no stage and no recipe; teacher_dump and student_train import shared/ but
+    not each other, nor the recipes (the toy world lives in pipelines/toy)."""
+    import ast
+
+    root = Path(__file__).parents[1]
+    allowed = {"shared": {"shared"}, "teacher_dump": {"shared", "teacher_dump"},
+               "student_train": {"shared", "student_train"}}
+    wrong = []
+    for package, ok in allowed.items():
+        for path in sorted((root / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in {"shared", "teacher_dump", "student_train", "pipelines", "tests"} and top not in ok:
+                        wrong.append(f"{path.relative_to(root)} imports {name}")
+    assert not wrong, wrong

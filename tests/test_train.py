@@ -35,7 +35,7 @@ def moe_student(tmp_path_factory, teacher) -> Path:
 
 @pytest.fixture(scope="module")
 def held_out_dump(tmp_path_factory, teacher) -> tuple[Path, Path]:
-    from shared.world import make_world
+    from pipelines.toy.world import make_world
     from tests.conftest import dump
 
     world = tmp_path_factory.mktemp("held_out_world")

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from shared.world import COLORS, SHAPES, make_world
+from pipelines.toy.world import COLORS, SHAPES, make_world
 
 
 def _digest(root: Path) -> dict[str, str]:

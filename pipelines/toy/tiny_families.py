@@ -39,7 +39,7 @@ def family_tokenizer(out: Path) -> Any:
     """The tiny world's BPE with every family's special tokens, saved under `out`."""
     from transformers import AutoTokenizer
 
-    from teacher_dump.tiny_teacher import train_tokenizer
+    from pipelines.toy.tiny_teacher import train_tokenizer
 
     train_tokenizer(out, 512)
     tok = AutoTokenizer.from_pretrained(str(out))

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from pipelines.toy.world import IMAGE_SIZE, all_texts
 from shared.mllm import collate_images, load_encoder, pad_batch
 from shared.prompt import IMAGE_PLACEHOLDER, llava_messages
-from shared.world import IMAGE_SIZE, all_texts
 
 END_OF_TURN = "<end_of_utterance>"
 SPECIAL_TOKENS = ["<pad>", "<unk>", IMAGE_PLACEHOLDER, "<fake_token_around_image>", "<global-img>", END_OF_TURN]
