@@ -18,13 +18,17 @@ def _pyplot() -> Any:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl; a last line cut mid-write by a kill is skipped."""
+    """Rows of metrics.jsonl; a last line cut mid-write by a kill is skipped, any other unreadable
+    line is an error naming it."""
     rows = []
-    for line in Path(path).read_text().splitlines():
+    lines = Path(path).read_text().splitlines()
+    for no, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            if no == len(lines):
+                continue
+            raise ValueError(f"{path}:{no}: not a JSON line; the file was edited or damaged") from None
     return rows
 
 

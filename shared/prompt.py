@@ -91,8 +91,3 @@ def render_with_spans(render: Render, messages: Messages, model: str) -> Rendere
             raise TemplateError(f"{model}: its chat template renders assistant turns that overlap")
         chunks.append((len(prefix), len(upto)))
     return Rendered(text, chunks)
-
-
-def prompt_text(render: Render, messages: Messages) -> str:
-    """What a model is given to answer the last user turn (generation prompt included)."""
-    return render(messages, True)

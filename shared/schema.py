@@ -93,7 +93,6 @@ PREF_SCHEMA = pa.schema(
     metadata={"lmod.kind": "pref", "lmod.format_version": str(FORMAT_VERSION)},
 )
 
-SCHEMAS = {"mimic": MIMIC_SCHEMA, "pref": PREF_SCHEMA}
 
 
 def schema_for(kind: str, encoding: Encoding, format_version: int = FORMAT_VERSION) -> pa.Schema:

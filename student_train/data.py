@@ -471,9 +471,6 @@ class MicroBatches(torch.utils.data.Dataset):
         self._encoder: SampleEncoder | None = None
         self._tables: OrderedDict[int, pa.Table] = OrderedDict()
 
-    def __len__(self) -> int:  # micro-batches in one pass over the data
-        return -(-self.index.rows // self.batch_size)
-
     @property
     def encoder(self) -> SampleEncoder:
         if self._encoder is None:  # loaded in the worker: processors need not survive pickling
@@ -502,14 +499,13 @@ class MicroBatches(torch.utils.data.Dataset):
             return LoaderFailure(str(e))
         try:
             return _COLLATE[self.kind](self.encoder, examples)
-        except ValueError:  # the student's template or processor refuses a sample (TemplateError too)
-            pass
-        for example, where in zip(examples, wheres):  # the error path only: find the sample and say why
-            try:
-                _COLLATE[self.kind](self.encoder, [example])
-            except ValueError as e:
-                return LoaderFailure(f"{where}: the student ({self.student}) cannot encode it: {e}")
-        raise RuntimeError(f"micro-batch {step} fails to encode as a batch but not row by row")
+        except ValueError:  # the student's template or processor refuses a sample?
+            for example, where in zip(examples, wheres):  # the error path only: find the sample and say why
+                try:
+                    _COLLATE[self.kind](self.encoder, [example])
+                except ValueError as e:
+                    return LoaderFailure(f"{where}: the student ({self.student}) cannot encode it: {e}")
+            raise  # no sample fails alone: not the data's fault, the error as it is
 
     def _table(self, g: int) -> pa.Table:
         if g in self._tables:

@@ -156,7 +156,7 @@ def _expert_weights(dense: torch.Tensor, target_shape: torch.Size, key: str) -> 
 
 def upcycle(
     dense_dir: Path, out: Path, num_experts: int = 4, top_k: int = 2, moe_layers: list[int] | str | None = None,
-    noise: float = 0.0, aux_loss_coef: float = 0.01, seed: int = 0, check: bool = True,
+    noise: float = 0.0, seed: int = 0, check: bool = True,
 ) -> list[int]:
     """Write the MoE student under `out`: the dense MLLM's text FFNs become `num_experts` copies in
     the MoE counterpart of its text model, with fresh routers; vision tower, projector, processor,
@@ -183,7 +183,7 @@ def upcycle(
     moe_text.update(dict(target.extra))
     moe_text.update({
         target.experts_key: num_experts, "num_experts_per_tok": top_k, "moe_intermediate_size": text.intermediate_size,
-        "router_aux_loss_coef": aux_loss_coef, "output_router_logits": False,
+        "output_router_logits": False,
     })
     if target.interleaved:
         moe_text["mlp_only_layers"] = [i for i in range(n_layers) if i not in layers]

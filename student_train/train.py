@@ -539,8 +539,12 @@ def _open_metrics(out: Path, step: int):
     """metrics.jsonl for appending. A run killed after its last checkpoint logged steps that will be
     redone: they are dropped, as is a partial last line (a kill mid-write)."""
     path = out / "metrics.jsonl"
-    kept = [line for line in (path.read_text().splitlines() if step and path.exists() else [])
-            if _logged_step(line) <= step]
+    lines = path.read_text().splitlines() if step and path.exists() else []
+    for no, line in enumerate(lines[:-1], 1):  # only the last line can have been cut by a kill
+        if _logged_step(line) == _UNREADABLE:
+            raise TrainError(f"{path}:{no}: not a metrics line; the file was edited or damaged (move it away to "
+                             "resume with a fresh log)")
+    kept = [line for line in lines if _logged_step(line) <= step]
     path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a")
 
@@ -590,11 +594,14 @@ def _check_out(out: Path, student: Path, shards: list[Path], resume: bool) -> No
                          "a new or empty --out (nothing there was changed)")
 
 
+_UNREADABLE = 1 << 62
+
+
 def _logged_step(line: str) -> int:
     try:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
-        return 1 << 62  # unreadable (cut mid-write): never kept
+        return _UNREADABLE  # cut mid-write: never kept
 
 
 def latest_checkpoint(out: Path) -> Path | None:

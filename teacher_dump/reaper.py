@@ -43,14 +43,20 @@ class Reaper:
 
 
 def main() -> None:
-    watched = [line.split() for line in sys.stdin]  # until EOF: the driver is gone
+    watched = []
+    for line in sys.stdin:  # until EOF: the driver is gone
+        try:
+            pid, started = line.split()
+            watched.append((int(pid), float(started)))
+        except ValueError:  # one malformed line (a write cut by the kill) must not spare the rest
+            print(f"lmod reaper: ignoring malformed line {line.strip()!r}", file=sys.stderr)
     time.sleep(1.0)  # a clean ray.shutdown() is already done; give stragglers a moment
     for pid, started in watched:
         try:
-            proc = psutil.Process(int(pid))
-            if abs(proc.create_time() - float(started)) < 1e-3:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - started) < 1e-3:
                 proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
 
 

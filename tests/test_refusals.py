@@ -109,3 +109,34 @@ def test_the_layers_import_downwards_only():
                     if top in {"shared", "teacher_dump", "student_train", "pipelines", "tests"} and top not in ok:
                         wrong.append(f"{path.relative_to(root)} imports {name}")
     assert not wrong, wrong
+
+
+def test_only_a_last_line_cut_by_a_kill_is_skipped_in_metrics(tmp_path):
+    from pipelines.report import read_metrics
+    from student_train.train import TrainError, _open_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(path) == [{"step": 1, "loss": 2.0}]
+    _open_metrics(tmp_path, 1).close()
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+    path.write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: not a JSON line"):
+        read_metrics(path)
+    with pytest.raises(TrainError, match="metrics.jsonl:2: not a metrics line"):
+        _open_metrics(tmp_path, 2)
+
+
+def test_the_ray_watchdog_survives_a_malformed_line():
+    import subprocess
+    import sys
+
+    import psutil
+
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = psutil.Process(victim.pid).create_time()
+    lines = f"12 3\nhalf-a-li\n{victim.pid} {started}\n"  # a stranger, a cut line, the process to end
+    res = subprocess.run([sys.executable, "-m", "teacher_dump.reaper"], input=lines, capture_output=True, text=True,
+                         timeout=30, cwd=Path(__file__).parents[1])
+    assert res.returncode == 0 and "malformed line 'half-a-li'" in res.stderr
+    assert victim.wait(timeout=10) != 0  # killed
