@@ -41,12 +41,12 @@ def _timed(fn, repeat: int = 2) -> float:
 
 def _requests(encoder, records: list) -> list:
     """One scoring request per record (top-32), images processed once each, as the worker does."""
-    from teacher_dump.worker import _request, prepare
+    from teacher_dump.worker import prepare, score_request
 
     out = []
     for r in records:
         item = prepare(encoder, r)
-        out.append(_request(item.sequences[0], item.image, 32))
+        out.append(score_request(item.sequences[0], item.image, 32))
     return out
 
 

@@ -9,8 +9,9 @@ import torch
 
 from shared.evaluation import load_eval_model
 from shared.mllm import FinalHidden, load_encoder
+from student_train.config import TrainConfig
 from student_train.data import check_shards, collate_mimic, iter_examples
-from student_train.train import TrainConfig, mimic_terms
+from student_train.objectives import mimic_terms
 
 
 @torch.no_grad()

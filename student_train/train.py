@@ -13,157 +13,20 @@ import json
 import math
 import sys
 import time
-import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from shared.mllm import FinalHidden, SampleEncoder, expert_counts, load_encoder, moe_routers
+from shared.mllm import FinalHidden, SampleEncoder, load_encoder
+from student_train.config import TrainConfig, TrainError
 from student_train.data import LoaderFailure, MicroBatches, MimicBatch, PrefBatch, ShardError, check_shards, loader
-from student_train.losses import (
-    OutputHead,
-    fold_outside_vocab,
-    load_balancing_loss,
-    mimic_token_losses,
-    preference_loss,
-    router_z_loss,
-    sampled_token_losses,
-    token_logprobs,
-)
-from student_train.parts import DEFAULT_TRAIN, PARTS, apply_trainable, unused_safe_params
+from student_train.objectives import RouterTap, mimic_terms, pref_terms
+from student_train.parts import apply_trainable, unused_safe_params
 
-
-class TrainError(RuntimeError):
-    """Training cannot go on; the message says at which step and why."""
-
-
-@dataclass
-class TrainConfig:
-    stage: Literal["mimic", "pref"] = "mimic"
-    steps: int = 200
-    batch_size: int = 16  # examples per micro-batch, over all ranks
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    kd_weight: float = 1.0  # 0 with ce_weight 1: the labels-only (SFT) baseline on the same data
-    kd: Literal["topk", "sampled"] = "topk"  # sampled: RS-KD on the dump's --sample draws (unbiased)
-    kd_tail: Literal["renorm", "rest"] = "rest"  # for kd: topk
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    pref_loss: Literal["dpo", "ipo", "kto_pair"] = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    pref_ce_weight: float = 0.0  # CE on the chosen answer during preference distillation
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    device: str = "auto"
-    seed: int = 0
-    save_every: int = 0  # 0: only at the end
-    log_every: int = 10
-    loader_workers: int = 2  # DataLoader processes reading, decoding and encoding batches (0: in-process)
-    shuffle_window: int = 8  # row groups shuffled together (and cached per loader worker)
-    loss_chunk: int = 256  # tokens per chunk of the KL / log-prob computation (bounds [N, V] buffers)
-    # What trains (student_train/parts.py): vision, projector, language, experts, router, or [all].
-    # The paper's default for the distillation stages: the MoE experts and routers, vision frozen.
-    train: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN))
-    # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
-    # the rest (FSDP2 fully_shard) for students whose weights + gradients + Adam do not fit one device.
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-
-    @classmethod
-    def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
-        import yaml
-
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig keys")
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**raw)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-
-    def __post_init__(self) -> None:
-        """Checked once, before any model or shard is loaded."""
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value, hint = getattr(self, f.name), hints[f.name]
-            if f.name == "train":
-                if isinstance(value, str):
-                    value = [value]
-                    setattr(self, f.name, value)
-                if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-                    raise ValueError(f"train: {value!r}; a list of {' | '.join(PARTS)}, or [all]")
-                bad = sorted(set(value) - set(PARTS) - {"all"})
-                if bad or ("all" in value and len(value) > 1):
-                    raise ValueError(f"train: {value!r}; use any of {list(PARTS)}, or [all] alone")
-                continue
-            if typing.get_origin(hint) is Literal:
-                allowed = typing.get_args(hint)
-                if value not in allowed:
-                    raise ValueError(f"{f.name}: {value!r}; use {' | '.join(allowed)}")
-                continue
-            ok = isinstance(value, hint) and not isinstance(value, bool)
-            if hint is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-                ok = True
-            if not ok:
-                tip = ""
-                if isinstance(value, str) and hint is float:  # YAML 1.1 reads 1e-3 (no dot) as text
-                    tip = " (YAML reads 1e-3 as text: write 1.0e-3)"
-                raise ValueError(f"{f.name}: {value!r} is not {'an' if hint is int else 'a'} {hint.__name__}{tip}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_window", "loss_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
-        for name in ("warmup", "save_every", "weight_decay", "kd_weight", "ce_weight", "pref_ce_weight",
-                     "aux_loss_coef", "z_loss_coef", "label_smoothing", "loader_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: {getattr(self, name)} must be >= 0")
-        for name in ("lr", "beta", "temperature", "grad_clip"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
-        if self.kd_tail == "rest" and self.temperature != 1.0:
-            raise ValueError("temperature: the rest bucket is stored at temperature 1; use kd_tail: renorm")
-        if self.label_smoothing >= 0.5:
-            raise ValueError(f"label_smoothing: {self.label_smoothing} must be < 0.5")
-
-
-class RouterTap:
-    """Collects router logits of every MoE layer during a forward (the MLLM wrapper drops them)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.logits: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(lambda m, i, o: self.logits.append(o[0])) for m in moe_routers(model)]
-        text = model.config.text_config
-        self.top_k = getattr(text, "num_experts_per_tok", 1)
-
-    def losses(self, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Switch aux loss and z-loss (means over layers) and routed-slot counts [layers, E], all over
-        the real tokens of the last forward (padding excluded)."""
-        keep = token_mask.reshape(-1).bool()
-        logits, self.logits = self.logits, []
-        if not logits:
-            zero = torch.zeros((), device=token_mask.device)
-            return zero, zero, torch.zeros((0, 1), device=token_mask.device)
-        aux = torch.stack([load_balancing_loss(lg[keep], self.top_k) for lg in logits]).mean()
-        z = torch.stack([router_z_loss(lg[keep]) for lg in logits]).mean()
-        return aux, z, expert_counts(logits, token_mask, self.top_k).detach()
+__all__ = ["TrainConfig", "TrainError", "mimic_terms", "pref_terms", "setup", "train", "train_step"]
 
 
 @dataclass
@@ -208,64 +71,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Forward: a batch's loss terms as sums (normalised by the caller, once per optimizer step)
-
-
-def mimic_terms(model, batch: MimicBatch, cfg: TrainConfig, body: FinalHidden, vocab: int,
-                tap: RouterTap | None = None) -> dict[str, torch.Tensor]:
-    """Summed KL(teacher || student) and CE over the batch's label tokens, their weighted sum as
-    "objective" (+ router terms). The model runs its body; the output projection runs only at the
-    label positions, chunk by chunk inside the loss (no [tokens, V] logits)."""
-    inputs = batch.inputs
-    student = body(model, inputs)[batch.rows, batch.cols]  # [N, H]
-    # Rows of a padded embedding beyond the shared vocabulary are no tokens: they get no mass.
-    head = OutputHead.of(body.head, vocab)
-    targets = inputs["input_ids"][batch.rows, batch.cols + 1]
-    if cfg.kd == "sampled":
-        per_token = sampled_token_losses(student, batch.sampled_ids, batch.sampled_weights, targets, cfg.kd_weight,
-                                         cfg.ce_weight, head=head, chunk=cfg.loss_chunk)
-        terms = {"objective": per_token[:, 0].sum(), "sampled_kd": per_token[:, 1].sum(), "ce": per_token[:, 2].sum()}
-        return _with_router_terms(terms, tap, inputs["attention_mask"])
-    ids, lps, rest = fold_outside_vocab(batch.topk_ids, batch.topk_logprobs, batch.rest_mass, vocab)
-    per_token = mimic_token_losses(student, ids, lps, rest if cfg.kd_tail == "rest" else None, targets,
-                                   cfg.kd_weight, cfg.ce_weight, tail=cfg.kd_tail, temperature=cfg.temperature,
-                                   head=head, chunk=cfg.loss_chunk)
-    terms = {"objective": per_token[:, 0].sum(), "kl": per_token[:, 1].sum(), "ce": per_token[:, 2].sum()}
-    return _with_router_terms(terms, tap, inputs["attention_mask"])
-
-
-def pref_terms(model, batch: PrefBatch, cfg: TrainConfig, body: FinalHidden, vocab: int,
-               tap: RouterTap | None = None) -> dict[str, torch.Tensor]:
-    """Summed per-pair preference loss, rewards and chosen-answer CE (+ router terms). IPO compares
-    per-token mean log-probs (policy and teacher alike), as TRL does: its squared loss aims the
-    log-ratio margin at 1/(2 beta), a target that only means something independent of length."""
-    inputs = batch.inputs
-    hidden = body(model, inputs)[batch.rows, batch.cols]
-    targets = inputs["input_ids"][batch.rows, batch.cols + 1]
-    tokens = token_logprobs(hidden, targets, head=OutputHead.of(body.head, vocab), chunk=cfg.loss_chunk)
-    n_seq = 2 * batch.pairs
-    seq_logps = torch.zeros(n_seq, dtype=torch.float64, device=tokens.device).index_add(0, batch.rows, tokens.double())
-    n = batch.pairs
-    policy_c, policy_r, ref_c, ref_r = seq_logps[:n], seq_logps[n:], batch.ref_chosen, batch.ref_rejected
-    if cfg.pref_loss == "ipo":
-        lengths = torch.bincount(batch.rows, minlength=n_seq).double()
-        policy_c, policy_r = policy_c / lengths[:n], policy_r / lengths[n:]
-        ref_c, ref_r = ref_c / lengths[:n], ref_r / lengths[n:]
-    losses, r_c, r_r = preference_loss(policy_c, policy_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.pref_loss,
-                                       label_smoothing=cfg.label_smoothing)
-    per_pair = losses.view(-1, n).mean(0)  # kto_pair gives a chosen and a rejected term per pair
-    terms = {"dpo_loss": per_pair.sum(), "pref_accuracy": (r_c > r_r).double().sum(),
-             "reward_margin": (r_c - r_r).sum(), "ce": -seq_logps[:n].sum()}
-    return _with_router_terms(terms, tap, inputs["attention_mask"])
-
-
-def _with_router_terms(terms: dict[str, torch.Tensor], tap: RouterTap | None, mask: torch.Tensor) -> dict:
-    if tap is not None:
-        terms["aux_loss"], terms["z_loss"], terms["expert_counts"] = tap.losses(mask)
-    return terms
 
 
 # ----------------------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ def encode_record(encoder: SampleEncoder, rec: Record, image: ImageFeatures | No
     return [encoder.encode(pref_messages(q, rec.fields[key], has_image), image) for key in ("chosen", "rejected")]
 
 
-def _request(enc: ModelInputs, image: Image.Image | None, top_k: int, sample: int = 0,
+def score_request(enc: ModelInputs, image: Image.Image | None, top_k: int, sample: int = 0,
              sample_seed: int = 0) -> ScoreRequest:
     positions = [i for i, m in enumerate(enc.response_mask) if m]
     return ScoreRequest(ids=enc.ids, prompt_ids=enc.prompt_ids, positions=positions, image=image,
@@ -223,7 +223,7 @@ def shard_rows(
         k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
         n = sample if rec.kind == "mimic" else 0
         seed = record_seed(sample_seed, rec.sample_id) if n else 0
-        requests.extend(_request(e, image, k, n, seed) for e in item.sequences)
+        requests.extend(score_request(e, image, k, n, seed) for e in item.sequences)
     results: list[ScoreResult] = backend.score(requests) if requests else []
     rows: list[dict[str, Any]] = []
     tokens = 0

@@ -1,0 +1,119 @@
+"""`TrainConfig`: what a training run does, validated once before anything loads (the library
+gives a notebook or the demo the same one-line errors as the CLI)."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from student_train.parts import DEFAULT_TRAIN, PARTS
+
+
+class TrainError(RuntimeError):
+    """Training cannot go on; the message says at which step and why."""
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["mimic", "pref"] = "mimic"
+    steps: int = 200
+    batch_size: int = 16  # examples per micro-batch, over all ranks
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    kd_weight: float = 1.0  # 0 with ce_weight 1: the labels-only (SFT) baseline on the same data
+    kd: Literal["topk", "sampled"] = "topk"  # sampled: RS-KD on the dump's --sample draws (unbiased)
+    kd_tail: Literal["renorm", "rest"] = "rest"  # for kd: topk
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    pref_loss: Literal["dpo", "ipo", "kto_pair"] = "dpo"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    pref_ce_weight: float = 0.0  # CE on the chosen answer during preference distillation
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    loader_workers: int = 2  # DataLoader processes reading, decoding and encoding batches (0: in-process)
+    shuffle_window: int = 8  # row groups shuffled together (and cached per loader worker)
+    loss_chunk: int = 256  # tokens per chunk of the KL / log-prob computation (bounds [N, V] buffers)
+    # What trains (student_train/parts.py): vision, projector, language, experts, router, or [all].
+    # The paper's default for the distillation stages: the MoE experts and routers, vision frozen.
+    train: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN))
+    # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
+    # the rest (FSDP2 fully_shard) for students whose weights + gradients + Adam do not fit one device.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
+        import yaml
+
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig keys")
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def __post_init__(self) -> None:
+        """Checked once, before any model or shard is loaded."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if f.name == "train":
+                if isinstance(value, str):
+                    value = [value]
+                    setattr(self, f.name, value)
+                if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                    raise ValueError(f"train: {value!r}; a list of {' | '.join(PARTS)}, or [all]")
+                bad = sorted(set(value) - set(PARTS) - {"all"})
+                if bad or ("all" in value and len(value) > 1):
+                    raise ValueError(f"train: {value!r}; use any of {list(PARTS)}, or [all] alone")
+                continue
+            if typing.get_origin(hint) is Literal:
+                allowed = typing.get_args(hint)
+                if value not in allowed:
+                    raise ValueError(f"{f.name}: {value!r}; use {' | '.join(allowed)}")
+                continue
+            ok = isinstance(value, hint) and not isinstance(value, bool)
+            if hint is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                ok = True
+            if not ok:
+                tip = ""
+                if isinstance(value, str) and hint is float:  # YAML 1.1 reads 1e-3 (no dot) as text
+                    tip = " (YAML reads 1e-3 as text: write 1.0e-3)"
+                raise ValueError(f"{f.name}: {value!r} is not {'an' if hint is int else 'a'} {hint.__name__}{tip}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_window", "loss_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
+        for name in ("warmup", "save_every", "weight_decay", "kd_weight", "ce_weight", "pref_ce_weight",
+                     "aux_loss_coef", "z_loss_coef", "label_smoothing", "loader_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be >= 0")
+        for name in ("lr", "beta", "temperature", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.kd_tail == "rest" and self.temperature != 1.0:
+            raise ValueError("temperature: the rest bucket is stored at temperature 1; use kd_tail: renorm")
+        if self.label_smoothing >= 0.5:
+            raise ValueError(f"label_smoothing: {self.label_smoothing} must be < 0.5")
