@@ -12,14 +12,16 @@ prompts of `--prompt` tokens (the image tokens of a real teacher: 600-2,900 per 
            scored positions only, top-k of raw logits and one logsumexp per position
 
 Prints tokens/s of each (scored positions per second; bare: the same batches), after/bare and
-before/bare, and the peak RSS above the loaded model; checks that before and after store the
-same top-k.
+before/bare, the peak RSS above the loaded model, and the largest difference between the top-k
+log-probs the two paths store. With --vllm, the same for vLLM on the padded checkpoint: bare,
+prompt_logprobs (--vllm-scoring logprobs) and hidden states + our head (the default).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,6 @@ from pathlib import Path
 
 def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: int, batch: int, k: int,
              repeat: int) -> dict:
-    import resource
 
     import torch
 
@@ -46,7 +47,8 @@ def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: in
     backend.model.resize_token_embeddings(vocab_rows, mean_resizing=False)
     backend.body = FinalHidden(backend.model)  # resizing replaced the output projection module
     gen = torch.Generator().manual_seed(0)
-    requests = [ScoreRequest(ids=torch.randint(0, vocab, (prompt,), generator=gen).tolist(), prompt_ids=[],
+    tokens = min(vocab, len(backend.encoder.tokenizer))  # ids a tokenizer produces
+    requests = [ScoreRequest(ids=torch.randint(0, tokens, (prompt,), generator=gen).tolist(), prompt_ids=[],
                              positions=list(range(prompt - response, prompt)), image=None, features=None, top_k=k)
                 for _ in range(batch)]
     inputs = {"input_ids": torch.tensor([r.ids for r in requests])}
@@ -58,12 +60,24 @@ def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: in
         out = []
         for row, req in enumerate(requests):
             logp = torch.log_softmax(logits[row, torch.tensor(req.positions) - 1].float(), -1)
-            out.append(torch.topk(logp, k, -1).indices.numpy())
+            out.append(torch.topk(logp, k, -1).values.numpy())
         return out
 
+    if mode.startswith("vllm"):
+        return _measure_vllm(teacher, mode, requests, k, repeat, batch * response)
     body = FinalHidden(backend.model) if mode == "bare" else None
     run = {"bare": lambda: torch.no_grad()(body)(backend.model, inputs), "before": before,
-           "after": lambda: [r.topk_ids for r in backend.score(requests)]}[mode]
+           "after": lambda: [r.topk_logprobs for r in backend.score(requests)]}[mode]
+    hidden = backend.model.config.text_config.hidden_size
+    head_share = hidden * vocab_rows / (hidden * vocab_rows + body_params)  # of a position's forward FLOPs
+    return {**_timed(run, repeat, batch * response, with_ids=mode != "bare"), "head_share": head_share}
+
+
+def _timed(run, repeat: int, scored: int, with_ids: bool) -> dict:
+    """Best of `repeat` calls, scored positions per second, the peak RSS above the start, and the
+    top-k log-probs of the last call (to compare the modes)."""
+    import resource
+
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     best = float("inf")
     for _ in range(repeat):
@@ -71,11 +85,32 @@ def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: in
         out = run()
         best = min(best, time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ids = [a.tolist() for a in out] if mode != "bare" else None
-    hidden = backend.model.config.text_config.hidden_size
-    head_share = hidden * vocab_rows / (hidden * vocab_rows + body_params)  # of a position's forward FLOPs
-    return {"seconds": best, "tokens_per_s": batch * response / best, "extra_mb": (peak - base) / 1024, "ids": ids,
-            "head_share": head_share}
+    return {"seconds": best, "tokens_per_s": scored / best, "extra_mb": (peak - base) / 1024,
+            "topk": [a.tolist() for a in out] if with_ids else None}
+
+
+def _measure_vllm(teacher: str, mode: str, requests: list, k: int, repeat: int, scored: int) -> dict:
+    """vLLM on the padded checkpoint (saved by the parent): bare = one prefill and one sampled
+    token; logprobs = prompt_logprobs over every position; hidden = the default path."""
+    from vllm import SamplingParams
+
+    from teacher_dump.backends import VLLMBackend
+
+    for r in requests:
+        r.prompt_ids = r.ids
+    scoring = "hidden" if mode == "vllm-hidden" else "logprobs"
+    engine = VLLMBackend(teacher, max_model_len=len(requests[0].ids) + 8, max_logprobs=k, scoring=scoring)
+    if mode == "vllm-bare":
+        params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        prompts = [{"prompt_token_ids": r.ids} for r in requests]
+
+        def run():
+            return engine.llm.generate(prompts, params, use_tqdm=False)
+    else:
+        def run():
+            return [r.topk_logprobs for r in engine.score(requests)]
+    run()  # warm-up
+    return {**_timed(run, repeat, scored, with_ids=mode != "vllm-bare"), "head_share": 0.0}
 
 
 def main() -> None:
@@ -86,6 +121,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--vllm", action="store_true", help="also vLLM (bare, prompt_logprobs, hidden) at the padded size")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -119,7 +155,52 @@ def main() -> None:
             for mode in ("bare", "before", "after"):
                 g = got[mode]
                 print(f"{mode:>7} {g['tokens_per_s']:>13.0f} {g['tokens_per_s'] / bare:>7.2f} {g['extra_mb']:>8.0f}")
-            print(f"same top-k ids before and after: {got['before']['ids'] == got['after']['ids']}")
+            print(f"top-k log-probs, before vs after: max |diff| {_max_diff(got['before'], got['after']):.1e}")
+        if args.vllm:
+            _vllm_table(Path(tmp), args)
+
+
+def _vllm_table(tmp: Path, args) -> None:
+    """The padded checkpoint on disk (vLLM loads directories), then bare / logprobs / hidden."""
+    import shutil
+
+    from transformers import AutoModelForImageTextToText
+
+    padded = tmp / "padded"
+    model = AutoModelForImageTextToText.from_pretrained(str(tmp / "t"))
+    model.resize_token_embeddings(args.vocab, mean_resizing=False)
+    model.save_pretrained(str(padded))
+    for f in (tmp / "t").iterdir():
+        if not (padded / f.name).exists():
+            shutil.copy(f, padded / f.name)
+    got = {}
+    for mode in ("vllm-bare", "vllm-logprobs", "vllm-hidden"):
+        cmd = [sys.executable, __file__, "--vocab", "0", "--prompt", str(args.prompt), "--response",
+               str(args.response), "--batch", str(args.batch), "--k", str(args.k), "--repeat", str(args.repeat),
+               "--child", str(padded), mode]
+        env = {**os.environ, "VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_LOGGING_LEVEL": "WARNING"}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode:
+            got[mode] = None
+            print(f"{mode}: failed: {res.stderr.strip().splitlines()[-1][:200]}")
+            continue
+        got[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    bare = got["vllm-bare"]["tokens_per_s"] if got.get("vllm-bare") else float("nan")
+    print(f"\nvLLM teacher, V={args.vocab} (padded checkpoint), {args.batch} rows x {args.prompt} prompt tokens, "
+          f"{args.response} scored per row, k={args.k}")
+    print(f"{'mode':>14} {'scored tok/s':>13} {'/ bare':>7} {'peak MB':>8}  (the driver: the engine has its own)")
+    for mode, g in got.items():
+        if g:
+            print(f"{mode:>14} {g['tokens_per_s']:>13.0f} {g['tokens_per_s'] / bare:>7.2f} {g['extra_mb']:>8.0f}")
+    if got.get("vllm-logprobs") and got.get("vllm-hidden"):
+        diff = _max_diff(got["vllm-logprobs"], got["vllm-hidden"])
+        print(f"top-k log-probs, logprobs vs hidden: max |diff| {diff:.1e}")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    import numpy as np
+
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a["topk"], b["topk"]))
 
 
 if __name__ == "__main__":

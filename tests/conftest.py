@@ -23,6 +23,22 @@ TIERS = ("fast", "integration", "slow", "distributed")
 _DUMP_FIXTURES = {"vllm_dump", "hf_dump", "u8_dump", "family_dumps", "held_out_dump"}
 
 
+@pytest.fixture(autouse=True)
+def _seeded(request):
+    """Every test starts from its own seed (a hash of its id), whatever ran before it or in which
+    order: no test depends on the global RNG state another left behind."""
+    import hashlib
+    import random
+
+    import numpy as np
+    import torch
+
+    seed = int(hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8], 16)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         marked = {m.name for m in item.iter_markers()} & set(TIERS)

@@ -21,8 +21,7 @@ from student_train.losses import (
     token_logprobs,
 )
 
-torch.manual_seed(0)
-N, V = 12, 50
+N, V = 12, 50  # every test is seeded by tests/conftest.py:_seeded
 
 
 def _teacher(k: int, sharp: float = 1.0):
