@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,51 @@ class ShardEntry:
 
 
 @dataclass
+class RunRecord:
+    """The manifest's `run` section, typed and defined once: what the teacher run was (written by
+    the dump, read by `shards info/verify`, the resume checks and the student). The JSON keys are
+    the field names; fields older dumps lack get their defaults."""
+
+    teacher: dict[str, Any]  # model (path), config_sha256, weights digest
+    tokenizer_sha256: str
+    top_k: int
+    backend: str
+    dtype: str
+    vocabulary: dict[str, Any] | None = None  # shared/fingerprint.py:vocabulary_facts (older dumps: none)
+    vocab_size: int | None = None
+    encoding: dict[str, Any] = field(default_factory=lambda: {"name": "f32"})
+    sample: dict[str, int] | None = None  # RS-KD draws and seed
+    vllm_scoring: str | None = None  # vllm backend only: hidden | logprobs
+    max_model_len: int | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)  # per kind: file, sha256, rows (, converted)
+    plan: dict[str, Any] = field(default_factory=dict)  # shards_requested, shards per kind
+    records: dict[str, int] | None = None  # valid records per kind (after validation)
+    rejected: int | None = None  # records refused (OUT/rejected.jsonl)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("sample",)}
+
+    def planned_shards(self, kind: str) -> int:
+        return int(self.plan.get("shards", {}).get(kind, 0))
+
+    def input_sha256(self, kind: str) -> str | None:
+        return self.inputs.get(kind, {}).get("sha256")
+
+
+@dataclass
 class Manifest:
-    run: dict[str, Any]  # teacher, tokenizer, top_k, backend, dtype, inputs, plan
+    run: dict[str, Any]  # a RunRecord as JSON: read it through `record`
     shards: dict[str, ShardEntry] = field(default_factory=dict)  # relative path -> entry
     format_version: int = FORMAT_VERSION
+
+    @property
+    def record(self) -> RunRecord:
+        return RunRecord.from_dict(self.run)
 
     def to_json(self) -> str:
         body = {
@@ -56,6 +97,10 @@ class Manifest:
             shards = {name: ShardEntry(**e) for name, e in body.get("shards", {}).items()}
         except TypeError as e:
             raise ValueError(f"{path}: a shard entry is malformed ({e}); rerun `lmod dump-teacher`") from None
+        try:
+            RunRecord.from_dict(body["run"])
+        except TypeError as e:
+            raise ValueError(f"{path}: its run section is incomplete ({e}); rerun `lmod dump-teacher`") from None
         return cls(run=body["run"], shards=shards, format_version=body["format_version"])
 
     def save(self, out_dir: Path) -> None:

@@ -60,11 +60,12 @@ def verify_dump(out_dir: Path) -> list[str]:
             referenced |= {sha for ref, sha in zip(table.column(0).to_pylist(), table.column(1).to_pylist())
                            if sha and not ref}
     problems += image_store.problems(out_dir, referenced)
-    plan = manifest.run.get("plan", {}).get("shards", {})
+    run = manifest.record
     for kind in KINDS:
         done = sum(e.kind == kind for e in manifest.shards.values())
-        if done < plan.get(kind, 0):
-            problems.append(f"{kind}: {done} of {plan[kind]} shards finished; rerun `lmod dump-teacher` to resume")
+        if done < run.planned_shards(kind):
+            problems.append(f"{kind}: {done} of {run.planned_shards(kind)} shards finished; rerun `lmod dump-teacher` "
+                            "to resume")
         listed = {rel for rel in manifest.shards if rel.startswith(f"{kind}/")}
         for path in sorted((out_dir / kind).glob("*.parquet")) if (out_dir / kind).is_dir() else []:
             if f"{kind}/{path.name}" not in listed:
@@ -74,15 +75,15 @@ def verify_dump(out_dir: Path) -> list[str]:
 
 def dump_info(out_dir: Path) -> dict[str, Any]:
     manifest = Manifest.load(out_dir)
-    run = manifest.run
+    run = manifest.record
     info: dict[str, Any] = {
-        "teacher": run["teacher"]["model"],
-        "teacher_config_sha256": run["teacher"]["config_sha256"][:16],
-        "tokenizer_sha256": run["tokenizer_sha256"][:16],
-        "backend": run["backend"],
-        "dtype": run["dtype"],
-        "top_k": run["top_k"],
-        "encoding": Encoding.of_run(run).name,
+        "teacher": run.teacher["model"],
+        "teacher_config_sha256": run.teacher["config_sha256"][:16],
+        "tokenizer_sha256": run.tokenizer_sha256[:16],
+        "backend": run.backend,
+        "dtype": run.dtype,
+        "top_k": run.top_k,
+        "encoding": Encoding.of_run(manifest.run).name,
         "format_version": manifest.format_version,
     }
     for kind in KINDS:
@@ -93,7 +94,7 @@ def dump_info(out_dir: Path) -> dict[str, Any]:
         tokens = sum(e.tokens for e in entries)
         size = sum(e.bytes for e in entries)
         info[kind] = {
-            "shards": f"{len(entries)}/{run['plan']['shards'].get(kind, len(entries))}",
+            "shards": f"{len(entries)}/{run.planned_shards(kind) or len(entries)}",
             "rows": rows,
             "tokens": tokens,
             "bytes": size,

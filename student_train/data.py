@@ -64,24 +64,25 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
             manifest = Manifest.load(d)
         except FileNotFoundError as e:
             raise ShardError(str(e)) from None
-        digest = manifest.run.get("inputs", {}).get(kind, {}).get("sha256")
+        run = manifest.record
+        digest = run.input_sha256(kind)
         if digest in inputs:
             raise ShardError(f"{d} and {inputs[digest]} were dumped from the same {kind} data (sha256 {digest[:12]}); "
                              "its rows would be trained twice: pass one of them")
         if digest:
             inputs[digest] = Path(d)
-        if "vocabulary" in manifest.run:
-            problem = vocabulary_mismatch(manifest.run["vocabulary"], mine)
-        elif manifest.run["tokenizer_sha256"] != tokenizer_fingerprint(encoder.tokenizer):  # older dumps
+        if run.vocabulary is not None:
+            problem = vocabulary_mismatch(run.vocabulary, mine)
+        elif run.tokenizer_sha256 != tokenizer_fingerprint(encoder.tokenizer):  # older dumps
             problem = "shards were made with another tokenizer"
         else:
             problem = None
         if problem:
             raise ShardError(f"{d}: {problem}")
-        if sampled and not manifest.run.get("sample"):
+        if sampled and not run.sample:
             raise ShardError(f"{d}: dumped without --sample, so it holds no teacher draws for kd: sampled; "
                              "use kd: topk, or dump again with --sample N --backend hf")
-        planned = manifest.run.get("plan", {}).get("shards", {}).get(kind, 0)
+        planned = run.planned_shards(kind)
         done = sum(e.kind == kind for e in manifest.shards.values())
         if done < planned and not allow_partial:
             raise ShardError(f"{d}: only {done} of {planned} {kind} shards are finished; rerun `lmod dump-teacher` "

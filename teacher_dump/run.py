@@ -25,7 +25,7 @@ from shared.fingerprint import (
     tokenizer_fingerprint,
     vocabulary_facts,
 )
-from shared.manifest import Manifest, atomic_write_bytes
+from shared.manifest import Manifest, RunRecord, atomic_write_bytes
 from shared.mllm import load_encoder
 from shared.prompt import TemplateError
 from shared.schema import KINDS, MANIFEST_NAME, REJECTED_NAME, shard_name
@@ -426,22 +426,21 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
                   inputs: dict[str, Any]) -> Manifest:
     if not tasks:
         raise InputError("no records to dump: the inputs are empty")
-    run = {
-        "teacher": teacher_fingerprint(Path(cfg.model)),
-        "tokenizer_sha256": tokenizer_fingerprint(encoder.tokenizer),
-        "vocabulary": vocabulary_facts(encoder.tokenizer),
-        "vocab_size": vocab,
-        "top_k": cfg.top_k,
-        "encoding": Encoding(cfg.encoding).manifest(),
-        "sample": {"draws": cfg.sample, "seed": cfg.sample_seed} if cfg.sample else None,
-        "backend": cfg.backend,
-        **({"vllm_scoring": cfg.vllm_scoring} if cfg.backend == "vllm" else {}),
-        "dtype": cfg.dtype,
-        "max_model_len": cfg.max_model_len,
-        "inputs": inputs,
-        "plan": {"shards_requested": cfg.shards,
-                 "shards": {k: sum(t.kind == k for t in tasks) for k in KINDS}},
-    }
+    run = RunRecord(
+        teacher=teacher_fingerprint(Path(cfg.model)),
+        tokenizer_sha256=tokenizer_fingerprint(encoder.tokenizer),
+        vocabulary=vocabulary_facts(encoder.tokenizer),
+        vocab_size=vocab,
+        top_k=cfg.top_k,
+        encoding=Encoding(cfg.encoding).manifest(),
+        sample={"draws": cfg.sample, "seed": cfg.sample_seed} if cfg.sample else None,
+        backend=cfg.backend,
+        vllm_scoring=cfg.vllm_scoring if cfg.backend == "vllm" else None,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        inputs=inputs,
+        plan={"shards_requested": cfg.shards, "shards": {k: sum(t.kind == k for t in tasks) for k in KINDS}},
+    ).to_dict()
     _say(cfg, f"lmod: {len(tasks)} shards planned over {sum(i['rows'] for i in inputs.values())} input rows")
     if cfg.dry_run:
         _check_existing(out, run, cfg.force)  # what the real run would refuse, refused here too
@@ -519,7 +518,7 @@ def _rejections_of(out: Path, manifest: Manifest) -> list[Rejection] | None:
         rejected = [Rejection(d["file"], d["row"], d["id"], d["reason"]) for d in map(json.loads, lines)]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return rejected if len(rejected) == manifest.run.get("rejected", -1) else None
+    return rejected if len(rejected) == manifest.record.rejected else None
 
 
 LOCK_NAME = ".lmod-dump.lock"
