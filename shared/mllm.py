@@ -241,6 +241,15 @@ class FinalHidden:
         self.active = False
         head.register_forward_pre_hook(self._keep)
 
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> FinalHidden:
+        """The model's tap, made once (each one adds a hook to the output projection)."""
+        tap = getattr(model, "_lmod_final_hidden", None)
+        if tap is None or tap.head is not model.get_output_embeddings():
+            tap = cls(model)
+            model._lmod_final_hidden = tap
+        return tap
+
     def _keep(self, module: torch.nn.Module, args: tuple) -> tuple | None:
         if not self.active:
             return None
