@@ -64,7 +64,7 @@ def _measure(student: str, mode: str, rows: int, length: int, response: int, voc
     cfg = TrainConfig(kd_tail="rest", ce_weight=0.5, loss_chunk=chunk)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if mode == "fused":
-        loss = mimic_terms(model, batch, cfg, FinalHidden(model), vocab)["objective"]
+        loss = mimic_terms(model, batch, cfg, FinalHidden.of(model), vocab)["objective"]
     else:  # the step before this change
         logits = model(**inputs).logits
         student_logits = logits[batch.rows, batch.cols, :vocab]

@@ -45,7 +45,7 @@ def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: in
                       if "embed_tokens" not in n and "lm_head" not in n and "vision" not in n)
     vocab_rows = vocab_rows or vocab
     backend.model.resize_token_embeddings(vocab_rows, mean_resizing=False)
-    backend.body = FinalHidden(backend.model)  # resizing replaced the output projection module
+    backend.body = FinalHidden.of(backend.model)  # resizing replaced the output projection module
     gen = torch.Generator().manual_seed(0)
     tokens = min(vocab, len(backend.encoder.tokenizer))  # ids a tokenizer produces
     requests = [ScoreRequest(ids=torch.randint(0, tokens, (prompt,), generator=gen).tolist(), prompt_ids=[],
@@ -65,7 +65,7 @@ def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: in
 
     if mode.startswith("vllm"):
         return _measure_vllm(teacher, mode, requests, k, repeat, batch * response)
-    body = FinalHidden(backend.model) if mode == "bare" else None
+    body = FinalHidden.of(backend.model) if mode == "bare" else None
     run = {"bare": lambda: torch.no_grad()(body)(backend.model, inputs), "before": before,
            "after": lambda: [r.topk_logprobs for r in backend.score(requests)]}[mode]
     hidden = backend.model.config.text_config.hidden_size

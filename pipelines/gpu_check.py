@@ -105,7 +105,7 @@ def peak_step_memory(student: Path, vocab_rows: int = 151_936, rows: int = 8, le
         try:
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 if mode == "fused":
-                    loss = mimic_terms(model, batch, cfg, FinalHidden(model), vocab)["objective"]
+                    loss = mimic_terms(model, batch, cfg, FinalHidden.of(model), vocab)["objective"]
                 else:
                     logits = model(**batch.inputs).logits[batch.rows, batch.cols, :vocab]
                     targets = batch.inputs["input_ids"][batch.rows, batch.cols + 1]

@@ -23,7 +23,7 @@ def kl_to_teacher(model_dir: Path, shards: list[Path], image_root: Path | None, 
     examples = iter_examples(check_shards(shards, "mimic", enc), "mimic", image_root)
     model = load_eval_model(model_dir, device, dtype)
     cfg = TrainConfig(kd_tail=tail)
-    body = FinalHidden(model)
+    body = FinalHidden.of(model)
     total = tokens = 0.0
     while batch := list(islice(examples, batch_size)):
         collated = collate_mimic(enc, batch).to(model.device)

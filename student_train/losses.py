@@ -53,8 +53,11 @@ def sparse_kl(
         # -inf (folded ids pointing at a duplicate) leave their id in it. A row whose top-k covers
         # the whole vocabulary has an empty rest; its teacher rest is a rounding residue and adds
         # nothing (a clamped log of 0 would add r * (log r + large) per token).
-        real = (~_wide(topk_logprobs).isneginf()).to(s_all.dtype)
-        covered = torch.zeros_like(s_all).scatter_add(-1, topk_ids, real) > 0
+        real = (~_wide(topk_logprobs).isneginf()).to(torch.uint8)
+        # one byte per logit (a float [C, V] buffer here cost as much as the logits); amax keeps a
+        # real entry whatever a zero-weight duplicate of its id writes
+        covered = torch.zeros(s_all.shape, dtype=torch.uint8, device=s_all.device).scatter_reduce(
+            -1, topk_ids, real, reduce="amax").bool()
         empty = covered.all(-1)
         masked = s_all.masked_fill(covered, torch.finfo(s_all.dtype).min)  # finite: no 0 * inf in backward
         s_rest = torch.logsumexp(masked, dim=-1)  # log of the student's mass outside the top-k

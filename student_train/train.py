@@ -164,7 +164,7 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         else:
             opt.load_state_dict(state["optimizer"])
         step = state["step"]
-    return Trainer(cfg, device, dist, model, forward_model, opt, tap, FinalHidden(model), encoder,
+    return Trainer(cfg, device, dist, model, forward_model, opt, tap, FinalHidden.of(model), encoder,
                    len(encoder.tokenizer), data, out, unused_safe_params(model), trained_parts, step)
 
 

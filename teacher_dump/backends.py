@@ -82,7 +82,7 @@ class HFBackend:
         self.batch_size = batch_size
         self.chunk = chunk
         self.encoder = load_encoder(model_dir)
-        self.body = FinalHidden(self.model)
+        self.body = FinalHidden.of(self.model)
 
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:

@@ -23,6 +23,15 @@ TIERS = ("fast", "integration", "slow", "distributed")
 _DUMP_FIXTURES = {"vllm_dump", "hf_dump", "u8_dump", "family_dumps", "held_out_dump"}
 
 
+def free_port() -> int:
+    """A port no one listens on now (torchrun's master port; a fixed one collides across runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def _seeded(request):
     """Every test starts from its own seed (a hash of its id), whatever ran before it or in which
@@ -66,6 +75,17 @@ def teacher(tmp_path_factory, world) -> Path:
     out = tmp_path_factory.mktemp("teacher")
     make_tiny_teacher(world, out, steps=0)
     return out
+
+
+@pytest.fixture(scope="module")
+def moe_student(tmp_path_factory, teacher) -> Path:
+    """The tiny dense student of the teacher, upcycled (4 experts, top-2), once per test module."""
+    from student_train.moe import make_dense_student, upcycle
+
+    root = tmp_path_factory.mktemp("student")
+    make_dense_student(teacher, root / "dense")
+    upcycle(root / "dense", root / "moe")
+    return root / "moe"
 
 
 def dump(world: Path, teacher: Path, out: Path, backend: str, shards: int = 3, top_k: int = TOP_K,

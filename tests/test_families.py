@@ -17,7 +17,7 @@ from PIL import Image
 from shared.mllm import load_encoder
 from shared.prompt import TemplateError, llava_messages
 from shared.shards import shard_paths
-from tests.conftest import SIZES
+from tests.conftest import SIZES, free_port
 
 
 def _rows(dump: Path, kind: str) -> list[dict]:
@@ -191,13 +191,6 @@ def test_qwen3_vl_upcycles_into_qwen3_vl_moe(tmp_path):
         torch.testing.assert_close(moe(**batch).logits, dense(**batch).logits, atol=2e-5, rtol=1e-4)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_ddp_trains_a_llava_next_student_on_rows_with_and_without_images(family_models, family_world, tmp_path):
@@ -234,7 +227,7 @@ def test_ddp_trains_a_llava_next_student_on_rows_with_and_without_images(family_
     cfg_file.write_text("stage: mimic\nsteps: 3\nbatch_size: 4\nlr: 0.002\nwarmup: 1\naux_loss_coef: 0.0\n"
                         "loader_workers: 0\ntrain: [all]\n")
     train([dump], student, tmp_path / "one", TrainConfig.from_yaml(cfg_file), image_root=world, progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(dump), "--student", str(student),
            "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(world)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1],

@@ -21,16 +21,9 @@ from student_train.data import (
     loader,
 )
 from student_train.evaluate import kl_to_teacher
-from student_train.moe import make_dense_student, upcycle
+from student_train.moe import make_dense_student
 from student_train.train import TrainConfig, train
-
-
-@pytest.fixture(scope="module")
-def moe_student(tmp_path_factory, teacher) -> Path:
-    root = tmp_path_factory.mktemp("student")
-    make_dense_student(teacher, root / "dense")
-    upcycle(root / "dense", root / "moe")
-    return root / "moe"
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +151,6 @@ def test_padded_embedding_rows_are_no_tokens(hf_dump, world, moe_student, tmp_pa
                                                                          rel=1e-5)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_two_ddp_ranks_match_one_process(hf_dump, world, moe_student, tmp_path):
@@ -179,7 +165,7 @@ def test_two_ddp_ranks_match_one_process(hf_dump, world, moe_student, tmp_path):
     cfg_file.write_text("stage: mimic\nsteps: 3\nbatch_size: 8\nlr: 0.002\nwarmup: 1\naux_loss_coef: 0.0\n")
     single = TrainConfig.from_yaml(cfg_file)
     train([hf_dump], moe_student, tmp_path / "one", single, image_root=world, progress=False)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(hf_dump), "--student",
            str(moe_student), "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(world)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1],
@@ -638,10 +624,10 @@ def test_the_fused_head_step_equals_the_full_logits_step(stage, hf_dump, world, 
     seen: list[tuple[int, ...]] = []
     hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
     if stage == "mimic":
-        fused = mimic_terms(model, batch, cfg, FinalHidden(model), vocab)
+        fused = mimic_terms(model, batch, cfg, FinalHidden.of(model), vocab)
         loss = fused["objective"]
     else:
-        fused = pref_terms(model, batch, cfg, FinalHidden(model), vocab)
+        fused = pref_terms(model, batch, cfg, FinalHidden.of(model), vocab)
         loss = fused["dpo_loss"] + 0.5 * fused["ce"]
     loss.backward()
     got = grads()
@@ -754,7 +740,7 @@ def test_fsdp_ranks_stopped_and_resumed_match_one_process(hf_dump, world, moe_st
            str(moe_student), "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(world)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra in (["--stop-after", "2"], ["--resume"]):
-        res = subprocess.run([*cmd[:6], str(_free_port()), *cmd[7:], *extra], capture_output=True, text=True,
+        res = subprocess.run([*cmd[:6], str(free_port()), *cmd[7:], *extra], capture_output=True, text=True,
                              cwd=Path(__file__).parents[1], env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         assert "fsdp over 2 ranks" in res.stderr

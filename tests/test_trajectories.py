@@ -15,19 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from student_train.moe import make_dense_student, upcycle
 from student_train.train import TrainConfig, train
 
 PINNED = Path(__file__).with_name("trajectories.json")
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def student(tmp_path_factory, teacher) -> Path:
-    root = tmp_path_factory.mktemp("pinned_student")
-    make_dense_student(teacher, root / "dense")
-    upcycle(root / "dense", root / "moe")
-    return root / "moe"
 
 
 def _run(stage: str, shards: Path, start: Path, world: Path, out: Path, **kw) -> list[dict]:
@@ -48,10 +39,10 @@ def _curve(history: list[dict]) -> dict[str, list[float]]:
 
 
 @pytest.mark.integration
-def test_pinned_trajectories_and_their_equivalence_classes(hf_dump, world, student, tmp_path):
+def test_pinned_trajectories_and_their_equivalence_classes(hf_dump, world, moe_student, tmp_path):
     runs = {}
     for stage in ("mimic", "pref"):
-        start = student if stage == "mimic" else tmp_path / "mimic-one"
+        start = moe_student if stage == "mimic" else tmp_path / "mimic-one"
         runs[stage] = {
             "one batch of 8": _run(stage, hf_dump, start, world, tmp_path / f"{stage}-one"),
             "2 micro-batches of 4": _run(stage, hf_dump, start, world, tmp_path / f"{stage}-ga", batch_size=4,
