@@ -64,6 +64,24 @@ class Dist:
 
             td.barrier()
 
+    def from_rank0(self, fn):
+        """fn() computed once, on rank 0, and handed to every rank (an exception it raises is
+        raised on every rank, so none waits for the others forever)."""
+        result: list = [None]
+        if self.rank == 0:
+            try:
+                result = [(fn(), None)]
+            except Exception as e:  # re-raised below, on every rank
+                result = [(None, e)]
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.broadcast_object_list(result, src=0)
+        value, error = result[0]
+        if error is not None:
+            raise error
+        return value
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 0 at `cfg.steps`."""
@@ -131,7 +149,8 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     checkpoint = latest_checkpoint(out) if resume else None
     if resume:
         _check_resumable(out, checkpoint, cfg)
-        checkpoint = usable_checkpoint(out, checkpoint)
+        # Hashed once (rank 0), not once per GPU: a real checkpoint is tens of GB.
+        checkpoint = dist.from_rank0(lambda: usable_checkpoint(out, checkpoint))
     encoder = load_encoder(student)
     sampled = cfg.stage == "mimic" and cfg.kd == "sampled"
     files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial, sampled=sampled)
