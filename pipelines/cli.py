@@ -151,12 +151,21 @@ def shards_verify(out: Path = typer.Argument(..., help="A dump directory.")) -> 
 
 
 @shards_app.command("info")
-def shards_info(out: Path = typer.Argument(..., help="A dump directory.")) -> None:
-    """Rows, tokens, bytes per token, k and teacher of a dump."""
+def shards_info(
+    out: Path = typer.Argument(..., help="A dump directory."),
+    student: Path | None = typer.Option(None, help="A student model: how much of the dump reaches it (its "
+                                        "tokenizer may differ from the teacher's)."),
+) -> None:
+    """Rows, tokens, bytes per token, k and teacher of a dump (and what of it reaches --student)."""
     from shared.shards import dump_info
 
     try:
         info = dump_info(out)
+        if student is not None:
+            require_model(student, "--student")
+            from student_train.cross_tokenizer import student_coverage
+
+            info["student"] = student_coverage(out, student)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     typer.echo(json.dumps(info, indent=2))

@@ -131,6 +131,14 @@ class SampleEncoder:
         mask += [False] * (len(ids) - pos)
         return self._with_image(out, mask, lengths, rendered.text, image)
 
+    def response_ids(self, messages: Messages) -> list[list[int]]:
+        """This model's own token ids of each assistant turn (through its end-of-turn token), as its
+        template renders the conversation: a cross-tokenizer student's labels. Text only."""
+        self.check_text(messages)
+        rendered = render_with_spans(self.render, messages, self.name)
+        ids, ranges = self._response_ranges(rendered.text, rendered.chunks)
+        return [ids[lo:hi] for lo, hi in ranges]
+
     def encode_prompt(self, messages: Messages, image: ImageFeatures | None = None) -> ModelInputs:
         """The generation prompt for the last user turn (evaluation)."""
         self.check_text(messages)

@@ -51,6 +51,9 @@ class TrainConfig:
     # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
     # the rest (FSDP2 fully_shard) for students whose weights + gradients + Adam do not fit one device.
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # A student with another tokenizer than the dump's teacher (student_train/cross_tokenizer.py): the
+    # run is refused when fewer of its label positions than this share pair with a teacher position.
+    min_paired: float = 0.5
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:
@@ -115,5 +118,7 @@ class TrainConfig:
                 raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
         if self.kd_tail == "rest" and self.temperature != 1.0:
             raise ValueError("temperature: the rest bucket is stored at temperature 1; use kd_tail: renorm")
+        if not 0.0 <= self.min_paired <= 1.0:
+            raise ValueError(f"min_paired: {self.min_paired} must be within [0, 1]")
         if self.label_smoothing >= 0.5:
             raise ValueError(f"label_smoothing: {self.label_smoothing} must be < 0.5")

@@ -4,7 +4,8 @@ Nothing is held per row: a `ShardIndex` keeps one entry per Parquet row group, `
 which global rows make micro-batch i (a pure function of the seed, so resume and DDP are exact),
 and `MicroBatches` reads, checks, decodes, encodes and collates one rank's part of a micro-batch;
 torch `DataLoader` workers run it. The student builds prompts with its own processor and takes the
-stored response ids as labels, so teacher and student may differ in template, never in vocabulary.
+stored response ids as labels (or, for a student with another tokenizer, its own tokenisation of the
+answers with the teacher rows restated by student_train/cross_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -33,6 +36,9 @@ from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
 from shared.prompt import Messages, llava_messages, pref_messages
 from shared.schema import SAMPLED_COLUMNS
+
+if TYPE_CHECKING:
+    from student_train.cross_tokenizer import TokenBridge
 from shared.shards import shard_file_problem, shard_paths
 
 
@@ -45,9 +51,10 @@ class ShardError(ValueError):
 
 
 def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_partial: bool = False,
-                 verify: bool = True, sampled: bool = False) -> list[Path]:
+                 verify: bool = True, sampled: bool = False, cross: bool = False) -> list[Path]:
     """Shard files of `kind` from every dir, after checking that each dir's stored ids mean the
-    same to the student's tokenizer (tokenizers are compared, not embedding shapes), that the dump
+    same to the student's tokenizer (tokenizers are compared, not embedding shapes; `cross`: they
+    need not, the ids are restated by a TokenBridge), that the dump
     is complete (unless `allow_partial`) and that every file's bytes match the manifest's sha256 (a
     flipped byte in a float column reads fine and trains a NaN student). Files are hashed once here,
     streamed, a few at a time; readers later trust them."""
@@ -71,7 +78,9 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
                              "its rows would be trained twice: pass one of them")
         if digest:
             inputs[digest] = Path(d)
-        if run.vocabulary is not None:
+        if cross:
+            problem = None
+        elif run.vocabulary is not None:
             problem = vocabulary_mismatch(run.vocabulary, mine)
         elif run.tokenizer_sha256 != tokenizer_fingerprint(encoder.tokenizer):  # older dumps
             problem = "shards were made with another tokenizer"
@@ -227,6 +236,7 @@ class MimicExample:
     image: Image.Image | None
     sampled_ids: list[list[int]] | None = None  # RS-KD draws (unique ids, counts) when read
     sampled_counts: list[list[int]] | None = None
+    kd_mask: list[bool] | None = None  # cross-tokenizer rows: positions paired with a teacher row
 
 
 @dataclass
@@ -272,14 +282,16 @@ def _image(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> Im
         raise ShardError(f"{where}: {path} cannot be decoded ({e})") from None
 
 
-def mimic_example(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> MimicExample:
+def mimic_example(row: dict, image_root: Path | None, where: str, dump_dir: Path,
+                  with_image: bool = True) -> MimicExample:
     responses, start = [], 0
     for n in row["response_turn_lengths"]:
         responses.append(row["response_ids"][start : start + n])
         start += n
     messages = llava_messages(json.loads(row["conversations_json"]), bool(row["image_sha256"]))
     return MimicExample(messages, responses, row["topk_ids"], row["topk_logprobs"], row["rest_mass"],
-                        _image(row, image_root, where, dump_dir), row.get("sampled_ids"), row.get("sampled_counts"))
+                        _image(row, image_root, where, dump_dir) if with_image else None, row.get("sampled_ids"),
+                        row.get("sampled_counts"))
 
 
 def pref_example(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> PrefExample:
@@ -298,14 +310,20 @@ def columns(kind: str, sampled: bool = False) -> list[str]:
     return _COLUMNS[kind] + (list(SAMPLED_COLUMNS) if sampled and kind == "mimic" else [])
 
 
-def iter_examples(files: Sequence[Path], kind: str, image_root: Path | None, sampled: bool = False):
-    """Every example of some (checked) shard files in storage order, one row group in memory at a time."""
+def iter_examples(files: Sequence[Path], kind: str, image_root: Path | None, sampled: bool = False,
+                  with_image: bool = True):
+    """Every example of some (checked) shard files in storage order, one row group in memory at a time
+    (`with_image=False`: mimic rows without reading their images)."""
     for f in files:
         pf = pq.ParquetFile(f)
         row = 0
         for g in range(pf.metadata.num_row_groups):
             for r in read_row_group(pf, g, columns(kind, sampled)).to_pylist():
-                yield _EXAMPLE[kind](r, image_root, f"{f} row {row} (id {r['sample_id']})", Path(f).parent.parent)
+                where = f"{f} row {row} (id {r['sample_id']})"
+                if with_image:
+                    yield _EXAMPLE[kind](r, image_root, where, Path(f).parent.parent)
+                else:
+                    yield mimic_example(r, image_root, where, Path(f).parent.parent, with_image=False)
                 row += 1
 
 
@@ -332,8 +350,12 @@ def encode_mimic(encoder: SampleEncoder, ex: MimicExample) -> ModelInputs:
     return encoder.encode(ex.messages, encoder.image_features(ex.image), responses=ex.responses)
 
 
-def encode_pref(encoder: SampleEncoder, ex: PrefExample) -> tuple[ModelInputs, ModelInputs]:
+def encode_pref(encoder: SampleEncoder, ex: PrefExample, own_tokens: bool = False) -> tuple[ModelInputs, ModelInputs]:
+    """Chosen and rejected conversations around the teacher's answer ids, or (`own_tokens`, a
+    student with another tokenizer) the student's own tokenisation of the same answers."""
     image = encoder.image_features(ex.image)  # one image, processed once for both answers
+    if own_tokens:
+        return encoder.encode(ex.chosen, image), encoder.encode(ex.rejected, image)
     return (encoder.encode(ex.chosen, image, responses=[ex.chosen_ids]),
             encoder.encode(ex.rejected, image, responses=[ex.rejected_ids]))
 
@@ -351,6 +373,7 @@ class MimicBatch:
     rest_mass: torch.Tensor  # [N] float32, as the teacher stored it
     sampled_ids: torch.Tensor | None = None  # [N, m] long: RS-KD draws' unique ids (padding: id 0)
     sampled_weights: torch.Tensor | None = None  # [N, m] float32: count / draws (padding: 0)
+    kd_mask: torch.Tensor | None = None  # [N] bool: a teacher row to learn from (cross-tokenizer; None: all)
 
     @property
     def tokens(self) -> int:
@@ -404,7 +427,19 @@ def _label_index(encoded: Sequence[ModelInputs]) -> tuple[torch.Tensor, torch.Te
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
-def collate_mimic(encoder: SampleEncoder, examples: Sequence[MimicExample]) -> MimicBatch:
+def _rows(examples: Sequence[MimicExample], attr: str, dtype: torch.dtype) -> torch.Tensor:
+    values = [getattr(e, attr) for e in examples]
+    if values and all(isinstance(v, np.ndarray) for v in values):  # restated by a TokenBridge
+        return torch.from_numpy(np.concatenate(values)).to(dtype)
+    return torch.tensor([t for v in values for t in v], dtype=dtype)
+
+
+def collate_mimic(encoder: SampleEncoder, examples: Sequence[MimicExample], bridge: TokenBridge | None = None
+                  ) -> MimicBatch:
+    """One micro-batch; with a `bridge` (a student with another tokenizer) the teacher rows are
+    first restated in the student's ids."""
+    if bridge is not None:
+        examples = [bridge.mimic_rows(encoder, e)[0] for e in examples]
     encoded = [encode_mimic(encoder, e) for e in examples]
     rows, cols = _label_index(encoded)
     sampled_ids = sampled_weights = None
@@ -417,18 +452,22 @@ def collate_mimic(encoder: SampleEncoder, examples: Sequence[MimicExample]) -> M
         for n, (i, c) in enumerate(zip(ids, counts)):
             sampled_ids[n, : len(i)] = torch.tensor(i, dtype=torch.long)
             sampled_weights[n, : len(c)] = torch.tensor(c, dtype=torch.float32) / max(1, sum(c))
+    kd_mask = None
+    if examples and examples[0].kd_mask is not None:
+        kd_mask = torch.tensor([m for e in examples for m in e.kd_mask], dtype=torch.bool)
     return MimicBatch(
         inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded]),
         rows=rows, cols=cols,
-        topk_ids=torch.tensor([t for e in examples for t in e.topk_ids], dtype=torch.long),
-        topk_logprobs=torch.tensor([t for e in examples for t in e.topk_logprobs], dtype=torch.float32),
-        rest_mass=torch.tensor([t for e in examples for t in e.rest_mass], dtype=torch.float32),
-        sampled_ids=sampled_ids, sampled_weights=sampled_weights,
+        topk_ids=_rows(examples, "topk_ids", torch.long),
+        topk_logprobs=_rows(examples, "topk_logprobs", torch.float32),
+        rest_mass=_rows(examples, "rest_mass", torch.float32),
+        sampled_ids=sampled_ids, sampled_weights=sampled_weights, kd_mask=kd_mask,
     )
 
 
-def collate_pref(encoder: SampleEncoder, examples: Sequence[PrefExample]) -> PrefBatch:
-    pairs = [encode_pref(encoder, e) for e in examples]
+def collate_pref(encoder: SampleEncoder, examples: Sequence[PrefExample], bridge: TokenBridge | None = None
+                 ) -> PrefBatch:
+    pairs = [encode_pref(encoder, e, own_tokens=bridge is not None) for e in examples]
     encoded = [c for c, _ in pairs] + [r for _, r in pairs]
     rows, cols = _label_index(encoded)
     return PrefBatch(
@@ -462,8 +501,8 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __init__(self, kind: str, files: Sequence[Path], student: Path, image_root: Path | None,
                  batch_size: int, seed: int = 0, shuffle: bool = True, window: int = 8, rank: int = 0,
-                 world: int = 1, sampled: bool = False):
-        self.kind, self.student, self.image_root = kind, Path(student), image_root
+                 world: int = 1, sampled: bool = False, bridge: TokenBridge | None = None):
+        self.kind, self.student, self.image_root, self.bridge = kind, Path(student), image_root, bridge
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.columns = columns(kind, sampled)
         self.index = ShardIndex(files)
@@ -499,11 +538,11 @@ class MicroBatches(torch.utils.data.Dataset):
         except ShardError as e:
             return LoaderFailure(str(e))
         try:
-            return _COLLATE[self.kind](self.encoder, examples)
+            return _COLLATE[self.kind](self.encoder, examples, self.bridge)
         except ValueError:  # the student's template or processor refuses a sample?
             for example, where in zip(examples, wheres):  # the error path only: find the sample and say why
                 try:
-                    _COLLATE[self.kind](self.encoder, [example])
+                    _COLLATE[self.kind](self.encoder, [example], self.bridge)
                 except ValueError as e:
                     return LoaderFailure(f"{where}: the student ({self.student}) cannot encode it: {e}")
             raise  # no sample fails alone: not the data's fault, the error as it is

@@ -262,17 +262,20 @@ def chunked_sparse_kl(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: to
 def mimic_token_losses(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                        rest_mass: torch.Tensor | None, targets: torch.Tensor, kd_weight: float, ce_weight: float,
                        tail: str = "rest", temperature: float = 1.0, head: OutputHead | None = None,
-                       chunk: int = 1024) -> torch.Tensor:
+                       chunk: int = 1024, kd_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per token [N, 3]: kd_weight * KL + ce_weight * CE (differentiable), KL, CE (metrics), in one
-    chunked pass over the logits (or over hidden states projected by `head`)."""
+    chunked pass over the logits (or over hidden states projected by `head`). Tokens where `kd_mask`
+    [N] is False have no teacher row (cross-tokenizer positions left unpaired): KL 0 there; their
+    rows must be finite (one entry of log-prob 0)."""
+    mask = kd_mask if kd_mask is not None else torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
 
-    def rows(x, i, lp, r, t):
-        kl = sparse_kl(x, i, lp, tail, temperature, None if rest_mass is None else r)
+    def rows(x, i, lp, r, t, m):
+        kl = sparse_kl(x, i, lp, tail, temperature, None if rest_mass is None else r) * m
         ce = -_selective_logprobs(x, t)
         return torch.stack([kd_weight * kl + ce_weight * ce, kl, ce], dim=-1)
 
-    return chunked_rows(rows, x, topk_ids, topk_logprobs, _no_rest(rest_mass, topk_logprobs), targets, head=head,
-                        chunk=chunk)
+    return chunked_rows(rows, x, topk_ids, topk_logprobs, _no_rest(rest_mass, topk_logprobs), targets, mask,
+                        head=head, chunk=chunk)
 
 
 def sampled_kd(student_logits: torch.Tensor, sampled_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

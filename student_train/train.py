@@ -15,6 +15,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,17 @@ import torch
 
 from shared.mllm import FinalHidden, SampleEncoder, load_encoder
 from student_train.config import TrainConfig, TrainError
-from student_train.data import LoaderFailure, MicroBatches, MimicBatch, PrefBatch, ShardError, check_shards, loader
+from student_train.cross_tokenizer import AlignmentError, TokenBridge
+from student_train.data import (
+    LoaderFailure,
+    MicroBatches,
+    MimicBatch,
+    PrefBatch,
+    ShardError,
+    check_shards,
+    iter_examples,
+    loader,
+)
 from student_train.objectives import RouterTap, mimic_terms, pref_terms
 from student_train.parts import apply_trainable, unused_safe_params
 
@@ -153,9 +164,19 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         checkpoint = dist.from_rank0(lambda: usable_checkpoint(out, checkpoint))
     encoder = load_encoder(student)
     sampled = cfg.stage == "mimic" and cfg.kd == "sampled"
-    files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial, sampled=sampled)
+    try:
+        bridge = TokenBridge.for_dumps(shards, encoder)
+    except AlignmentError as e:
+        raise TrainError(str(e)) from None
+    if bridge is not None and sampled:
+        raise TrainError("kd: sampled reads the teacher's draws in its own ids; a student with another tokenizer "
+                         "trains with kd: topk")
+    files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial, sampled=sampled,
+                         cross=bridge is not None)
+    if bridge is not None:
+        _check_alignment(bridge, encoder, files, cfg, dist)
     data = MicroBatches(cfg.stage, files, student, image_root, cfg.batch_size, seed=cfg.seed,
-                        window=cfg.shuffle_window, rank=dist.rank, world=dist.world, sampled=sampled)
+                        window=cfg.shuffle_window, rank=dist.rank, world=dist.world, sampled=sampled, bridge=bridge)
     torch.manual_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_pretrained(str(checkpoint or student), dtype=torch.float32).to(device)
     model.train()
@@ -185,6 +206,29 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         step = state["step"]
     return Trainer(cfg, device, dist, model, forward_model, opt, tap, FinalHidden.of(model), encoder,
                    len(encoder.tokenizer), data, out, unused_safe_params(model), trained_parts, step)
+
+
+def _check_alignment(bridge: TokenBridge, encoder: SampleEncoder, files: list[Path], cfg: TrainConfig,
+                     dist: Dist) -> None:
+    """One line saying the run takes the cross-tokenizer path and how much of the teacher's signal
+    reaches the student (measured on the first rows); too little is refused."""
+    if cfg.stage == "pref":
+        if dist.rank == 0:
+            print("lmod: the student's tokenizer differs from the teacher's: preference pairs are scored in the "
+                  "student's own tokens (the teacher's references are whole-answer log-probs)", file=sys.stderr)
+        return
+    try:
+        coverage = bridge.coverage(encoder, islice(iter_examples(files, "mimic", None, with_image=False), 256))
+    except ValueError as e:
+        raise TrainError(f"cross-tokenizer alignment: {e}") from None
+    line = (f"{coverage.position_share:.1%} of {coverage.positions} response positions (first rows) pair with a "
+            f"teacher position, carrying {coverage.mass_share:.1%} of its top-k mass")
+    if coverage.position_share < cfg.min_paired:
+        raise TrainError(f"the student's tokenizer differs from the teacher's and only {line}; below min_paired "
+                         f"{cfg.min_paired:.0%}: distil with a student closer to the teacher's tokenizer")
+    if dist.rank == 0:
+        print(f"lmod: the student's tokenizer differs from the teacher's: cross-tokenizer distillation; {line}",
+              file=sys.stderr)
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -30,6 +30,7 @@ from shared.mllm import load_encoder
 from shared.prompt import TemplateError
 from shared.schema import KINDS, MANIFEST_NAME, REJECTED_NAME, shard_name
 from shared.shards import shard_file_problem
+from shared.token_alignment import save_teacher_tokenizer
 from teacher_dump.inputs import (
     InputError,
     Rejection,
@@ -492,6 +493,8 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
             manifest.save(out)
         else:
             _refuse_invalid(cfg, rejected, None)
+        # Students with another tokenizer restate the stored ids through it (student_train/cross_tokenizer.py).
+        save_teacher_tokenizer(out, encoder.tokenizer)
         tasks = with_skips(tasks, rejected)
         todo = [t for t in tasks if not _finished(out, manifest, t.rel_path)]
         skipped = len(tasks) - len(todo)
