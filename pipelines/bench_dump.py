@@ -46,7 +46,7 @@ def _requests(encoder, records: list) -> list:
     out = []
     for r in records:
         item = prepare(encoder, r)
-        out.append(score_request(item.sequences[0], item.image, 32))
+        out.append(score_request(item.sequences[0], item.images, 32))
     return out
 
 
@@ -87,7 +87,7 @@ def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> No
     from vllm import SamplingParams
 
     engine = VLLMBackend(teacher, max_model_len=512, scoring="logprobs")
-    prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.image}} for r in requests]
+    prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.images[0]}} for r in requests]
 
     def run(backend: VLLMBackend, **kw) -> float:
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **kw)

@@ -49,7 +49,7 @@ def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: in
     gen = torch.Generator().manual_seed(0)
     tokens = min(vocab, len(backend.encoder.tokenizer))  # ids a tokenizer produces
     requests = [ScoreRequest(ids=torch.randint(0, tokens, (prompt,), generator=gen).tolist(), prompt_ids=[],
-                             positions=list(range(prompt - response, prompt)), image=None, features=None, top_k=k)
+                             positions=list(range(prompt - response, prompt)), images=[], features=[], top_k=k)
                 for _ in range(batch)]
     inputs = {"input_ids": torch.tensor([r.ids for r in requests])}
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])

@@ -100,6 +100,7 @@ def dump_teacher_cmd(
                                      "(prompt_logprobs over every position, the earlier path)"),
     dtype: str = typer.Option("float32", help="Teacher dtype: float32 | bfloat16 | float16."),
     max_model_len: int = typer.Option(512, help="Longest sequence; longer records are invalid."),
+    max_images: int = typer.Option(4, help="Most images in one sample (multi-image conversations); more is invalid."),
     address: str | None = typer.Option(None, help="Ray cluster address; a local Ray starts when absent."),
     workers: int | None = typer.Option(None, help="Teacher workers (default: one per GPU group, else one)."),
     tensor_parallel_size: int = typer.Option(1, help="GPUs per teacher engine (vllm), for teachers too big for one."),
@@ -117,7 +118,7 @@ def dump_teacher_cmd(
     cfg = DumpConfig(
         model=model, out=out, mimic_data=mimic_data, pref_data=pref_data, image_root=image_root, shards=shards,
         top_k=top_k, encoding=encoding, sample=sample, sample_seed=sample_seed, backend=backend, dtype=dtype,
-        max_model_len=max_model_len, address=address, workers=workers,
+        max_model_len=max_model_len, max_images=max_images, address=address, workers=workers,
         force=force, skip_invalid=skip_invalid, tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, dry_run=dry_run, vllm_scoring=vllm_scoring,
     )

@@ -35,7 +35,7 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
                                   encoder.image_features(Image.open(root / rec["image"]).convert("RGB")))
             for rec in chunk
         ]
-        inputs = batch_inputs(encoder, [p.ids for p in prompts], [p.image for p in prompts], device=model.device,
+        inputs = batch_inputs(encoder, [p.ids for p in prompts], [p.images for p in prompts], device=model.device,
                               float_dtype=model.dtype, left=True)
         width = inputs["input_ids"].shape[1]
         out = model.generate(
@@ -49,7 +49,7 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
             answer_ids.append([t for t in row[: cut + 1] if t != encoder.image_token_id])
         if expert_counts is not None:
             expert_counts.extend(_routed_slots(model, encoder, [p.ids + a for p, a in zip(prompts, answer_ids)],
-                                               [p.image for p in prompts]))
+                                               [p.images for p in prompts]))
     return answers
 
 

@@ -60,8 +60,8 @@ def vocabulary_mismatch(teacher: dict[str, Any], student: dict[str, Any]) -> str
         return (f"the tokenizers share their base vocabulary but differ in added special tokens (teacher only: "
                 f"{fmt(only_t)}; student only: {fmt(only_s)}); add the teacher's tokens to the student's "
                 "tokenizer with the same ids, or re-dump with the student's tokenizer")
-    return (f"another vocabulary ({teacher['size']} tokens vs the student's {student['size']}); the student must use "
-            "the teacher's tokenizer (teacher and student may differ in template, never in vocabulary)")
+    return (f"another vocabulary ({teacher['size']} tokens vs the student's {student['size']}); the stored ids are the "
+            "teacher's: read them restated for the student (student_train/cross_tokenizer.py; `lmod train` does)")
 
 
 def teacher_fingerprint(model_dir: Path) -> dict[str, Any]:

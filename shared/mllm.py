@@ -35,7 +35,16 @@ class ModelInputs:
     response_mask: list[bool]  # True where ids[i] is a response token (a label)
     turn_lengths: list[int]  # response tokens per assistant turn
     text: str  # the rendered conversation (unexpanded), for humans and independent checks
-    image: ImageFeatures | None
+    images: list[ImageFeatures]  # in the order of their placeholders
+
+
+Images = Sequence[ImageFeatures] | ImageFeatures | None
+
+
+def _image_list(images: Images) -> list[ImageFeatures]:
+    if images is None:
+        return []
+    return [images] if isinstance(images, ImageFeatures) else list(images)
 
 
 class SampleEncoder:
@@ -110,7 +119,7 @@ class SampleEncoder:
             ranges.append((inside[0], end + 1))
         return ids, ranges
 
-    def encode(self, messages: Messages, image: ImageFeatures | None = None,
+    def encode(self, messages: Messages, images: Images = None,
                responses: Sequence[Sequence[int]] | None = None) -> ModelInputs:
         self.check_text(messages)
         rendered = render_with_spans(self.render, messages, self.name)
@@ -129,7 +138,7 @@ class SampleEncoder:
             pos = hi
         out += ids[pos:]
         mask += [False] * (len(ids) - pos)
-        return self._with_image(out, mask, lengths, rendered.text, image)
+        return self._with_images(out, mask, lengths, rendered.text, _image_list(images))
 
     def response_ids(self, messages: Messages) -> list[list[int]]:
         """This model's own token ids of each assistant turn (through its end-of-turn token), as its
@@ -139,12 +148,12 @@ class SampleEncoder:
         ids, ranges = self._response_ranges(rendered.text, rendered.chunks)
         return [ids[lo:hi] for lo, hi in ranges]
 
-    def encode_prompt(self, messages: Messages, image: ImageFeatures | None = None) -> ModelInputs:
+    def encode_prompt(self, messages: Messages, images: Images = None) -> ModelInputs:
         """The generation prompt for the last user turn (evaluation)."""
         self.check_text(messages)
         text = self.render(messages, True)
         ids, _ = self._tokens(text)
-        return self._with_image(ids, [False] * len(ids), [], text, image)
+        return self._with_images(ids, [False] * len(ids), [], text, _image_list(images))
 
     # -- images -------------------------------------------------------------------------------
     def image_features(self, image: Image.Image | None) -> ImageFeatures | None:
@@ -157,25 +166,34 @@ class SampleEncoder:
         ids = out["input_ids"][0].tolist()
         return ImageFeatures(ids, {k: v for k, v in out.items() if k not in _TEXT_KEYS})
 
-    def _with_image(self, ids: list[int], mask: list[bool], lengths: list[int], text: str,
-                    image: ImageFeatures | None) -> ModelInputs:
+    def _with_images(self, ids: list[int], mask: list[bool], lengths: list[int], text: str,
+                     images: list[ImageFeatures]) -> ModelInputs:
+        """Each image's token run in place of its placeholder token, in order (or, for families
+        that put the image before the text, BLIP-2's query tokens, in front: one image only)."""
         found = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        want = 1 if image is not None and not self.family.image_at_start else 0
+        if self.family.image_at_start and len(images) > 1:
+            raise ValueError(f"{self.name}: {self.family.name} takes one image per sample, not {len(images)}")
+        want = 0 if self.family.image_at_start else len(images)
         if len(found) != want:
             raise ValueError(f"{self.name}: {len(found)} image tokens ({self.image_token}) in the rendered sample, "
                              f"expected {want}; an {self.image_token} inside an answer, or a template that drops "
                              "images?")
-        if image is None:
-            return ModelInputs(ids, ids, mask, lengths, text, None)
+        if not images:
+            return ModelInputs(ids, ids, mask, lengths, text, [])
         if self.family.image_at_start:
-            return ModelInputs(image.ids + ids, ids, [False] * len(image.ids) + mask, lengths, text, image)
-        (p,) = found
-        expanded = ids[:p] + image.ids + ids[p + 1 :]
-        return ModelInputs(expanded, ids, mask[:p] + [False] * len(image.ids) + mask[p + 1 :], lengths, text, image)
+            (image,) = images
+            return ModelInputs(image.ids + ids, ids, [False] * len(image.ids) + mask, lengths, text, images)
+        expanded, expanded_mask = list(ids), list(mask)
+        for p, image in reversed(list(zip(found, images, strict=True))):  # right to left: earlier indices hold
+            expanded[p : p + 1] = image.ids
+            expanded_mask[p : p + 1] = [False] * len(image.ids)
+        return ModelInputs(expanded, ids, expanded_mask, lengths, text, images)
 
 
 def collate_images(features: Sequence[ImageFeatures | None]) -> dict[str, torch.Tensor]:
-    """Batch the tensors of the images present (in order: models fill image tokens in sequence).
+    """Batch the tensors of the images present, one entry per image (a sample with two images gives
+    two, in order: models fill image tokens in sequence, Idefics3 and LLaVA-NeXT flatten images
+    across the batch and drop all-zero padding ones, Qwen-VL reads one grid per image).
     Per-image tensors (leading dim 1) are zero-padded to the largest (crops, patches: the models
     drop all-zero padding crops or read the true sizes from `image_sizes`); flattened patch tensors
     (Qwen-VL) are concatenated."""
@@ -196,13 +214,14 @@ def collate_images(features: Sequence[ImageFeatures | None]) -> dict[str, torch.
     return out
 
 
-def batch_inputs(encoder: SampleEncoder, seqs: Sequence[Sequence[int]], images: Sequence[ImageFeatures | None],
+def batch_inputs(encoder: SampleEncoder, seqs: Sequence[Sequence[int]], images: Sequence[Images],
                  device: str | torch.device = "cpu", float_dtype: torch.dtype | None = None,
                  left: bool = False) -> dict[str, torch.Tensor]:
-    """One forward's inputs: padded ids (right, or left for generation), the present images'
-    tensors and whatever else the family's forward needs."""
+    """One forward's inputs: padded ids (right, or left for generation), the images' tensors (per
+    sequence: its images, one, or None) and whatever else the family's forward needs."""
     ids, attn = pad_batch(seqs, encoder.pad_id, left=left)
-    inputs = {"input_ids": ids, "attention_mask": attn, **collate_images(images)}
+    inputs = {"input_ids": ids, "attention_mask": attn,
+              **collate_images([f for per_seq in images for f in _image_list(per_seq)])}
     if encoder.family.mm_token_type_ids:
         inputs["mm_token_type_ids"] = (ids == encoder.image_token_id).long()
     return {k: v.to(device, float_dtype if float_dtype is not None and v.is_floating_point() else v.dtype)

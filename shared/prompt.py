@@ -25,9 +25,9 @@ class TemplateError(ValueError):
     """A chat template that cannot be split into prompt and response; names the model."""
 
 
-def _content(text: str, image_here: bool) -> list[dict[str, Any]]:
+def _content(text: str, images_here: int) -> list[dict[str, Any]]:
     """Text with `<image>` placeholders -> content items; whitespace next to a placeholder goes
-    (the template decides the layout around an image)."""
+    (the template decides the layout around an image). `images_here` more go first."""
     items: list[dict[str, Any]] = []
     parts = text.split(IMAGE_PLACEHOLDER)
     for i, part in enumerate(parts):
@@ -36,14 +36,12 @@ def _content(text: str, image_here: bool) -> list[dict[str, Any]]:
         part = part.strip() if len(parts) > 1 else part
         if part:
             items.append({"type": "text", "text": part})
-    if image_here:
-        items.insert(0, {"type": "image"})
-    return items
+    return [{"type": "image"}] * images_here + items
 
 
-def llava_messages(turns: Sequence[dict[str, str]], has_image: bool) -> Messages:
-    """LLaVA turns -> messages. Data that omits `<image>` gets the image before the first question,
-    as LLaVA does."""
+def llava_messages(turns: Sequence[dict[str, str]], images: int | bool) -> Messages:
+    """LLaVA turns -> messages with `images` images (a bool: one or none). Placeholders put each
+    image where it is; data without any gets its images before the first question, as LLaVA does."""
     placed = any(IMAGE_PLACEHOLDER in t["value"] for t in turns)
     messages: Messages = []
     for i, turn in enumerate(turns):
@@ -51,16 +49,17 @@ def llava_messages(turns: Sequence[dict[str, str]], has_image: bool) -> Messages
         if role == "assistant":
             messages.append({"role": role, "content": [{"type": "text", "text": turn["value"]}]})
         else:
-            messages.append({"role": role, "content": _content(turn["value"], has_image and not placed and i == 0)})
+            messages.append({"role": role, "content": _content(turn["value"], int(images) if not placed and i == 0
+                                                               else 0)})
     return messages
 
 
-def pref_messages(question: str, answer: str | None, has_image: bool) -> Messages:
+def pref_messages(question: str, answer: str | None, images: int | bool) -> Messages:
     """A preference prompt (and one of its answers): one user turn, one assistant turn."""
     turns = [{"from": "human", "value": question}]
     if answer is not None:
         turns.append({"from": "gpt", "value": answer})
-    return llava_messages(turns, has_image)
+    return llava_messages(turns, images)
 
 
 @dataclass

@@ -18,8 +18,10 @@ import pyarrow as pa
 
 from shared.codec import Encoding
 
-FORMAT_VERSION = 2  # 2: mimic log-probs and ids in a manifest-recorded encoding (shared/codec.py)
-READABLE_VERSIONS = (1, 2)
+# 2: mimic log-probs and ids in a manifest-recorded encoding (shared/codec.py); 3: `image` and
+# `image_sha256` are lists (several images per sample; version 1-2: one string, "" for none)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
 KINDS = ("mimic", "pref")
@@ -29,15 +31,29 @@ ROW_GROUP_ROWS = 128  # the unit the student reads (and shuffles) by
 
 _ids = pa.list_(pa.int32())
 _floats = pa.list_(pa.float32())
+_strings = pa.list_(pa.string())
 
 # Columns both kinds carry: where the sample came from and what the teacher saw.
 _COMMON = [
     pa.field("sample_id", pa.string(), nullable=False),
     pa.field("input_row", pa.int64(), nullable=False),  # 0-based row in the input file
-    pa.field("image", pa.string()),  # reference as given in the input (path under --image-root)
-    pa.field("image_sha256", pa.string()),  # of the image bytes; "" when there is no image
+    # Per image, in placeholder order: the reference as given in the input (a path under
+    # --image-root; null for an image that came inline, kept in the dump's image store) and the
+    # sha256 of its bytes. Empty lists: no image.
+    pa.field("image", _strings, nullable=False),
+    pa.field("image_sha256", _strings, nullable=False),
     pa.field("teacher_prompt", pa.string(), nullable=False),  # exact text the teacher was given
 ]
+_COMMON_V2 = [f.with_type(pa.string()).with_nullable(True) if f.name in ("image", "image_sha256") else f
+              for f in _COMMON]
+
+
+def row_images(refs: list | str | None, digests: list | str | None) -> list[tuple[str | None, str]]:
+    """A row's images as (reference or None, sha256), whatever its format version (1-2 stored one
+    string per column, "" or null for no image)."""
+    if isinstance(digests, list):
+        return list(zip(refs or [None] * len(digests), digests, strict=True))
+    return [(refs or None, digests)] if digests else []
 
 # The mimic columns after the common ones, in the f32 layout (format version 1).
 _MIMIC_FIELDS = pa.schema(
@@ -97,11 +113,18 @@ PREF_SCHEMA = pa.schema(
 
 def schema_for(kind: str, encoding: Encoding, format_version: int = FORMAT_VERSION) -> pa.Schema:
     if kind != "mimic":
-        return PREF_SCHEMA
+        return _older(PREF_SCHEMA, format_version)
     schema = mimic_schema(encoding)
     if format_version < 2:  # no sampled columns yet
         schema = pa.schema([f for f in schema if f.name not in SAMPLED_COLUMNS], metadata=schema.metadata)
-    return schema
+    return _older(schema, format_version)
+
+
+def _older(schema: pa.Schema, format_version: int) -> pa.Schema:
+    if format_version >= 3:
+        return schema
+    common = {f.name: f for f in _COMMON_V2}
+    return pa.schema([common.get(f.name, f) for f in schema], metadata=schema.metadata)
 
 
 def shard_name(kind: str, index: int, total: int) -> str:

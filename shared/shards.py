@@ -11,7 +11,7 @@ from shared import image_store
 from shared.codec import Encoding
 from shared.fingerprint import sha256_file
 from shared.manifest import Manifest, ShardEntry
-from shared.schema import KINDS, schema_for
+from shared.schema import KINDS, row_images, schema_for
 
 
 def shard_file_problem(path: Path, entry: ShardEntry) -> str | None:
@@ -57,8 +57,8 @@ def verify_dump(out_dir: Path) -> list[str]:
     for rel in sorted(manifest.shards):
         if out_dir.joinpath(rel).is_file() and not any(p.startswith(rel) for p in problems):
             table = pq.read_table(out_dir / rel, columns=["image", "image_sha256"])
-            referenced |= {sha for ref, sha in zip(table.column(0).to_pylist(), table.column(1).to_pylist())
-                           if sha and not ref}
+            referenced |= {sha for refs, digests in zip(table.column(0).to_pylist(), table.column(1).to_pylist())
+                           for ref, sha in row_images(refs, digests) if sha and not ref}
     problems += image_store.problems(out_dir, referenced)
     run = manifest.record
     for kind in KINDS:

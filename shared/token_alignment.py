@@ -122,7 +122,14 @@ class VocabMap:
     student_surfaces: list[bytes | None]
 
     @classmethod
-    def between(cls, teacher_tok: Any, student_tok: Any) -> VocabMap:
+    def between(cls, teacher_tok: Any, student_tok: Any, project: str = "exact") -> VocabMap:
+        """`project="exact"`: only equal spellings map. `"first_token"`: a teacher token the student
+        lacks maps to the student's first token of its text (the teacher's " triangle" to the
+        student's " t" of " t|ri|angle"): the student's probability of starting with " t" is the
+        mass of every continuation it starts, so the teacher's choice among answers survives where
+        the student spells the answer in more pieces. Equal spellings map the same either way."""
+        if project not in ("exact", "first_token"):
+            raise ValueError(f"unknown vocabulary projection {project!r}; use exact or first_token")
         t_surf, s_surf = token_surfaces(teacher_tok), token_surfaces(student_tok)
         by_surface: dict[bytes, int] = {}
         for i, s in enumerate(s_surf):
@@ -135,12 +142,35 @@ class VocabMap:
             hit = by_surface.get(s) if s else by_content.get(t_special.get(i, ""))
             if hit is not None:
                 mapping[i] = hit
+        if project == "first_token":
+            _project_first_tokens(mapping, t_surf, s_surf, student_tok)
         return cls(mapping, t_surf, s_surf)
 
-    def exact_share(self) -> float:
+    def mapped_share(self) -> float:
         """Share of the teacher's non-special tokens that have a student counterpart."""
         real = np.array([s is not None for s in self.teacher_surfaces])
         return float((self.teacher_to_student[real] >= 0).mean()) if real.any() else 0.0
+
+
+def _project_first_tokens(mapping: np.ndarray, t_surf: list[bytes | None], s_surf: list[bytes | None],
+                          student_tok: Any) -> None:
+    """Unmapped teacher tokens with whole-character text -> the student's first token of that text,
+    when its spelling is a proper prefix of it (tokenised in one batch)."""
+    todo, texts = [], []
+    for i, surface in enumerate(t_surf):
+        if mapping[i] < 0 and surface:
+            try:
+                texts.append(surface.decode("utf-8"))
+            except UnicodeDecodeError:  # a piece of a character: no student token starts with it alone
+                continue
+            todo.append(i)
+    if not todo:
+        return
+    firsts = student_tok(texts, add_special_tokens=False)["input_ids"]
+    for i, ids in zip(todo, firsts, strict=True):
+        first = s_surf[ids[0]] if ids else None
+        if first and t_surf[i].startswith(first):
+            mapping[i] = ids[0]
 
 
 def _starts(ids: list[int], surfaces: list[bytes | None]) -> tuple[bytes, list[int]]:

@@ -17,43 +17,58 @@ class TrainError(RuntimeError):
 
 @dataclass
 class TrainConfig:
+    """One flat set of fields, grouped below by concern; the YAML keys are the field names (a flat
+    file reads like a recipe, and one `__post_init__` validates every key once)."""
+
+    # -- what runs, how long, on what
     stage: Literal["mimic", "pref"] = "mimic"
     steps: int = 200
+    seed: int = 0
+    device: str = "auto"
+    # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
+    # the rest (FSDP2 fully_shard) for students whose weights + gradients + Adam do not fit one device.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # What trains (student_train/parts.py): vision, projector, language, experts, router, or [all].
+    # The paper's default for the distillation stages: the MoE experts and routers, vision frozen.
+    train: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN))
+
+    # -- optimisation
     batch_size: int = 16  # examples per micro-batch, over all ranks
     grad_accum: int = 1
     lr: float = 1e-3
     warmup: int = 20
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01  # MoE: Switch load balancing
+    z_loss_coef: float = 0.0  # MoE: router z-loss
+
+    # -- mimic distillation
     kd_weight: float = 1.0  # 0 with ce_weight 1: the labels-only (SFT) baseline on the same data
     kd: Literal["topk", "sampled"] = "topk"  # sampled: RS-KD on the dump's --sample draws (unbiased)
     kd_tail: Literal["renorm", "rest"] = "rest"  # for kd: topk
     temperature: float = 1.0
     ce_weight: float = 0.0
+    loss_chunk: int = 256  # tokens per chunk of the KL / log-prob computation (bounds [N, V] buffers)
+    # A student with another tokenizer than the dump's teacher (student_train/cross_tokenizer.py): the
+    # run is refused when fewer of its label positions than this share pair with a teacher position.
+    min_paired: float = 0.5
+    # Teacher tokens the student lacks: their mass to the rest bucket (exact), or to the student's first
+    # token of their text (first_token; shared/token_alignment.py).
+    cross_vocab: Literal["exact", "first_token"] = "exact"
+
+    # -- preference distillation (the teacher is the reference model)
     pref_loss: Literal["dpo", "ipo", "kto_pair"] = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
     pref_ce_weight: float = 0.0  # CE on the chosen answer during preference distillation
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    device: str = "auto"
-    seed: int = 0
-    save_every: int = 0  # 0: only at the end
-    log_every: int = 10
+
+    # -- data loading, logging, checkpoints
     loader_workers: int = 2  # DataLoader processes reading, decoding and encoding batches (0: in-process)
     shuffle_window: int = 8  # row groups shuffled together (and cached per loader worker)
-    loss_chunk: int = 256  # tokens per chunk of the KL / log-prob computation (bounds [N, V] buffers)
-    # What trains (student_train/parts.py): vision, projector, language, experts, router, or [all].
-    # The paper's default for the distillation stages: the MoE experts and routers, vision frozen.
-    train: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN))
-    # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
-    # the rest (FSDP2 fully_shard) for students whose weights + gradients + Adam do not fit one device.
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-    # A student with another tokenizer than the dump's teacher (student_train/cross_tokenizer.py): the
-    # run is refused when fewer of its label positions than this share pair with a teacher position.
-    min_paired: float = 0.5
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides: Any) -> TrainConfig:

@@ -66,7 +66,7 @@ class TokenBridge:
         self.teacher_dir = teacher_dir
 
     @classmethod
-    def for_dumps(cls, dirs: list[Path], encoder: SampleEncoder) -> TokenBridge | None:
+    def for_dumps(cls, dirs: list[Path], encoder: SampleEncoder, project: str = "exact") -> TokenBridge | None:
         """None when every dump's stored ids mean the same to the student; else the bridge from the
         teacher tokenizer the dumps keep (all dumps must share it)."""
         mine = vocabulary_facts(encoder.tokenizer)["vocab_sha256"]
@@ -93,7 +93,7 @@ class TokenBridge:
         if vocabulary_facts(teacher_tok)["vocab_sha256"] != want:
             raise AlignmentError(f"{d}/{TEACHER_TOKENIZER_DIR}: not the tokenizer the teacher dumped with "
                                  "(its vocabulary differs from the manifest's); put the teacher's tokenizer there")
-        return cls(VocabMap.between(teacher_tok, encoder.tokenizer), Path(d) / TEACHER_TOKENIZER_DIR)
+        return cls(VocabMap.between(teacher_tok, encoder.tokenizer, project), Path(d) / TEACHER_TOKENIZER_DIR)
 
     # -- mimic ------------------------------------------------------------------------------------
     def mimic_rows(self, encoder: SampleEncoder, example: Any) -> tuple[Any, Coverage]:
@@ -173,7 +173,7 @@ class TokenBridge:
         return total
 
 
-def student_coverage(dump_dir: Path, student: Path, rows: int = 256) -> dict[str, Any]:
+def student_coverage(dump_dir: Path, student: Path, rows: int = 256, project: str = "exact") -> dict[str, Any]:
     """What `lmod train` would say of this dump and student, without training: whether the tokenizers
     differ and, when they do, the paired share of response positions and of top-k mass (first rows)."""
     from itertools import islice
@@ -182,10 +182,10 @@ def student_coverage(dump_dir: Path, student: Path, rows: int = 256) -> dict[str
     from student_train.data import check_shards, iter_examples
 
     encoder = load_encoder(student)
-    bridge = TokenBridge.for_dumps([Path(dump_dir)], encoder)
+    bridge = TokenBridge.for_dumps([Path(dump_dir)], encoder, project)
     if bridge is None:
         return {"model": str(student), "tokenizer": "the teacher's", "paired_positions": 1.0, "mapped_topk_mass": 1.0}
     files = check_shards([Path(dump_dir)], "mimic", encoder, allow_partial=True, verify=False, cross=True)
     coverage = bridge.coverage(encoder, islice(iter_examples(files, "mimic", None, with_image=False), rows))
     return {"model": str(student), "tokenizer": "another (cross-tokenizer distillation)",
-            "vocabulary_exact_share": round(bridge.vocab.exact_share(), 4), **coverage.as_dict()}
+            "vocabulary_mapped_share": round(bridge.vocab.mapped_share(), 4), **coverage.as_dict()}

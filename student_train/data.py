@@ -35,7 +35,7 @@ from shared.fingerprint import tokenizer_fingerprint, vocabulary_facts, vocabula
 from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
 from shared.prompt import Messages, llava_messages, pref_messages
-from shared.schema import SAMPLED_COLUMNS
+from shared.schema import SAMPLED_COLUMNS, row_images
 
 if TYPE_CHECKING:
     from student_train.cross_tokenizer import TokenBridge
@@ -233,7 +233,7 @@ class MimicExample:
     topk_ids: list[list[int]]
     topk_logprobs: list[list[float]]
     rest_mass: list[float]
-    image: Image.Image | None
+    images: list[Image.Image]  # in the order of their placeholders
     sampled_ids: list[list[int]] | None = None  # RS-KD draws (unique ids, counts) when read
     sampled_counts: list[list[int]] | None = None
     kd_mask: list[bool] | None = None  # cross-tokenizer rows: positions paired with a teacher row
@@ -247,7 +247,7 @@ class PrefExample:
     rejected_ids: list[int]
     ref_chosen: float
     ref_rejected: float
-    image: Image.Image | None
+    images: list[Image.Image]
 
 
 _COLUMNS = {
@@ -258,22 +258,24 @@ _COLUMNS = {
 }
 
 
-def _image(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> Image.Image | None:
-    """The image the teacher saw for this row, checked against the digest it stored: from the dump's
-    image store when it came inline, else its path under `image_root`."""
-    if not row["image_sha256"]:
-        return None
-    path = image_store.store_path(dump_dir, row["image_sha256"])
+def _images(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> list[Image.Image]:
+    """The images the teacher saw for this row, each checked against the digest it stored."""
+    return [_image(ref, sha, image_root, where, dump_dir) for ref, sha in row_images(row["image"], row["image_sha256"])]
+
+
+def _image(ref: str | None, sha: str, image_root: Path | None, where: str, dump_dir: Path) -> Image.Image:
+    """One image: from the dump's image store when it came inline, else its path under `image_root`."""
+    path = image_store.store_path(dump_dir, sha)
     if not path.is_file():
-        if not row["image"]:
+        if not ref:
             raise ShardError(f"{where}: its inline image is missing from the dump's image store ({path}); run "
                              f"`lmod shards verify {dump_dir}` and rerun the dump")
-        path = Path(row["image"]) if image_root is None else image_root / row["image"]
+        path = Path(ref) if image_root is None else image_root / ref
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ShardError(f"{where}: cannot read image {path} ({e.strerror}); check --image-root") from None
-    if hashlib.sha256(data).hexdigest() != row["image_sha256"]:
+    if hashlib.sha256(data).hexdigest() != sha:
         raise ShardError(f"{where}: {path} is not the image the teacher saw (sha256 differs); point --image-root "
                          "at the images of the dump")
     try:
@@ -288,18 +290,19 @@ def mimic_example(row: dict, image_root: Path | None, where: str, dump_dir: Path
     for n in row["response_turn_lengths"]:
         responses.append(row["response_ids"][start : start + n])
         start += n
-    messages = llava_messages(json.loads(row["conversations_json"]), bool(row["image_sha256"]))
+    n_images = len(row_images(row["image"], row["image_sha256"]))
+    messages = llava_messages(json.loads(row["conversations_json"]), n_images)
     return MimicExample(messages, responses, row["topk_ids"], row["topk_logprobs"], row["rest_mass"],
-                        _image(row, image_root, where, dump_dir) if with_image else None, row.get("sampled_ids"),
+                        _images(row, image_root, where, dump_dir) if with_image else [], row.get("sampled_ids"),
                         row.get("sampled_counts"))
 
 
 def pref_example(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> PrefExample:
-    has_image = bool(row["image_sha256"])
-    return PrefExample(pref_messages(row["question"], row["chosen"], has_image),
-                       pref_messages(row["question"], row["rejected"], has_image),
+    n_images = len(row_images(row["image"], row["image_sha256"]))
+    return PrefExample(pref_messages(row["question"], row["chosen"], n_images),
+                       pref_messages(row["question"], row["rejected"], n_images),
                        row["chosen_ids"], row["rejected_ids"], row["chosen_logprob_sum"], row["rejected_logprob_sum"],
-                       _image(row, image_root, where, dump_dir))
+                       _images(row, image_root, where, dump_dir))
 
 
 _EXAMPLE = {"mimic": mimic_example, "pref": pref_example}
@@ -347,17 +350,17 @@ def label_positions(enc: ModelInputs) -> list[int]:
 
 def encode_mimic(encoder: SampleEncoder, ex: MimicExample) -> ModelInputs:
     """The student's own prompt around the teacher's stored response ids."""
-    return encoder.encode(ex.messages, encoder.image_features(ex.image), responses=ex.responses)
+    return encoder.encode(ex.messages, [encoder.image_features(im) for im in ex.images], responses=ex.responses)
 
 
 def encode_pref(encoder: SampleEncoder, ex: PrefExample, own_tokens: bool = False) -> tuple[ModelInputs, ModelInputs]:
     """Chosen and rejected conversations around the teacher's answer ids, or (`own_tokens`, a
     student with another tokenizer) the student's own tokenisation of the same answers."""
-    image = encoder.image_features(ex.image)  # one image, processed once for both answers
+    images = [encoder.image_features(im) for im in ex.images]  # processed once for both answers
     if own_tokens:
-        return encoder.encode(ex.chosen, image), encoder.encode(ex.rejected, image)
-    return (encoder.encode(ex.chosen, image, responses=[ex.chosen_ids]),
-            encoder.encode(ex.rejected, image, responses=[ex.rejected_ids]))
+        return encoder.encode(ex.chosen, images), encoder.encode(ex.rejected, images)
+    return (encoder.encode(ex.chosen, images, responses=[ex.chosen_ids]),
+            encoder.encode(ex.rejected, images, responses=[ex.rejected_ids]))
 
 
 @dataclass
@@ -456,7 +459,7 @@ def collate_mimic(encoder: SampleEncoder, examples: Sequence[MimicExample], brid
     if examples and examples[0].kd_mask is not None:
         kd_mask = torch.tensor([m for e in examples for m in e.kd_mask], dtype=torch.bool)
     return MimicBatch(
-        inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded]),
+        inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.images for e in encoded]),
         rows=rows, cols=cols,
         topk_ids=_rows(examples, "topk_ids", torch.long),
         topk_logprobs=_rows(examples, "topk_logprobs", torch.float32),
@@ -471,7 +474,7 @@ def collate_pref(encoder: SampleEncoder, examples: Sequence[PrefExample], bridge
     encoded = [c for c, _ in pairs] + [r for _, r in pairs]
     rows, cols = _label_index(encoded)
     return PrefBatch(
-        inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.image for e in encoded]),
+        inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.images for e in encoded]),
         rows=rows, cols=cols,
         ref_chosen=torch.tensor([e.ref_chosen for e in examples], dtype=torch.float64),
         ref_rejected=torch.tensor([e.ref_rejected for e in examples], dtype=torch.float64),

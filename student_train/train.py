@@ -165,7 +165,7 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     encoder = load_encoder(student)
     sampled = cfg.stage == "mimic" and cfg.kd == "sampled"
     try:
-        bridge = TokenBridge.for_dumps(shards, encoder)
+        bridge = TokenBridge.for_dumps(shards, encoder, cfg.cross_vocab)
     except AlignmentError as e:
         raise TrainError(str(e)) from None
     if bridge is not None and sampled:

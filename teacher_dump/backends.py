@@ -24,8 +24,8 @@ class ScoreRequest:
     ids: list[int]  # expanded token ids (image tokens in place)
     prompt_ids: list[int]  # unexpanded ids (one placeholder per image), what vLLM is given
     positions: list[int]  # indices into `ids` to score (response tokens), all >= 1
-    image: Image.Image | None  # vLLM processes the image itself
-    features: ImageFeatures | None  # the processor's tensors for it (hf backend)
+    images: list[Image.Image]  # vLLM processes the images itself
+    features: list[ImageFeatures]  # the processor's tensors for them (hf backend)
     top_k: int  # 0: only the target's log-prob
     sample: int = 0  # RS-KD: draws per position from the full distribution (hf backend only)
     sample_seed: int = 0  # the request's own seed: same request, same draws, whatever the batching
@@ -163,6 +163,7 @@ class VLLMBackend:
     def __init__(
         self, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 512, max_logprobs: int = 64,
         gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1, scoring: str = "hidden",
+        max_images: int = 1,
     ):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
@@ -188,7 +189,7 @@ class VLLMBackend:
             enforce_eager=not on_gpu,
             # On the CPU backend this is the share of *host* memory for the KV cache.
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.2),
-            limit_mm_per_prompt={"image": 1},
+            limit_mm_per_prompt={"image": max_images},
             tensor_parallel_size=tensor_parallel_size,
             # Cached prefixes from earlier shards would change numerics: shards must not depend
             # on what ran before them (resume must give byte-identical files).
@@ -214,8 +215,8 @@ class VLLMBackend:
     @staticmethod
     def _prompt(r: ScoreRequest) -> dict:
         prompt: dict = {"prompt_token_ids": r.prompt_ids}
-        if r.image is not None:
-            prompt["multi_modal_data"] = {"image": r.image}
+        if r.images:
+            prompt["multi_modal_data"] = {"image": r.images[0] if len(r.images) == 1 else r.images}
         return prompt
 
     def _score_logprobs(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
@@ -224,10 +225,7 @@ class VLLMBackend:
         prompts = []
         params = []
         for r in requests:
-            prompt: dict = {"prompt_token_ids": r.prompt_ids}
-            if r.image is not None:
-                prompt["multi_modal_data"] = {"image": r.image}
-            prompts.append(prompt)
+            prompts.append(self._prompt(r))
             params.append(SamplingParams(
                 max_tokens=1, temperature=0.0, prompt_logprobs=r.top_k, flat_logprobs=True, detokenize=False,
             ))
@@ -266,12 +264,14 @@ def _check_expansion(prompt_token_ids, req: ScoreRequest) -> None:
 
 def make_backend(name: str, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 512,
                  max_top_k: int = 64, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float | None = None, vllm_scoring: str = "hidden") -> TeacherBackend:
-    """The one place engines are built: `hf` (one device) or `vllm` (tensor-parallel over GPUs)."""
+                 gpu_memory_utilization: float | None = None, vllm_scoring: str = "hidden",
+                 max_images: int = 1) -> TeacherBackend:
+    """The one place engines are built: `hf` (one device) or `vllm` (tensor-parallel over GPUs).
+    `max_images`: the most images one sample has (vLLM sizes its multimodal budget by it)."""
     if name == "hf":
         return HFBackend(model_dir, dtype=dtype)
     if name == "vllm":
         return VLLMBackend(model_dir, dtype=dtype, max_model_len=max_model_len, max_logprobs=max(max_top_k, 1),
                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                           scoring=vllm_scoring)
+                           scoring=vllm_scoring, max_images=max(1, max_images))
     raise ValueError(f"unknown backend {name!r}; use 'vllm' or 'hf'")

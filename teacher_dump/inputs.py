@@ -25,14 +25,21 @@ class InputError(ValueError):
     """A bad input record; the message names file and row and says what to do."""
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a record, as the input gave it."""
+
+    ref: str | None  # as given (path), or None
+    path: str | None  # resolved path, read by the worker (bytes are not held in the driver)
+    data: bytes | None  # only when the input carried the image inline
+
+
 @dataclass
 class Record:
     kind: str  # "mimic" | "pref"
     sample_id: str
     input_row: int  # 0-based row (JSONL: line number - 1)
-    image_ref: str | None  # as given (path), or None
-    image_path: str | None  # resolved path, read by the worker (bytes are not held in the driver)
-    image_bytes: bytes | None  # only when the input carried the image inline
+    images: list[ImageRef] = field(default_factory=list)  # in the order of their placeholders
     fields: dict[str, Any] = field(default_factory=dict)  # conversations | question/chosen/rejected
 
 
@@ -63,10 +70,13 @@ def _load_dataset(path: Path) -> Any:
     if isinstance(ds, datasets.DatasetDict):
         raise InputError(f"{path}: a DatasetDict; point at one split's directory")
     # Images stay bytes ({bytes, path}): decoded where they are checked, not on every row read.
-    if "image" in ds.column_names and isinstance(ds.features["image"], datasets.Image):
-        ds = ds.cast_column("image", datasets.Image(decode=False))
-    if "images" in ds.column_names and isinstance(getattr(ds.features["images"], "feature", None), datasets.Image):
-        ds = ds.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    for name in ("image", "images"):  # one Image, or a list of them, under either name
+        if name not in ds.column_names:
+            continue
+        if isinstance(ds.features[name], datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(getattr(ds.features[name], "feature", None), datasets.Image):
+            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
     return ds
 
 
@@ -221,10 +231,8 @@ def _where(path: Path, row: int) -> str:
     return f"{path}:{row + 1}" if path.suffix in (".jsonl", ".json") else f"{path} row {row}"
 
 
-def _check_image(raw: Any, image_root: Path) -> tuple[str | None, str | None, bytes | None]:
-    """Returns (reference, resolved path, inline bytes); raises ValueError if unusable."""
-    if raw is None:
-        return None, None, None
+def _check_image(raw: Any, image_root: Path) -> ImageRef:
+    """One image as given (a path under the root, bytes, or {bytes, path}); ValueError if unusable."""
     ref: str | None = None
     data: bytes | None = None
     if isinstance(raw, dict):
@@ -248,7 +256,7 @@ def _check_image(raw: Any, image_root: Path) -> tuple[str | None, str | None, by
             _ = im.size  # header only: cheap, catches non-images
     except Exception as e:  # PIL raises several types for unreadable images
         raise ValueError(f"image {ref or '<bytes>'} cannot be decoded ({type(e).__name__})") from e
-    return ref, resolved, data
+    return ImageRef(ref, resolved, data)
 
 
 def _check_mimic(rec: dict) -> dict[str, Any]:
@@ -261,7 +269,7 @@ def _check_mimic(rec: dict) -> dict[str, Any]:
             raise ValueError(f"turn {t} must be {{'from': 'human'|'gpt', 'value': str}}")
     for t, turn in enumerate(turns):
         if turn["from"] == "gpt" and IMAGE_PLACEHOLDER in turn["value"]:
-            raise ValueError(f"turn {t}: {IMAGE_PLACEHOLDER} inside an answer; only questions carry the image")
+            raise ValueError(f"turn {t}: {IMAGE_PLACEHOLDER} inside an answer; only questions carry images")
     if turns[0]["from"] != "human":
         raise ValueError("conversation must start with a human turn")
     if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
@@ -269,8 +277,6 @@ def _check_mimic(rec: dict) -> dict[str, Any]:
     empty = next((i for i, t in enumerate(turns) if t["from"] == "gpt" and not t["value"].strip()), None)
     if empty is not None:
         raise ValueError(f"turn {empty}: an empty answer (the student would learn to say nothing); drop the turn")
-    if sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns) > 1:
-        raise ValueError(f"more than one {IMAGE_PLACEHOLDER} placeholder; one image per sample is supported")
     return {"conversations": [{"from": t["from"], "value": t["value"]} for t in turns]}
 
 
@@ -282,7 +288,7 @@ def _check_pref(rec: dict) -> dict[str, Any]:
             raise ValueError(f"'{key}' missing or empty")
         out[key] = v
     if IMAGE_PLACEHOLDER in out["chosen"] + out["rejected"]:
-        raise ValueError(f"{IMAGE_PLACEHOLDER} inside an answer; only the question carries the image")
+        raise ValueError(f"{IMAGE_PLACEHOLDER} inside an answer; only the question carries images")
     if out["chosen"] == out["rejected"]:
         raise ValueError("'chosen' equals 'rejected'")
     return out
@@ -335,18 +341,16 @@ def _turns(messages: Any, where: str, roles: tuple[str, ...]) -> list[dict[str, 
     return turns
 
 
-def _one_image(rec: dict) -> Any:
-    """`image`, or TRL's `images` list of one."""
-    if "images" not in rec:
-        return rec.get("image")
-    images = rec["images"]
-    if images is None or images == []:
-        return None
-    if not isinstance(images, list):
+def _images(rec: dict) -> list[Any]:
+    """`image` (one, or a list), or TRL's / LLaVA-OneVision's `images` list, in placeholder order."""
+    if "images" in rec and "image" in rec and rec["image"] is not None and rec["images"]:
+        raise ValueError("both 'image' and 'images' given; keep one")
+    images = rec["images"] if "images" in rec else rec.get("image")
+    if images is None:
+        return []
+    if "images" in rec and not isinstance(images, list):
         raise ValueError("'images' must be a list")
-    if len(images) > 1:
-        raise ValueError(f"{len(images)} images; one image per sample is supported")
-    return images[0]
+    return list(images) if isinstance(images, list) else [images]
 
 
 def canonical(kind: str, rec: dict) -> dict:
@@ -354,7 +358,7 @@ def canonical(kind: str, rec: dict) -> dict:
     a JSON string), or TRL's conversational `messages` (+ `images`). Preference: `question` /
     `chosen` / `rejected` strings (lmod's and raw RLAIF-V's), or TRL's vision preference format
     (`prompt`, `chosen`, `rejected` as message lists, `images`)."""
-    out = {"id": rec.get("id"), "image": _one_image(rec)}
+    out = {"id": rec.get("id"), "images": _images(rec)}
     if kind == "mimic":
         if "conversations" in rec:
             conv = rec["conversations"]
@@ -395,12 +399,20 @@ def check_row(path: Path, kind: str, row: int, rec: Any, parse_error: str | None
             raise ValueError("'id' is empty; give every record a unique id (or none: lmod then uses FILE:ROW)")
         rec = canonical(kind, rec)
         fields = (_check_mimic if kind == "mimic" else _check_pref)(rec)
-        ref, resolved, data = _check_image(rec.get("image"), root)
-        if ref is None and data is None and IMAGE_PLACEHOLDER in json.dumps(fields):
-            raise ValueError(f"{IMAGE_PLACEHOLDER} placeholder but no 'image'")
+        images = []
+        for i, raw in enumerate(rec["images"]):
+            try:
+                images.append(_check_image(raw, root))
+            except ValueError as e:
+                raise ValueError(f"image {i + 1} of {len(rec['images'])}: {e}" if len(rec["images"]) > 1
+                                 else str(e)) from None
+        placeholders = json.dumps(fields, ensure_ascii=False).count(IMAGE_PLACEHOLDER)
+        if placeholders and placeholders != len(images):
+            raise ValueError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images; give one "
+                             "per image, or none (the images then go before the first question)")
     except ValueError as e:
         return Rejection(str(path), row, sid, str(e))
-    return Record(kind, sid, row, ref, resolved, data, fields)
+    return Record(kind, sid, row, images, fields)
 
 
 def read_records(path: Path, kind: str, image_root: Path | None) -> tuple[list[Record], list[Rejection]]:

@@ -28,7 +28,7 @@ from shared.fingerprint import (
 from shared.manifest import Manifest, RunRecord, atomic_write_bytes
 from shared.mllm import load_encoder
 from shared.prompt import TemplateError
-from shared.schema import KINDS, MANIFEST_NAME, REJECTED_NAME, shard_name
+from shared.schema import FORMAT_VERSION, KINDS, MANIFEST_NAME, REJECTED_NAME, row_images, shard_name
 from shared.shards import shard_file_problem
 from shared.token_alignment import save_teacher_tokenizer
 from teacher_dump.inputs import (
@@ -69,6 +69,7 @@ class DumpConfig:
     progress: bool = True
     dry_run: bool = False  # validate every record and print the plan; no teacher, nothing written
     vllm_scoring: str = "hidden"  # hidden: scored positions only (pooling runner); logprobs: prompt_logprobs
+    max_images: int = 4  # images one sample may have (multi-image conversations); vLLM's engine is sized for it
 
 
 def _input_digest(path: Path) -> str:
@@ -105,7 +106,8 @@ def plan_tasks(cfg: DumpConfig, convert_dir: Path | None = None) -> tuple[list[S
         if first is not None and isinstance(first[1], dict) and first[1].get("id") is None:
             _say(cfg, f"lmod: {path} has no 'id' field: each record's id is FILE:ROW (e.g. "
                       f"{generated_id(path, first[0])!r}), stable while the file is unchanged")
-        tasks += [ShardTask(kind, i, shard_name(kind, i, len(slices)), sl, kind_root) for i, sl in enumerate(slices)]
+        tasks += [ShardTask(kind, i, shard_name(kind, i, len(slices)), sl, kind_root, max_images=cfg.max_images)
+                  for i, sl in enumerate(slices)]
     return tasks, inputs
 
 
@@ -270,6 +272,9 @@ def _check_existing(out: Path, run: dict[str, Any], force: bool) -> Manifest | N
             )
     if old.run.get("inputs") != run.get("inputs") or old.run.get("plan") != run.get("plan"):
         raise InputError(f"{out}: was dumped from other inputs or --shards; use another --out or --force")
+    if old.format_version != FORMAT_VERSION:  # new shards would not match the finished ones
+        raise InputError(f"{out}: holds shards of format version {old.format_version} (this lmod writes "
+                         f"{FORMAT_VERSION}); finish it with the lmod that began it, or --force to redo it here")
     return old
 
 
@@ -350,7 +355,7 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> list[Any]:
     )
     engine = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "max_top_k": cfg.top_k,
               "tensor_parallel_size": tp, "gpu_memory_utilization": cfg.gpu_memory_utilization,
-              "vllm_scoring": cfg.vllm_scoring}
+              "vllm_scoring": cfg.vllm_scoring, "max_images": cfg.max_images}
     return [actor_cls.remote(str(cfg.model), cfg.backend, engine, cfg.top_k, str(cfg.out), cfg.encoding,
                              cfg.sample, cfg.sample_seed) for _ in range(n_workers)]
 
@@ -360,6 +365,8 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         raise InputError(f"--shards must be >= 1 (got {cfg.shards})")
     if cfg.top_k < 1:
         raise InputError(f"--top-k must be >= 1 (got {cfg.top_k})")
+    if cfg.max_images < 1:
+        raise InputError(f"--max-images must be >= 1 (got {cfg.max_images})")
     if cfg.mimic_data is None and cfg.pref_data is None:
         raise InputError("nothing to dump: give --mimic-data and/or --pref-data")
     if cfg.backend not in ("vllm", "hf"):
@@ -575,8 +582,9 @@ def _changed_images(out: Path, manifest: Manifest, tasks: list[ShardTask]) -> di
         src = Path(task.rows.path)
         root = Path(task.image_root) if task.image_root else (src if src.is_dir() else src.parent)
         table = pq.read_table(out / task.rel_path, columns=["image", "image_sha256"])
-        uses[task.rel_path] = sorted({(root / ref, sha) for ref, sha in zip(table.column(0).to_pylist(),
-                                                                         table.column(1).to_pylist()) if ref and sha})
+        uses[task.rel_path] = sorted({(root / ref, sha) for refs, digests in zip(table.column(0).to_pylist(),
+                                                                              table.column(1).to_pylist())
+                                      for ref, sha in row_images(refs, digests) if ref and sha})
     files = sorted({path for pairs in uses.values() for path, _ in pairs})
 
     def digest(path: Path) -> str | None:

@@ -23,7 +23,16 @@ from shared.manifest import ShardEntry
 from shared.mllm import ImageFeatures, ModelInputs, SampleEncoder
 from shared.prompt import TemplateError, llava_messages, pref_messages
 from teacher_dump.backends import ScoreRequest, ScoreResult, TeacherBackend
-from teacher_dump.inputs import InputError, InputSlice, Record, Rejection, check_row, format_rejection, iter_slice
+from teacher_dump.inputs import (
+    ImageRef,
+    InputError,
+    InputSlice,
+    Record,
+    Rejection,
+    check_row,
+    format_rejection,
+    iter_slice,
+)
 from teacher_dump.shard_writer import ShardWriter
 
 # Records per backend call. vLLM gets many (it schedules them itself; pixel tensors are dropped),
@@ -39,6 +48,7 @@ class ShardTask:
     rows: InputSlice  # the input rows [lo, hi) this shard covers
     image_root: str | None = None
     skip_rows: frozenset[int] = frozenset()  # rows refused when the inputs were validated (--skip-invalid)
+    max_images: int = 1  # images one sample may have (--max-images: the engine is sized for it)
 
 
 @dataclass
@@ -62,12 +72,12 @@ def id_hash(sample_id: str) -> int:
 
 @dataclass
 class Encoded:
-    """A valid record ready to score: its image (decoded, and the digest of its bytes) and its
+    """A valid record ready to score: its images (decoded, and the digests of their bytes) and its
     sequences (mimic: one; pref: chosen and rejected)."""
 
     record: Record
-    image: Image.Image | None
-    image_sha256: str
+    images: list[Image.Image]
+    image_sha256: list[str]
     sequences: list[ModelInputs]
 
 
@@ -93,26 +103,29 @@ class ImageCache:
 
 def prepare(encoder: SampleEncoder, rec: Record, keep_tensors: bool = True,
             cache: ImageCache | None = None) -> Encoded:
-    """Decode the image and encode the record; ValueError (with the reason) if it cannot be.
+    """Decode the images and encode the record; ValueError (with the reason) if it cannot be.
     `keep_tensors=False` drops the processor's pixel tensors once the token run is known (vLLM
     processes the image itself; a chunk of SmolVLM images is gigabytes of them)."""
-    data = image_bytes(rec)
-    if data is None:
-        return Encoded(rec, None, "", encode_record(encoder, rec, None))
-    digest = hashlib.sha256(data).hexdigest()
-    hit = cache.get(digest) if cache is not None else None
-    if hit is None:
-        try:
-            pil = Image.open(io.BytesIO(data)).convert("RGB")
-        except Exception as e:  # PIL raises several types for truncated or corrupt images
-            raise ValueError(f"image {rec.image_ref or '<bytes>'} cannot be decoded ({type(e).__name__}: {e})") from e
-        features = encoder.image_features(pil)
-        if features is not None and not keep_tensors:
-            features = ImageFeatures(features.ids, {})
-        hit = (pil, features)
-        if cache is not None:
-            cache.put(digest, hit)
-    return Encoded(rec, hit[0], digest, encode_record(encoder, rec, hit[1]))
+    pils, digests, features = [], [], []
+    for image in rec.images:
+        data = image_bytes(image)
+        digest = hashlib.sha256(data).hexdigest()
+        hit = cache.get(digest) if cache is not None else None
+        if hit is None:
+            try:
+                pil = Image.open(io.BytesIO(data)).convert("RGB")
+            except Exception as e:  # PIL raises several types for truncated or corrupt images
+                raise ValueError(f"image {image.ref or '<bytes>'} cannot be decoded ({type(e).__name__}: {e})") from e
+            feature = encoder.image_features(pil)
+            if feature is not None and not keep_tensors:
+                feature = ImageFeatures(feature.ids, {})
+            hit = (pil, feature)
+            if cache is not None:
+                cache.put(digest, hit)
+        pils.append(hit[0])
+        digests.append(digest)
+        features.append(hit[1])
+    return Encoded(rec, pils, digests, encode_record(encoder, rec, features))
 
 
 def valid_records(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
@@ -126,6 +139,10 @@ def valid_records(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
         rec = check_row(Path(task.rows.path), task.kind, row, raw, err, task.image_root)
         if isinstance(rec, Rejection):
             yield rec
+            continue
+        if len(rec.images) > task.max_images:
+            yield Rejection(task.rows.path, row, rec.sample_id, f"{len(rec.images)} images > --max-images "
+                            f"{task.max_images}; raise --max-images to dump it")
             continue
         try:
             item = prepare(encoder, rec, keep_tensors, cache)
@@ -173,32 +190,31 @@ class InputValidator:
         return check_shard(self.encoder, task, self.max_model_len, self.cache)
 
 
-def image_bytes(rec: Record) -> bytes | None:
-    """The record's image as stored (inline, or read from its path now); ValueError if it is gone."""
-    if rec.image_bytes is not None:
-        return rec.image_bytes
-    if rec.image_path is None:
+def image_bytes(image: ImageRef) -> bytes:
+    """An image's bytes as stored (inline, or read from its path now); ValueError if it is gone."""
+    if image.data is not None:
+        return image.data
+    if image.path is None:
         return None
     try:
-        return Path(rec.image_path).read_bytes()
+        return Path(image.path).read_bytes()
     except OSError as e:
-        raise ValueError(f"image {rec.image_ref} cannot be read ({e.strerror})") from e
+        raise ValueError(f"image {image.ref} cannot be read ({e.strerror})") from e
 
 
-def encode_record(encoder: SampleEncoder, rec: Record, image: ImageFeatures | None) -> list[ModelInputs]:
-    """Mimic: one sequence; pref: the chosen and the rejected sequence (one image, processed once)."""
-    has_image = image is not None
+def encode_record(encoder: SampleEncoder, rec: Record, images: list[ImageFeatures]) -> list[ModelInputs]:
+    """Mimic: one sequence; pref: the chosen and the rejected sequence (images processed once)."""
     if rec.kind == "mimic":
-        return [encoder.encode(llava_messages(rec.fields["conversations"], has_image), image)]
+        return [encoder.encode(llava_messages(rec.fields["conversations"], len(images)), images)]
     q = rec.fields["question"]
-    return [encoder.encode(pref_messages(q, rec.fields[key], has_image), image) for key in ("chosen", "rejected")]
+    return [encoder.encode(pref_messages(q, rec.fields[key], len(images)), images) for key in ("chosen", "rejected")]
 
 
-def score_request(enc: ModelInputs, image: Image.Image | None, top_k: int, sample: int = 0,
-             sample_seed: int = 0) -> ScoreRequest:
+def score_request(enc: ModelInputs, images: list[Image.Image], top_k: int, sample: int = 0,
+                  sample_seed: int = 0) -> ScoreRequest:
     positions = [i for i, m in enumerate(enc.response_mask) if m]
-    return ScoreRequest(ids=enc.ids, prompt_ids=enc.prompt_ids, positions=positions, image=image,
-                        features=enc.image, top_k=top_k, sample=sample, sample_seed=sample_seed)
+    return ScoreRequest(ids=enc.ids, prompt_ids=enc.prompt_ids, positions=positions, images=images,
+                        features=enc.images, top_k=top_k, sample=sample, sample_seed=sample_seed)
 
 
 def record_seed(seed: int, sample_id: str) -> int:
@@ -219,21 +235,21 @@ def shard_rows(
     """Score encoded records in one backend call; returns (rows in `encoding`, response tokens)."""
     requests = []
     for item in items:
-        rec, image = item.record, item.image
+        rec, images = item.record, item.images
         k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
         n = sample if rec.kind == "mimic" else 0
         seed = record_seed(sample_seed, rec.sample_id) if n else 0
-        requests.extend(score_request(e, image, k, n, seed) for e in item.sequences)
+        requests.extend(score_request(e, images, k, n, seed) for e in item.sequences)
     results: list[ScoreResult] = backend.score(requests) if requests else []
     rows: list[dict[str, Any]] = []
     tokens = 0
     it = iter(results)
     for item in items:
-        rec, encs, digest = item.record, item.sequences, item.image_sha256
+        rec, encs, digests = item.record, item.sequences, item.image_sha256
         # An inline image (bytes in the input) has no path to name: it is in the dump's image store
-        # under its digest, and `image` stays empty.
+        # under its digest, and its `image` entry stays empty.
         common = {"sample_id": rec.sample_id, "input_row": rec.input_row,
-                  "image": rec.image_ref if rec.image_bytes is None else None, "image_sha256": digest}
+                  "image": [i.ref if i.data is None else None for i in rec.images], "image_sha256": digests}
         if rec.kind == "mimic":
             (enc,) = encs
             res = next(it)
@@ -259,7 +275,7 @@ def shard_rows(
             c_ids = [t for t, m in zip(chosen.ids, chosen.response_mask) if m]
             r_ids = [t for t, m in zip(rejected.ids, rejected.response_mask) if m]
             tokens += len(c_ids) + len(r_ids)
-            prompt_text = encoder.render(pref_messages(rec.fields["question"], None, bool(digest)), True)
+            prompt_text = encoder.render(pref_messages(rec.fields["question"], None, len(digests)), True)
             rows.append({
                 **common,
                 "teacher_prompt": prompt_text,
@@ -312,6 +328,7 @@ class TeacherWorker:
 
     def _score(self, chunk: list[Encoded]) -> tuple[list[dict[str, Any]], int]:
         for item in chunk:  # inline images: kept in the dump for the student (shared/image_store.py)
-            if item.record.image_bytes is not None:
-                image_store.put(self.out_dir, item.record.image_bytes, item.image_sha256)
+            for image, digest in zip(item.record.images, item.image_sha256, strict=True):
+                if image.data is not None:
+                    image_store.put(self.out_dir, image.data, digest)
         return shard_rows(self.backend, self.encoder, chunk, self.top_k, self.encoding, self.sample, self.sample_seed)

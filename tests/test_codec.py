@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shared.codec import Encoding, read_table
+from shared.schema import row_images
 from shared.shards import dump_info, shard_paths, verify_dump
 
 
@@ -112,18 +113,29 @@ def test_a_version_1_dump_stays_readable(hf_dump: Path, world: Path, tmp_path: P
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["format_version"] = 1
     del manifest["run"]["encoding"]
-    for path in shard_paths(old, "mimic"):
-        table = pq.read_table(path).drop_columns(["sampled_ids", "sampled_counts"])  # version 1 had none
+    for path in shard_paths(old, "mimic") + shard_paths(old, "pref"):
+        table = pq.read_table(path)
+        if "sampled_ids" in table.column_names:
+            table = table.drop_columns(["sampled_ids", "sampled_counts"])  # version 1 had none
+        # versions 1-2: one image per row, one string per column ("" for no image)
+        for name, empty in (("image", None), ("image_sha256", "")):
+            one = pa.array([v[0] if v else empty for v in table.column(name).to_pylist()], pa.string())
+            table = table.set_column(table.schema.get_field_index(name), name, one)
         meta = {k: v for k, v in table.schema.metadata.items() if k != b"lmod.encoding"}
         meta[b"lmod.format_version"] = b"1"
         pq.write_table(table.replace_schema_metadata(meta), path, compression="zstd")
-        entry = manifest["shards"][f"mimic/{path.name}"]
+        entry = manifest["shards"][f"{path.parent.name}/{path.name}"]
         entry.update({"bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert verify_dump(old) == [] and dump_info(old)["encoding"] == "f32"
     got = [r for p in shard_paths(old, "mimic") for r in read_table(p).to_pylist()]
     want = [{k: v for k, v in r.items() if not k.startswith("sampled_")}
             for p in shard_paths(hf_dump, "mimic") for r in read_table(p).to_pylist()]
-    assert got == want
+    assert [row_images(r["image"], r["image_sha256"]) for r in got] == \
+        [row_images(r["image"], r["image_sha256"]) for r in want]
+    drop = ("image", "image_sha256")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in got] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in want]
     a, b = load_mimic(shard_paths(old, "mimic"), world), load_mimic(shard_paths(hf_dump, "mimic"), world)
     assert [e.topk_logprobs for e in a] == [e.topk_logprobs for e in b] and len(a) == 48
+    assert [np.asarray(e.images[0]).tolist() for e in a[:3]] == [np.asarray(e.images[0]).tolist() for e in b[:3]]

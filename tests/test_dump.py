@@ -48,7 +48,7 @@ def _independent_logprobs(teacher: Path, world: Path, row: dict) -> tuple[torch.
 
     processor = AutoProcessor.from_pretrained(str(teacher))
     model = AutoModelForImageTextToText.from_pretrained(str(teacher), dtype=torch.float32).eval()
-    enc = processor(text=row["teacher_prompt"], images=[Image.open(world / row["image"]).convert("RGB")],
+    enc = processor(text=row["teacher_prompt"], images=[Image.open(world / row["image"][0]).convert("RGB")],
                     return_tensors="pt")
     with torch.no_grad():
         logits = model(**enc).logits[0]

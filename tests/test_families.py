@@ -32,12 +32,12 @@ def _ask(encoder, size, question="hi", answer="red"):
 
 def test_image_tokens_are_expanded_per_image(family_models):
     smol = load_encoder(family_models["smolvlm"])
-    counts = {size: len(_ask(smol, size).image.ids) for size in SIZES}
+    counts = {size: len(_ask(smol, size).images[0].ids) for size in SIZES}
     assert counts[(64, 64)] != counts[(128, 64)], counts  # image splitting: the count follows the image
     llava = load_encoder(family_models["llava_next"])
     # anyres: `<image>hi` is 38, 54, 90 tokens for 56x56, 112x56, 112x112 (2 text tokens + CLIP's CLS).
     prompt = [len(llava.encode_prompt([{"role": "user", "content": [{"type": "image"}]}],
-                                      llava.image_features(Image.new("RGB", s))).image.ids) + 2
+                                      llava.image_features(Image.new("RGB", s))).images[0].ids) + 2
               for s in ((56, 56), (112, 56), (112, 112))]
     assert prompt == [38, 54, 90]
 
@@ -61,9 +61,9 @@ def test_hf_dump_scores_what_the_processor_builds(family, family_models, family_
     processor = AutoProcessor.from_pretrained(str(model_dir))
     model = AutoModelForImageTextToText.from_pretrained(str(model_dir)).eval()
     rows = [r for r in _rows(family_dumps[family, "hf"], "mimic") if len(r["response_turn_lengths"]) == 1][:4]
-    assert len({Image.open(family_world / r["image"]).size for r in rows}) > 1
+    assert len({Image.open(family_world / r["image"][0]).size for r in rows}) > 1
     for row in rows:
-        enc = processor(text=row["teacher_prompt"], images=[Image.open(family_world / row["image"]).convert("RGB")],
+        enc = processor(text=row["teacher_prompt"], images=[Image.open(family_world / row["image"][0]).convert("RGB")],
                         add_special_tokens=False, return_tensors="pt")
         ids = enc["input_ids"][0]
         n = len(row["response_ids"])
@@ -149,7 +149,7 @@ def test_upcycled_student_equals_the_dense_model_on_images_of_several_sizes(fami
     enc = load_encoder(tmp_path / "moe")
     assert enc.template == load_encoder(dense_dir).template
     samples = [_ask(enc, size, answer="a red circle") for size in SIZES]
-    batch = batch_inputs(enc, [s.ids for s in samples], [s.image for s in samples])
+    batch = batch_inputs(enc, [s.ids for s in samples], [s.images for s in samples])
     with torch.no_grad():
         torch.testing.assert_close(moe(**batch).logits, dense(**batch).logits, atol=2e-5, rtol=1e-4)
 
@@ -273,4 +273,4 @@ def test_special_token_text_in_the_data_is_refused_naming_the_token(family, fami
             if tok == "<image>" and part.startswith("question"):
                 continue  # LLaVA data's own image placeholder: an image there, not text
             with pytest.raises(ValueError, match=f"{part} contains {re.escape(repr(tok))}"):
-                enc.encode(llava_messages(turns, True), _ask(enc, (64, 64)).image)
+                enc.encode(llava_messages(turns, True), _ask(enc, (64, 64)).images)

@@ -492,10 +492,10 @@ def test_hugging_face_formats_teach_what_lmods_own_format_does(world, teacher, t
     trl = tmp_path / "d_trl_chat"
     for kind, records in (("mimic", mimic), ("pref", pref)):
         examples = list(iter_examples(shard_paths(trl, kind), kind, None))
-        assert [np.asarray(e.image).tolist() for e in examples] == [np.asarray(pil[r["image"]]).tolist()
+        assert [np.asarray(e.images[0]).tolist() for e in examples] == [np.asarray(pil[r["image"]]).tolist()
                                                                     for r in records]
     assert verify_dump(trl) == []
-    sha = got["pref"][0]["image_sha256"]
+    sha = got["pref"][0]["image_sha256"][0]
     store_path(tmp_path / "d_conv_string", sha).write_bytes(b"not the image")
     assert any("bytes differ from their sha256 name" in p for p in verify_dump(tmp_path / "d_conv_string"))
     store_path(tmp_path / "d_conv_string", sha).unlink()
@@ -525,4 +525,4 @@ def test_a_rerun_after_an_image_changed_in_place_redoes_the_shards_that_used_it(
     import pyarrow.parquet as pq
 
     row = pq.read_table(redone.pop()).to_pylist()[0]
-    assert row["image_sha256"] == hashlib.sha256((w / first["image"]).read_bytes()).hexdigest()
+    assert row["image_sha256"] == [hashlib.sha256((w / first["image"]).read_bytes()).hexdigest()]

@@ -25,7 +25,7 @@ def _batch(model_dir, world):
     recs = [json.loads(line) for line in (world / "mimic.jsonl").read_text().splitlines()[:4]]
     encoded = [enc.encode(llava_messages(r["conversations"], True),
                           enc.image_features(Image.open(world / r["image"]).convert("RGB"))) for r in recs]
-    return batch_inputs(enc, [e.ids for e in encoded], [e.image for e in encoded])
+    return batch_inputs(enc, [e.ids for e in encoded], [e.images for e in encoded])
 
 
 def test_upcycled_equals_dense_at_init_and_reloads(dense, world, tmp_path):

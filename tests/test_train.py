@@ -252,7 +252,7 @@ def test_images_of_another_world_with_the_same_names_are_refused(hf_dump, held_o
 
     _, other_world = held_out_dump
     files = shard_paths(hf_dump, "mimic")
-    assert (other_world / pq.read_table(files[0]).to_pylist()[0]["image"]).is_file()  # same name, other picture
+    assert (other_world / pq.read_table(files[0]).to_pylist()[0]["image"][0]).is_file()  # same name, other picture
     with pytest.raises(ShardError, match=r"row 0 \(id .*\): .* is not the image the teacher saw"):
         load_mimic(files, other_world)
 

@@ -162,7 +162,7 @@ def sft_train(
     for turns, path in data:
         image = encoder.image_features(Image.open(path).convert("RGB"))
         encoded.append(encoder.encode(llava_messages(turns, True), image))
-    pixels = collate_images([e.image for e in encoded])  # the world's images share one size
+    pixels = collate_images([f for e in encoded for f in e.images])  # the world's images share one size
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
