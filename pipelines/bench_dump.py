@@ -62,12 +62,15 @@ def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> No
     requests = _requests(encoder, records)
     n_tokens = sum(len(r.positions) for r in requests)
     n_positions = sum(len(r.ids) - 1 for r in requests)
-    n_image = sum(len(r.features.ids) for r in requests if r.features is not None)
+    n_image = sum(len(f.ids) for r in requests for f in r.features)
     print(f"\n{label}: {len(records)} records, {n_tokens} response tokens, {n_image} image tokens "
           f"({n_image / n_tokens:.1f}x the response), {n_positions} scored positions")
 
     def dump_path(backend) -> None:
-        rows, _ = shard_rows(backend, encoder, [prepare(encoder, r) for r in records], 32)
+        # as the worker does: vLLM expands the images itself, lmod counts their runs (no pixels)
+        counted = backend.name != "hf"
+        rows, _ = shard_rows(backend, encoder, [prepare(encoder, r, keep_tensors=not counted, count_only=counted)
+                                                for r in records], 32)
         table_bytes("mimic", rows)
 
     hf = HFBackend(teacher)

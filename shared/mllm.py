@@ -16,6 +16,8 @@ from PIL import Image
 from shared.families import Family, family_of
 from shared.prompt import Messages, TemplateError, render_with_spans
 
+# Images on which an encoder checks the processor's token-count helper before trusting it.
+_COUNT_CHECKS = 4
 # Processor outputs that describe text, not the image.
 _TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
@@ -71,6 +73,8 @@ class SampleEncoder:
         # Strings the tokenizer reads as special tokens wherever they appear: in user text they would
         # end a turn early, forge one, or become an image token.
         added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        self._counted = 0  # images whose helper count was checked against the full processor
+        self._count_helper_ok: bool | None = None if hasattr(processor, "_get_num_multimodal_tokens") else False
         self.special_texts: list[str] = sorted(
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", [])}
             | {getattr(t, "content", str(t)) for t in added.values() if getattr(t, "special", False)}, key=len,
@@ -165,6 +169,29 @@ class SampleEncoder:
         out = self.processor(text=text, images=[image], add_special_tokens=False, return_tensors="pt")
         ids = out["input_ids"][0].tolist()
         return ImageFeatures(ids, {k: v for k, v in out.items() if k not in _TEXT_KEYS})
+
+    def counted_image(self, image: Image.Image) -> ImageFeatures:
+        """An image's token run by its length only (placeholder ids, no tensors): what validation
+        needs (the length against --max-model-len, the template). The count comes from the
+        processor's own helper (`_get_num_multimodal_tokens`: sizes, no pixels) where the family
+        has one, after it agreed with the full processor on this encoder's first images; else
+        from the full processor."""
+        if self._count_helper_ok is not False and not self.family.image_at_start:
+            try:
+                n = int(self.processor._get_num_multimodal_tokens(
+                    image_sizes=[(image.height, image.width)]).num_image_tokens[0])
+            except Exception:  # a helper that does not take this processor's settings: count the long way
+                n = None
+            if n is not None and self._count_helper_ok:
+                return ImageFeatures([self.image_token_id] * n, {})
+            if self._counted < _COUNT_CHECKS:  # check the helper on the first few images
+                full = self.image_features(image)
+                self._counted += 1
+                ok = n == len(full.ids)
+                self._count_helper_ok = False if not ok else (True if self._counted == _COUNT_CHECKS else None)
+                return ImageFeatures(full.ids, {})
+        full = self.image_features(image)
+        return ImageFeatures(full.ids, {})
 
     def _with_images(self, ids: list[int], mask: list[bool], lengths: list[int], text: str,
                      images: list[ImageFeatures]) -> ModelInputs:

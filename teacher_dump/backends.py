@@ -29,6 +29,7 @@ class ScoreRequest:
     top_k: int  # 0: only the target's log-prob
     sample: int = 0  # RS-KD: draws per position from the full distribution (hf backend only)
     sample_seed: int = 0  # the request's own seed: same request, same draws, whatever the batching
+    counted_id: int | None = None  # ids holds image runs by length only, as this placeholder id (vLLM)
 
 
 @dataclass
@@ -255,7 +256,15 @@ class VLLMBackend:
 
 
 def _check_expansion(prompt_token_ids, req: ScoreRequest) -> None:
-    if list(prompt_token_ids) != req.ids:
+    """vLLM expanded the images as the processor does: the same ids, or with image runs counted (not
+    made) the same length and the same ids everywhere outside them."""
+    got = list(prompt_token_ids)
+    if req.counted_id is not None and len(got) == len(req.ids):
+        outside = np.asarray(req.ids) != req.counted_id
+        same = bool(np.array_equal(np.asarray(got)[outside], np.asarray(req.ids)[outside]))
+    else:
+        same = got == req.ids
+    if not same:
         raise RuntimeError(
             "vLLM expanded the prompt differently from the processor "
             f"({len(prompt_token_ids)} vs {len(req.ids)} tokens); check the model's processor config"

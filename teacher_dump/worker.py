@@ -102,10 +102,12 @@ class ImageCache:
 
 
 def prepare(encoder: SampleEncoder, rec: Record, keep_tensors: bool = True,
-            cache: ImageCache | None = None) -> Encoded:
+            cache: ImageCache | None = None, count_only: bool = False) -> Encoded:
     """Decode the images and encode the record; ValueError (with the reason) if it cannot be.
     `keep_tensors=False` drops the processor's pixel tensors once the token run is known (vLLM
-    processes the image itself; a chunk of SmolVLM images is gigabytes of them)."""
+    processes the image itself; a chunk of SmolVLM images is gigabytes of them). `count_only`
+    (validation): each image's token run by length only, without pixel tensors where the
+    processor can count (SampleEncoder.counted_image)."""
     pils, digests, features = [], [], []
     for image in rec.images:
         data = image_bytes(image)
@@ -116,7 +118,7 @@ def prepare(encoder: SampleEncoder, rec: Record, keep_tensors: bool = True,
                 pil = Image.open(io.BytesIO(data)).convert("RGB")
             except Exception as e:  # PIL raises several types for truncated or corrupt images
                 raise ValueError(f"image {image.ref or '<bytes>'} cannot be decoded ({type(e).__name__}: {e})") from e
-            feature = encoder.image_features(pil)
+            feature = encoder.counted_image(pil) if count_only else encoder.image_features(pil)
             if feature is not None and not keep_tensors:
                 feature = ImageFeatures(feature.ids, {})
             hit = (pil, feature)
@@ -128,8 +130,8 @@ def prepare(encoder: SampleEncoder, rec: Record, keep_tensors: bool = True,
     return Encoded(rec, pils, digests, encode_record(encoder, rec, features))
 
 
-def valid_records(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
-                  keep_tensors: bool = True, cache: ImageCache | None = None) -> Iterator[Encoded | Rejection]:
+def valid_records(encoder: SampleEncoder, task: ShardTask, max_model_len: int, keep_tensors: bool = True,
+                  cache: ImageCache | None = None, count_only: bool = False) -> Iterator[Encoded | Rejection]:
     """The shard's rows in order, each encoded or with the reason it is invalid: fields, image
     (header and pixels), the record against the chat template, the length. Rows in
     `task.skip_rows` are passed over."""
@@ -145,7 +147,7 @@ def valid_records(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
                             f"{task.max_images}; raise --max-images to dump it")
             continue
         try:
-            item = prepare(encoder, rec, keep_tensors, cache)
+            item = prepare(encoder, rec, keep_tensors, cache, count_only)
         except TemplateError:
             raise  # the model's template, not this record: no point in going on
         except ValueError as e:
@@ -159,12 +161,14 @@ def valid_records(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
 
 
 def check_shard(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
-                cache: ImageCache | None = None) -> ShardCheck:
+                cache: ImageCache | None = None, count_only: bool = True) -> ShardCheck:
+    """Validate one shard's rows (lengths and refusals; `count_only`: image token runs counted, not
+    made, where the processor can count them)."""
     rejected: list[Rejection] = []
     hashes: list[int] = []
     rows: list[int] = []
     tokens = longest = 0
-    for item in valid_records(encoder, task, max_model_len, keep_tensors=False, cache=cache):
+    for item in valid_records(encoder, task, max_model_len, keep_tensors=False, cache=cache, count_only=count_only):
         if isinstance(item, Rejection):
             rejected.append(item)
             continue
@@ -211,10 +215,11 @@ def encode_record(encoder: SampleEncoder, rec: Record, images: list[ImageFeature
 
 
 def score_request(enc: ModelInputs, images: list[Image.Image], top_k: int, sample: int = 0,
-                  sample_seed: int = 0) -> ScoreRequest:
+                  sample_seed: int = 0, counted_id: int | None = None) -> ScoreRequest:
     positions = [i for i, m in enumerate(enc.response_mask) if m]
     return ScoreRequest(ids=enc.ids, prompt_ids=enc.prompt_ids, positions=positions, images=images,
-                        features=enc.images, top_k=top_k, sample=sample, sample_seed=sample_seed)
+                        features=enc.images, top_k=top_k, sample=sample, sample_seed=sample_seed,
+                        counted_id=counted_id)
 
 
 def record_seed(seed: int, sample_id: str) -> int:
@@ -234,12 +239,14 @@ def shard_rows(
 ) -> tuple[list[dict[str, Any]], int]:
     """Score encoded records in one backend call; returns (rows in `encoding`, response tokens)."""
     requests = []
+    # vLLM expands the images itself; ours may be counted runs (placeholder ids of the right length)
+    counted_id = encoder.image_token_id if backend.name != "hf" else None
     for item in items:
         rec, images = item.record, item.images
         k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
         n = sample if rec.kind == "mimic" else 0
         seed = record_seed(sample_seed, rec.sample_id) if n else 0
-        requests.extend(score_request(e, images, k, n, seed) for e in item.sequences)
+        requests.extend(score_request(e, images, k, n, seed, counted_id) for e in item.sequences)
     results: list[ScoreResult] = backend.score(requests) if requests else []
     rows: list[dict[str, Any]] = []
     tokens = 0
@@ -313,8 +320,11 @@ class TeacherWorker:
         with ShardWriter(self.out_dir, task.rel_path, task.kind, task.index, [task.rows.lo, task.rows.hi],
                          self.encoding) as writer:
             chunk: list[Encoded] = []
-            for item in valid_records(self.encoder, task, max_model_len, keep_tensors=self.backend.name == "hf",
-                                      cache=self.cache):
+            # vLLM processes the images itself: the worker needs their runs' lengths only (counted
+            # where the processor can count; vLLM's own expansion is checked against them).
+            counted = self.backend.name != "hf"
+            for item in valid_records(self.encoder, task, max_model_len, keep_tensors=not counted, cache=self.cache,
+                                      count_only=counted):
                 if isinstance(item, Rejection):  # validated before the teachers started: the input changed since
                     raise InputError(f"{format_rejection(item)}; the input changed after it was validated; "
                                      "rerun the dump")

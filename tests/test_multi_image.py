@@ -155,3 +155,30 @@ def test_two_image_family_dumps_equal_an_independent_forward(family, family_mode
     dump_teacher(DumpConfig(model=family_models[family], out=out, mimic_data=two / "mimic.jsonl", shards=1, top_k=8,
                             backend="hf", max_model_len=1024, progress=False, encoding="f32"))
     _check_against_forward(family_models[family], two, out)
+
+
+def test_validation_counts_image_tokens_without_making_pixels(family_models, teacher):
+    """The processor's counting helper gives the length the full processor makes (checked on an
+    encoder's first images before it is trusted); a helper that disagrees is not used."""
+    from tests.conftest import SIZES
+
+    sizes = SIZES + [(300, 200), (96, 40)] * 3
+    for model in (family_models["smolvlm"], family_models["llava_next"], family_models["blip2"], teacher):
+        enc = load_encoder(model)
+        for size in sizes:
+            image = Image.new("RGB", size, (10, 200, 30))
+            counted = enc.counted_image(image)
+            assert len(counted.ids) == len(enc.image_features(image).ids) and counted.tensors == {}, (model, size)
+    enc = load_encoder(family_models["smolvlm"])
+    assert enc._count_helper_ok is None
+    for size in sizes:
+        enc.counted_image(Image.new("RGB", size))
+    assert enc._count_helper_ok is True  # trusted after its first checks
+    liar = load_encoder(family_models["smolvlm"])
+    real = liar.processor._get_num_multimodal_tokens
+    liar.processor._get_num_multimodal_tokens = lambda **kw: type("D", (), {
+        "num_image_tokens": [n + 1 for n in real(**kw).num_image_tokens]})()
+    for size in sizes:
+        image = Image.new("RGB", size)
+        assert len(liar.counted_image(image).ids) == len(liar.image_features(image).ids)
+    assert liar._count_helper_ok is False
