@@ -358,17 +358,20 @@ def demo(
     student_steps: int = typer.Option(1500, help="Steps of the SFT and mimic students (same budget)."),
     pref_steps: int = typer.Option(300, help="Preference-distillation steps after mimic."),
     seed: int = typer.Option(0, help="Seed of the training world, the teacher and the students."),
-    eval_seed: int = typer.Option(1, help="Seed of the held-out world (must differ from --seed)."),
+    eval_seed: int = typer.Option(1, help="Seed of the held-out question world (the held-out conversations: "
+                                  "+1); both must differ from --seed."),
 ) -> None:
     """The tiny end-to-end demo on the embedded world; writes OUT/report.json."""
     check_environment()
     from pipelines.demo import DemoConfig, run_demo
 
-    if eval_seed == seed:
-        fail("--eval-seed must differ from --seed: the held-out world would be the training world")
-    run_demo(DemoConfig(out=out, n_mimic=n_mimic, n_pref=n_pref, n_eval=n_eval, teacher_steps=teacher_steps,
-                        shards=shards, top_k=top_k, backend=backend, student_steps=student_steps,
-                        pref_steps=pref_steps, seed=seed, eval_seed=eval_seed))
+    try:
+        cfg = DemoConfig(out=out, n_mimic=n_mimic, n_pref=n_pref, n_eval=n_eval, teacher_steps=teacher_steps,
+                         shards=shards, top_k=top_k, backend=backend, student_steps=student_steps,
+                         pref_steps=pref_steps, seed=seed, eval_seed=eval_seed)
+    except ValueError as e:
+        fail(str(e))
+    run_demo(cfg)
 
 
 def main() -> None:

@@ -44,6 +44,21 @@ class DemoConfig:
     student_batch: int = 16
     configs: Path = Path(__file__).parent / "configs"
 
+    def world_seeds(self) -> dict[str, int]:
+        """The seed of every world the demo draws: training (and its validation split), held-out
+        questions, held-out conversations (the KL to the teacher)."""
+        return {"training": self.seed, "held-out questions": self.eval_seed,
+                "held-out conversations": self.eval_seed + 1}
+
+    def __post_init__(self) -> None:
+        seen: dict[int, str] = {}
+        for role, seed in self.world_seeds().items():
+            if seed in seen:
+                raise ValueError(f"the {role} world would be the {seen[seed]} world (seed {seed}; the held-out "
+                                 f"conversations use --eval-seed + 1): choose a --seed other than {self.eval_seed} "
+                                 f"and {self.eval_seed + 1}, or another --eval-seed")
+            seen[seed] = role
+
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Same seed, same machine, same report: no nondeterministic kernels, a fixed thread count (the
@@ -68,11 +83,12 @@ def _run_demo(cfg: DemoConfig) -> dict:
         timings[name] = time.time()
 
     world, held_out = out / "world", out / "eval_world"
+    seeds = cfg.world_seeds()
     step("world")
     if not (world / "eval.jsonl").exists():  # eval.jsonl here: the validation split of the training world
-        make_world(world, cfg.seed, cfg.n_mimic, cfg.n_pref, cfg.n_val)
+        make_world(world, seeds["training"], cfg.n_mimic, cfg.n_pref, cfg.n_val)
     if not (held_out / "eval.jsonl").exists():
-        make_world(held_out, cfg.eval_seed, 0, 0, cfg.n_eval)
+        make_world(held_out, seeds["held-out questions"], 0, 0, cfg.n_eval)
 
     teacher = out / "teacher"
     step("teacher")
@@ -115,7 +131,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     held_dump = out / "eval_shards"
     held_mimic = out / "eval_world_mimic"  # held-out conversations, for agreement with the teacher
     if not (held_mimic / "mimic.jsonl").exists():
-        make_world(held_mimic, cfg.eval_seed + 1, 300, 0, 0)
+        make_world(held_mimic, seeds["held-out conversations"], 300, 0, 0)
     dump_teacher(DumpConfig(model=teacher, out=held_dump, mimic_data=held_mimic / "mimic.jsonl",
                             shards=1, top_k=cfg.top_k, backend="hf", progress=False))
 

@@ -293,3 +293,19 @@ def test_a_dump_without_its_teacher_tokenizer_says_what_to_do(hf_dump, students,
     with pytest.raises(AlignmentError, match="keeps no teacher tokenizer"):
         TokenBridge.for_dumps([old], load_encoder(students["bpe300"]))
     assert TokenBridge.for_dumps([hf_dump], load_encoder(students["permuted"])) is not None
+
+
+def test_the_tiny_families_tokenizer_maps_every_teacher_token(teacher, family_tok):
+    """The families' tokenizer is the world's BPE plus their special tokens at other ids: every
+    teacher token has its counterpart and every position pairs."""
+    t = load_encoder(teacher).tokenizer
+    vocab = VocabMap.between(t, family_tok)
+    real = [i for i, s in enumerate(vocab.teacher_surfaces) if s is not None]
+    assert all(vocab.teacher_to_student[i] >= 0 for i in real) and vocab.mapped_share() == 1.0
+    end = t.convert_tokens_to_ids("<end_of_utterance>")
+    assert family_tok.convert_ids_to_tokens(int(vocab.teacher_to_student[end])) == "<end_of_utterance>"
+    for text in WORDS[:6]:
+        a = t(text, add_special_tokens=False)["input_ids"] + [end]
+        b = family_tok(text, add_special_tokens=False)["input_ids"] + [family_tok.convert_tokens_to_ids(
+            "<end_of_utterance>")]
+        assert align_turn(a, b, vocab) == list(range(len(a)))

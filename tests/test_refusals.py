@@ -140,3 +140,20 @@ def test_the_ray_watchdog_survives_a_malformed_line():
                          timeout=30, cwd=Path(__file__).parents[1])
     assert res.returncode == 0 and "malformed line 'half-a-li'" in res.stderr
     assert victim.wait(timeout=10) != 0  # killed
+
+
+@pytest.mark.parametrize("seed, eval_seed", [(1, 1), (2, 1), (5, 4)])
+def test_no_two_demo_worlds_share_a_seed(seed, eval_seed, tmp_path):
+    """`--seed 2` with the default `--eval-seed 1` drew the training world from the held-out
+    conversations' seed (eval_seed + 1): refused, naming both worlds, before anything runs."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.demo import DemoConfig
+
+    with pytest.raises(ValueError, match="world would be the"):
+        DemoConfig(seed=seed, eval_seed=eval_seed)
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "d"), "--seed", str(seed), "--eval-seed",
+                                   str(eval_seed)])
+    assert res.exit_code == 2 and "world would be the" in res.output and not (tmp_path / "d").exists()
+    assert len(set(DemoConfig(seed=0, eval_seed=1).world_seeds().values())) == 3
