@@ -265,14 +265,17 @@ def mimic_token_losses(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: t
                        chunk: int = 1024, kd_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per token [N, 3]: kd_weight * KL + ce_weight * CE (differentiable), KL, CE (metrics), in one
     chunked pass over the logits (or over hidden states projected by `head`). Tokens where `kd_mask`
-    [N] is False have no teacher row (cross-tokenizer positions left unpaired): KL 0 there; their
-    rows must be finite (one entry of log-prob 0)."""
+    [N] is False have no teacher row (cross-tokenizer positions inside a teacher token): there the
+    teacher target is the label itself (having chosen its token, the teacher's next characters are
+    certain), so the KD term is the label's CE; the KL column reports 0. Their rows must be finite
+    (one entry of log-prob 0)."""
     mask = kd_mask if kd_mask is not None else torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
 
     def rows(x, i, lp, r, t, m):
         kl = sparse_kl(x, i, lp, tail, temperature, None if rest_mass is None else r) * m
         ce = -_selective_logprobs(x, t)
-        return torch.stack([kd_weight * kl + ce_weight * ce, kl, ce], dim=-1)
+        kd = kl + ce * ~m
+        return torch.stack([kd_weight * kd + ce_weight * ce, kl, ce], dim=-1)
 
     return chunked_rows(rows, x, topk_ids, topk_logprobs, _no_rest(rest_mass, topk_logprobs), targets, mask,
                         head=head, chunk=chunk)

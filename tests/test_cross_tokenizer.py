@@ -309,3 +309,24 @@ def test_the_tiny_families_tokenizer_maps_every_teacher_token(teacher, family_to
         b = family_tok(text, add_special_tokens=False)["input_ids"] + [family_tok.convert_tokens_to_ids(
             "<end_of_utterance>")]
         assert align_turn(a, b, vocab) == list(range(len(a)))
+
+
+def test_positions_inside_a_teacher_token_learn_the_label():
+    """Unpaired positions: the KD term is the label's CE (the teacher's continuation of its own
+    token is certain), paired ones the KL; the KL column counts paired positions only."""
+    from student_train.losses import mimic_token_losses, sparse_kl
+
+    n, v, k = 6, 40, 5
+    logits = torch.randn(n, v, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(v)[:k] for _ in range(n)])
+    lps = torch.log_softmax(torch.randn(n, k, dtype=torch.float64), -1) - 0.3
+    rest = 1 - lps.exp().sum(-1)
+    targets = torch.randint(0, v, (n,))
+    mask = torch.tensor([True, False, True, False, False, True])
+    got = mimic_token_losses(logits, ids, lps, rest, targets, kd_weight=2.0, ce_weight=0.5, tail="rest",
+                             kd_mask=mask)
+    ce = -torch.log_softmax(logits, -1)[torch.arange(n), targets]
+    kl = sparse_kl(logits, ids, lps, "rest", rest_mass=rest)
+    want = torch.where(mask, 2.0 * kl, 2.0 * ce) + 0.5 * ce
+    torch.testing.assert_close(got[:, 0], want)
+    torch.testing.assert_close(got[:, 1], torch.where(mask, kl, torch.zeros_like(kl)))
