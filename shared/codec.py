@@ -1,4 +1,4 @@
-"""How mimic shards store the teacher's per-token distributions (format version 2), written and read
+"""How mimic shards store the teacher's per-token distributions (format versions 2-3), written and read
 only through here.
 
 Encodings (the manifest's run["encoding"]; version-1 dumps are "f32"):

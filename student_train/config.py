@@ -54,9 +54,10 @@ class TrainConfig:
     # A student with another tokenizer than the dump's teacher (student_train/cross_tokenizer.py): the
     # run is refused when fewer of its label positions than this share pair with a teacher position.
     min_paired: float = 0.5
-    # Teacher tokens the student lacks: their mass to the rest bucket (exact), or to the student's first
-    # token of their text (first_token; shared/token_alignment.py).
-    cross_vocab: Literal["exact", "first_token"] = "exact"
+    # Teacher tokens the student lacks: their mass to the student's first token of their text
+    # (first_token), or to the rest bucket (exact); shared/token_alignment.py. Measured in
+    # pipelines/bench_cross_tokenizer.py: exact misleads a student that spells words in more pieces.
+    cross_vocab: Literal["exact", "first_token"] = "first_token"
 
     # -- preference distillation (the teacher is the reference model)
     pref_loss: Literal["dpo", "ipo", "kto_pair"] = "dpo"

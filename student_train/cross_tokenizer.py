@@ -66,7 +66,8 @@ class TokenBridge:
         self.teacher_dir = teacher_dir
 
     @classmethod
-    def for_dumps(cls, dirs: list[Path], encoder: SampleEncoder, project: str = "exact") -> TokenBridge | None:
+    def for_dumps(cls, dirs: list[Path], encoder: SampleEncoder, project: str = "first_token"
+                  ) -> TokenBridge | None:
         """None when every dump's stored ids mean the same to the student; else the bridge from the
         teacher tokenizer the dumps keep (all dumps must share it)."""
         mine = vocabulary_facts(encoder.tokenizer)["vocab_sha256"]
@@ -173,7 +174,8 @@ class TokenBridge:
         return total
 
 
-def student_coverage(dump_dir: Path, student: Path, rows: int = 256, project: str = "exact") -> dict[str, Any]:
+def student_coverage(dump_dir: Path, student: Path, rows: int = 256, project: str = "first_token"
+                     ) -> dict[str, Any]:
     """What `lmod train` would say of this dump and student, without training: whether the tokenizers
     differ and, when they do, the paired share of response positions and of top-k mass (first rows)."""
     from itertools import islice
