@@ -61,9 +61,8 @@ class TokenBridge:
     vocabulary map is computed once (about a second at 151,936 tokens) and travels to the loader
     workers with the data set."""
 
-    def __init__(self, vocab: VocabMap, teacher_dir: Path):
+    def __init__(self, vocab: VocabMap):
         self.vocab = vocab
-        self.teacher_dir = teacher_dir
 
     @classmethod
     def for_dumps(cls, dirs: list[Path], encoder: SampleEncoder, project: str = "first_token"
@@ -90,11 +89,16 @@ class TokenBridge:
             raise AlignmentError(f"{d}: the student's tokenizer differs from the teacher's and the dump keeps no "
                                  f"teacher tokenizer ({TEACHER_TOKENIZER_DIR}/, written by dumps since lmod 0.3); "
                                  f"save the teacher's tokenizer files there, or use a student with its tokenizer")
-        teacher_tok = load_teacher_tokenizer(d)
+        try:
+            teacher_tok = load_teacher_tokenizer(d)
+        except Exception as e:  # a damaged file: transformers raises JSON, OS and value errors alike
+            raise AlignmentError(f"{d}/{TEACHER_TOKENIZER_DIR}: unreadable ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}); copy the teacher's tokenizer "
+                                 "files there again") from None
         if vocabulary_facts(teacher_tok)["vocab_sha256"] != want:
             raise AlignmentError(f"{d}/{TEACHER_TOKENIZER_DIR}: not the tokenizer the teacher dumped with "
                                  "(its vocabulary differs from the manifest's); put the teacher's tokenizer there")
-        return cls(VocabMap.between(teacher_tok, encoder.tokenizer, project), Path(d) / TEACHER_TOKENIZER_DIR)
+        return cls(VocabMap.between(teacher_tok, encoder.tokenizer, project))
 
     # -- mimic ------------------------------------------------------------------------------------
     def mimic_rows(self, encoder: SampleEncoder, example: Any) -> tuple[Any, Coverage]:

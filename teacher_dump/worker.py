@@ -198,8 +198,6 @@ def image_bytes(image: ImageRef) -> bytes:
     """An image's bytes as stored (inline, or read from its path now); ValueError if it is gone."""
     if image.data is not None:
         return image.data
-    if image.path is None:
-        return None
     try:
         return Path(image.path).read_bytes()
     except OSError as e:

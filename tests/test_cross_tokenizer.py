@@ -130,7 +130,7 @@ def test_positions_pair_where_both_tokens_start_at_one_character(teacher, studen
 def test_unmapped_teacher_mass_joins_the_rest_and_shared_counterparts_merge(teacher, students):
     t = load_encoder(teacher).tokenizer
     vocab = VocabMap.between(t, load_encoder(students["bpe300"]).tokenizer)
-    bridge = TokenBridge(vocab, Path("."))
+    bridge = TokenBridge(vocab)
     missing = [i for i in range(len(t)) if vocab.teacher_to_student[i] < 0 and vocab.teacher_surfaces[i]][:2]
     present = [i for i in range(len(t)) if vocab.teacher_to_student[i] >= 0 and vocab.teacher_surfaces[i]][:3]
     ids = np.array([[present[0], missing[0], present[1], missing[1]]])
@@ -143,7 +143,7 @@ def test_unmapped_teacher_mass_joins_the_rest_and_shared_counterparts_merge(teac
     # two teacher ids, one student counterpart: one entry holds both probabilities
     twin = vocab.teacher_to_student.copy()
     twin[present[2]] = twin[present[0]]
-    merged = TokenBridge(VocabMap(twin, vocab.teacher_surfaces, vocab.student_surfaces), Path("."))
+    merged = TokenBridge(VocabMap(twin, vocab.teacher_surfaces, vocab.student_surfaces))
     _, lps2, _, _, mapped2 = merged._map_rows(np.array([[present[0], present[2]]]),
                                               np.log(np.array([[0.5, 0.2]])).astype(np.float32),
                                               np.array([0.3], np.float32), {})
@@ -197,7 +197,7 @@ def test_a_permuted_id_student_learns_exactly_what_the_same_tokenizer_student_do
     are the same-tokenizer rows renamed, and three SGD steps give the same losses."""
     examples = _teacher_rows(world, teacher, 4)
     permuted = load_encoder(students["permuted"])
-    bridge = TokenBridge(VocabMap.between(load_encoder(teacher).tokenizer, permuted.tokenizer), Path("."))
+    bridge = TokenBridge(VocabMap.between(load_encoder(teacher).tokenizer, permuted.tokenizer))
     coverage = bridge.coverage(permuted, examples)
     assert coverage.position_share == 1.0 and coverage.mass_share == pytest.approx(1.0)
     cfg = TrainConfig(kd_tail=tail, ce_weight=0.5)
@@ -210,7 +210,7 @@ def test_a_permuted_id_student_learns_exactly_what_the_same_tokenizer_student_do
 def test_another_bpe_student_gets_paired_rows_and_ce_elsewhere(teacher, world, students):
     examples = _teacher_rows(world, teacher, 6)
     enc = load_encoder(students["bpe300"])
-    bridge = TokenBridge(VocabMap.between(load_encoder(teacher).tokenizer, enc.tokenizer), Path("."))
+    bridge = TokenBridge(VocabMap.between(load_encoder(teacher).tokenizer, enc.tokenizer))
     batch = collate_mimic(enc, examples, bridge)
     assert batch.kd_mask is not None and 0 < int(batch.kd_mask.sum()) < batch.tokens
     targets = batch.inputs["input_ids"][batch.rows, batch.cols + 1]
@@ -242,7 +242,7 @@ def test_preference_pairs_are_scored_in_the_students_own_tokens(teacher, world, 
         examples.append(PrefExample(chosen, rejected, enc.response_ids(chosen)[0], enc.response_ids(rejected)[0],
                                     -3.0, -5.0, [Image.open(world / rec["image"]).convert("RGB")]))
     permuted = load_encoder(students["permuted"])
-    cross = TokenBridge(VocabMap.between(enc.tokenizer, permuted.tokenizer), Path("."))
+    cross = TokenBridge(VocabMap.between(enc.tokenizer, permuted.tokenizer))
     results = []
     for model_dir, bridge in ((moe_student, None), (students["permuted"], cross)):
         e = load_encoder(model_dir)
@@ -293,6 +293,11 @@ def test_a_dump_without_its_teacher_tokenizer_says_what_to_do(hf_dump, students,
     with pytest.raises(AlignmentError, match="keeps no teacher tokenizer"):
         TokenBridge.for_dumps([old], load_encoder(students["bpe300"]))
     assert TokenBridge.for_dumps([hf_dump], load_encoder(students["permuted"])) is not None
+    damaged = tmp_path / "damaged"
+    shutil.copytree(hf_dump, damaged)
+    (damaged / "teacher_tokenizer" / "tokenizer.json").write_text("garbage")
+    with pytest.raises(AlignmentError, match=r"teacher_tokenizer: unreadable \(.*\); copy the teacher's tokenizer"):
+        TokenBridge.for_dumps([damaged], load_encoder(students["bpe300"]))
 
 
 def test_the_tiny_families_tokenizer_maps_every_teacher_token(teacher, family_tok):
