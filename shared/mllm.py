@@ -73,8 +73,10 @@ class SampleEncoder:
         # Strings the tokenizer reads as special tokens wherever they appear: in user text they would
         # end a turn early, forge one, or become an image token.
         added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
-        self._counted = 0  # images whose helper count was checked against the full processor
-        self._count_helper_ok: bool | None = None if hasattr(processor, "_get_num_multimodal_tokens") else False
+        # counted_image: the processor's token-count helper, if it has one, is checked against the full
+        # processor on the first images before it is trusted; one disagreement and it is never used.
+        self._count_helper_usable = hasattr(processor, "_get_num_multimodal_tokens")
+        self._count_checks_left = _COUNT_CHECKS
         self.special_texts: list[str] = sorted(
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", [])}
             | {getattr(t, "content", str(t)) for t in added.values() if getattr(t, "special", False)}, key=len,
@@ -176,22 +178,30 @@ class SampleEncoder:
         processor's own helper (`_get_num_multimodal_tokens`: sizes, no pixels) where the family
         has one, after it agreed with the full processor on this encoder's first images; else
         from the full processor."""
-        if self._count_helper_ok is not False and not self.family.image_at_start:
-            try:
-                n = int(self.processor._get_num_multimodal_tokens(
-                    image_sizes=[(image.height, image.width)]).num_image_tokens[0])
-            except Exception:  # a helper that does not take this processor's settings: count the long way
-                n = None
-            if n is not None and self._count_helper_ok:
-                return ImageFeatures([self.image_token_id] * n, {})
-            if self._counted < _COUNT_CHECKS:  # check the helper on the first few images
-                full = self.image_features(image)
-                self._counted += 1
-                ok = n == len(full.ids)
-                self._count_helper_ok = False if not ok else (True if self._counted == _COUNT_CHECKS else None)
-                return ImageFeatures(full.ids, {})
+        n = self._helper_count(image) if self._count_helper_usable else None
+        if n is not None and self._count_checks_left == 0:
+            return ImageFeatures([self.image_token_id] * n, {})
         full = self.image_features(image)
+        if self._count_helper_usable:  # still checking it
+            self._count_checks_left -= 1
+            self._count_helper_usable = n == len(full.ids)
         return ImageFeatures(full.ids, {})
+
+    @property
+    def _count_helper_ok(self) -> bool | None:
+        """Whether counted_image trusts the helper: True, False, or None while it is being checked."""
+        if not self._count_helper_usable:
+            return False
+        return True if self._count_checks_left == 0 else None
+
+    def _helper_count(self, image: Image.Image) -> int | None:
+        if self.family.image_at_start:  # BLIP-2's query tokens: no placeholder run to count
+            return None
+        try:
+            return int(self.processor._get_num_multimodal_tokens(
+                image_sizes=[(image.height, image.width)]).num_image_tokens[0])
+        except Exception:  # a helper that does not take this processor's settings: count the long way
+            return None
 
     def _with_images(self, ids: list[int], mask: list[bool], lengths: list[int], text: str,
                      images: list[ImageFeatures]) -> ModelInputs:

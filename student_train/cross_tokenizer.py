@@ -101,9 +101,12 @@ class TokenBridge:
         return cls(VocabMap.between(teacher_tok, encoder.tokenizer, project))
 
     # -- mimic ------------------------------------------------------------------------------------
-    def mimic_rows(self, encoder: SampleEncoder, example: Any) -> tuple[Any, Coverage]:
-        """A MimicExample of teacher ids restated in student ids (labels, top-k rows, `kd_mask`)."""
-        student_turns = encoder.response_ids(example.messages)
+    def mimic_rows(self, encoder: SampleEncoder, example: Any, student_turns: list[list[int]] | None = None
+                   ) -> tuple[Any, Coverage]:
+        """A MimicExample of teacher ids restated in student ids (labels, top-k rows, `kd_mask`).
+        `student_turns`: the student's own response ids per turn, when the caller has encoded them."""
+        if student_turns is None:
+            student_turns = encoder.response_ids(example.messages)
         if len(student_turns) != len(example.responses):
             raise AlignmentError(f"{len(example.responses)} stored responses for the student's "
                                  f"{len(student_turns)} assistant turns")
@@ -121,10 +124,9 @@ class TokenBridge:
         sel = np.asarray(pairs, dtype=np.int64)
         paired = sel >= 0
         take = np.where(paired, sel, 0)
-        kd_mask = paired & usable[take] if offset else np.zeros(len(sel), dtype=bool)
-        k = topk_ids.shape[1] if offset else 1
-        out_ids = np.zeros((len(sel), k), dtype=np.int64)
-        out_lps = np.full((len(sel), k), -np.inf, dtype=np.float32)
+        kd_mask = paired & usable[take]  # every turn holds its end-of-turn token: offset >= 1
+        out_ids = np.zeros((len(sel), topk_ids.shape[1]), dtype=np.int64)
+        out_lps = np.full(out_ids.shape, -np.inf, dtype=np.float32)
         out_lps[:, 0] = 0.0  # an unpaired row: one certain entry, KL 0 under either tail (masked anyway)
         out_rest = np.zeros(len(sel), dtype=np.float32)
         out_ids[kd_mask], out_lps[kd_mask], out_rest[kd_mask] = ids[take[kd_mask]], lps[take[kd_mask]], \

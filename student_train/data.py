@@ -437,13 +437,22 @@ def _rows(examples: Sequence[MimicExample], attr: str, dtype: torch.dtype) -> to
     return torch.tensor([t for v in values for t in v], dtype=dtype)
 
 
+def _turns(enc: ModelInputs) -> list[list[int]]:
+    """The response ids of each assistant turn of an encoded conversation."""
+    labels = [t for t, m in zip(enc.ids, enc.response_mask, strict=True) if m]
+    starts = [sum(enc.turn_lengths[:i]) for i in range(len(enc.turn_lengths))]
+    return [labels[s : s + n] for s, n in zip(starts, enc.turn_lengths, strict=True)]
+
+
 def collate_mimic(encoder: SampleEncoder, examples: Sequence[MimicExample], bridge: TokenBridge | None = None
                   ) -> MimicBatch:
-    """One micro-batch; with a `bridge` (a student with another tokenizer) the teacher rows are
-    first restated in the student's ids."""
-    if bridge is not None:
-        examples = [bridge.mimic_rows(encoder, e)[0] for e in examples]
-    encoded = [encode_mimic(encoder, e) for e in examples]
+    """One micro-batch; with a `bridge` (a student with another tokenizer) the student's own
+    encoding of each conversation gives the labels, and the teacher rows are restated for them."""
+    if bridge is None:
+        encoded = [encode_mimic(encoder, e) for e in examples]
+    else:  # encoded once: its response tokens are the labels the rows are restated for
+        encoded = [encoder.encode(e.messages, [encoder.image_features(im) for im in e.images]) for e in examples]
+        examples = [bridge.mimic_rows(encoder, e, _turns(enc))[0] for e, enc in zip(examples, encoded, strict=True)]
     rows, cols = _label_index(encoded)
     sampled_ids = sampled_weights = None
     if examples and all(e.sampled_ids is not None for e in examples):
