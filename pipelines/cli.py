@@ -100,7 +100,8 @@ def dump_teacher_cmd(
                                      "(prompt_logprobs over every position, the earlier path)"),
     dtype: str = typer.Option("float32", help="Teacher dtype: float32 | bfloat16 | float16."),
     max_model_len: int = typer.Option(512, help="Longest sequence; longer records are invalid."),
-    max_images: int = typer.Option(4, help="Most images in one sample (multi-image conversations); more is invalid."),
+    max_images: int = typer.Option(1, help="Most images in one sample (raise it for multi-image conversations); "
+                                   "more is invalid."),
     address: str | None = typer.Option(None, help="Ray cluster address; a local Ray starts when absent."),
     workers: int | None = typer.Option(None, help="Teacher workers (default: one per GPU group, else one)."),
     tensor_parallel_size: int = typer.Option(1, help="GPUs per teacher engine (vllm), for teachers too big for one."),

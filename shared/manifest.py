@@ -39,6 +39,7 @@ class RunRecord:
     sample: dict[str, int] | None = None  # RS-KD draws and seed
     vllm_scoring: str | None = None  # vllm backend only: hidden | logprobs
     max_model_len: int | None = None
+    max_images: int | None = None  # most images per sample (--max-images); older dumps: none
     inputs: dict[str, Any] = field(default_factory=dict)  # per kind: file, sha256, rows (, converted)
     plan: dict[str, Any] = field(default_factory=dict)  # shards_requested, shards per kind
     records: dict[str, int] | None = None  # valid records per kind (after validation)

@@ -69,7 +69,7 @@ class DumpConfig:
     progress: bool = True
     dry_run: bool = False  # validate every record and print the plan; no teacher, nothing written
     vllm_scoring: str = "hidden"  # hidden: scored positions only (pooling runner); logprobs: prompt_logprobs
-    max_images: int = 4  # images one sample may have (multi-image conversations); vLLM's engine is sized for it
+    max_images: int = 1  # images one sample may have (multi-image conversations: raise it); vLLM is sized for it
 
 
 def _input_digest(path: Path) -> str:
@@ -241,7 +241,10 @@ def dry_run_plan(tasks: list[ShardTask], checks: list[ShardCheck], run: dict[str
 
 # Run facts that, when they differ, mean the directory holds another teacher's shards. The
 # teacher is its config and weights, wherever it lies (a copied teacher is the same teacher).
-_TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "encoding", "sample", "backend", "dtype", "max_model_len")
+# What a finished shard depends on: a resume with any of them changed is refused (--max-images too: a
+# --skip-invalid run left out the records with more images, and its finished shards would stay without them).
+_TEACHER_KEYS = ("teacher", "tokenizer_sha256", "top_k", "encoding", "sample", "backend", "dtype", "max_model_len",
+                 "max_images")
 
 
 def _identity(run: dict[str, Any], key: str) -> Any:
@@ -264,6 +267,9 @@ def _check_existing(out: Path, run: dict[str, Any], force: bool) -> Manifest | N
                          "use --force to redo the dump, or another --out") from None
     if not old.shards:
         return None  # an earlier run stopped before its first shard: nothing to keep or to mix with
+    if old.format_version != FORMAT_VERSION:  # new shards would not match the finished ones
+        raise InputError(f"{out}: holds shards of format version {old.format_version} (this lmod writes "
+                         f"{FORMAT_VERSION}); finish it with the lmod that began it, or --force to redo it here")
     for key in _TEACHER_KEYS:
         if _identity(old.run, key) != _identity(run, key):
             raise InputError(
@@ -272,9 +278,6 @@ def _check_existing(out: Path, run: dict[str, Any], force: bool) -> Manifest | N
             )
     if old.run.get("inputs") != run.get("inputs") or old.run.get("plan") != run.get("plan"):
         raise InputError(f"{out}: was dumped from other inputs or --shards; use another --out or --force")
-    if old.format_version != FORMAT_VERSION:  # new shards would not match the finished ones
-        raise InputError(f"{out}: holds shards of format version {old.format_version} (this lmod writes "
-                         f"{FORMAT_VERSION}); finish it with the lmod that began it, or --force to redo it here")
     return old
 
 
@@ -446,6 +449,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         vllm_scoring=cfg.vllm_scoring if cfg.backend == "vllm" else None,
         dtype=cfg.dtype,
         max_model_len=cfg.max_model_len,
+        max_images=cfg.max_images,
         inputs=inputs,
         plan={"shards_requested": cfg.shards, "shards": {k: sum(t.kind == k for t in tasks) for k in KINDS}},
     ).to_dict()

@@ -122,8 +122,8 @@ def test_two_image_dumps_equal_an_independent_forward_and_train(world, teacher, 
 
     two = _two_image_world(world, tmp_path / "world2")
     hf, vllm = tmp_path / "hf", tmp_path / "vllm"
-    dump(two, teacher, hf, "hf", shards=1)
-    dump(two, teacher, vllm, "vllm", shards=1)
+    dump(two, teacher, hf, "hf", shards=1, max_images=2)
+    dump(two, teacher, vllm, "vllm", shards=1, max_images=2)
     _check_against_forward(teacher, two, hf)
     assert verify_dump(hf) == [] and verify_dump(vllm) == []
     read = lambda d: [r for p in shard_paths(d, "mimic") for r in pq.read_table(p).to_pylist()]  # noqa: E731
@@ -140,6 +140,8 @@ def test_two_image_dumps_equal_an_independent_forward_and_train(world, teacher, 
     # a sample with more images than --max-images is refused, naming the flag
     from teacher_dump.run import DumpConfig, InputError, dump_teacher
 
+    with pytest.raises(InputError, match=r"holds shards of another max images \(2 != 3\)"):
+        dump(two, teacher, hf, "hf", shards=1, max_images=3)  # a --skip-invalid run's shards would lack rows
     with pytest.raises(InputError, match=r"2 images > --max-images 1; raise --max-images"):
         dump_teacher(DumpConfig(model=teacher, out=tmp_path / "one", mimic_data=two / "mimic.jsonl", shards=1,
                                 top_k=8, backend="hf", max_model_len=256, progress=False, max_images=1))
@@ -153,7 +155,7 @@ def test_two_image_family_dumps_equal_an_independent_forward(family, family_mode
     two = _two_image_world(family_world, tmp_path / "world2", n=4)
     out = tmp_path / "dump"
     dump_teacher(DumpConfig(model=family_models[family], out=out, mimic_data=two / "mimic.jsonl", shards=1, top_k=8,
-                            backend="hf", max_model_len=1024, progress=False, encoding="f32"))
+                            backend="hf", max_model_len=1024, progress=False, encoding="f32", max_images=2))
     _check_against_forward(family_models[family], two, out)
 
 
