@@ -8,8 +8,10 @@ Claims checked per seed (the held-out world decides; nothing is tuned on it):
   2. preference distillation lowers hallucination below the mimic student's, without collapsing to
      "no" (it still says "yes" to at least 10% of the POPE questions: "no" to everything has a
      hallucination rate of 0 and learns nothing);
-  3. the final student (mimic+pref) is within 3 accuracy points of the teacher (or above it).
-Each seed's run resumes if interrupted (the demo skips finished steps).
+  3. the final student (mimic+pref), with fewer active parameters than the teacher, is within 5
+     accuracy points of it (or above it).
+Each seed's run resumes if interrupted (the demo skips finished steps). OUT/claims.txt holds the
+tables, OUT/claims.json the numbers; `lmod report OUT` draws them (mean +- std) as OUT/demo.png.
 """
 
 from __future__ import annotations
@@ -34,8 +36,22 @@ def claims(rows: dict[str, dict]) -> dict[str, bool]:
         and mimic["kl_to_teacher"] < sft["kl_to_teacher"],
         "pref lowers hallucination (no collapse)": final["hallucination_rate"] < mimic["hallucination_rate"]
         and final["pope"]["yes_ratio"] >= 0.1,
-        "final within 3 points of the teacher": final["accuracy"] >= teacher["accuracy"] - 0.03,
+        "final within 5 points of the teacher": final["accuracy"] >= teacher["accuracy"] - 0.05
+        and final["active_params"] < teacher["active_params"],
     }
+
+
+def summary(reports: dict[int, dict]) -> dict:
+    """Mean and sample std over seeds of every measure and per-type accuracy, by model."""
+    out: dict[str, dict] = {}
+    for model in MODELS:
+        rows = [{r["model"]: r for r in rep["rows"]}[model] for rep in reports.values()]
+        measures = {name: [get(r) for r in rows] for name, get in MEASURES}
+        for qtype in sorted(rows[0]["accuracy_by_type"]):
+            measures[f"accuracy {qtype}"] = [r["accuracy_by_type"].get(qtype, float("nan")) for r in rows]
+        out[model] = {name: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+                      for name, v in measures.items()}
+    return out
 
 
 def table(reports: dict[int, dict]) -> str:
@@ -46,13 +62,16 @@ def table(reports: dict[int, dict]) -> str:
             lines.append(f"{seed:<6}{model:<12}" + "".join(f"{get(rows[model]):>10.3f}" for _, get in MEASURES))
     lines.append("")
     lines.append(f"{'mean +- std':<18}" + "".join(f"{name:>16}" for name, _ in MEASURES))
+    stats = summary(reports)
     for model in MODELS:
-        cells = []
-        for _, get in MEASURES:
-            values = [get({r["model"]: r for r in rep["rows"]}[model]) for rep in reports.values()]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):>9.3f} +-{std:.3f}")
+        cells = [f"{stats[model][name]['mean']:>9.3f} +-{stats[model][name]['std']:.3f}" for name, _ in MEASURES]
         lines.append(f"{model:<18}" + "".join(f"{c:>16}" for c in cells))
+    lines.append("")
+    types = [k for k in stats["teacher"] if k.startswith("accuracy ")]
+    lines.append(f"{'by type':<18}" + "".join(f"{t.split()[1]:>16}" for t in types))
+    for model in MODELS:
+        lines.append(f"{model:<18}" + "".join(f"{stats[model][t]['mean']:>9.3f} +-{stats[model][t]['std']:.3f}"
+                                             for t in types))
     lines.append("")
     for seed, report in reports.items():
         held = claims({r["model"]: r for r in report["rows"]})
@@ -80,6 +99,13 @@ def main() -> None:
     text = table(reports)
     print(text)
     (args.out / "claims.txt").write_text(text + "\n")
+    held = {seed: claims({r["model"]: r for r in rep["rows"]}) for seed, rep in reports.items()}
+    (args.out / "claims.json").write_text(json.dumps({"seeds": list(reports), "summary": summary(reports),
+                                                      "claims": held}, indent=2) + "\n")
+    from pipelines.report import report
+
+    for path in report(args.out):
+        print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -185,9 +185,12 @@ def student_make_tiny(
     top_k: int = typer.Option(2),
     moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
     noise: float = typer.Option(0.0, min=0.0, help="Relative noise added to each expert copy."),
+    fresh_vision: bool = typer.Option(False, help="A smaller random vision tower instead of the teacher's "
+                                      "(LLaVA-MoD's student starts from the teacher's tower and keeps it frozen)."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Build the tiny dense student, then upcycle it (the same code as `lmod student upcycle`)."""
+    """Build the tiny dense student (the teacher's vision tower, and its projector where the widths
+    match; a random text model), then upcycle it (the same code as `lmod student upcycle`)."""
     check_environment()
     from student_train.moe import make_dense_student
 
@@ -195,7 +198,11 @@ def student_make_tiny(
         fail(f"{out} already holds a model; choose another --out")
     require_model(teacher, "--teacher")
     dense = out.with_name(out.name + "-dense")
-    make_dense_student(teacher, dense, seed=seed)
+    try:
+        origin = make_dense_student(teacher, dense, seed=seed, vision="fresh" if fresh_vision else "teacher")
+    except ValueError as e:
+        fail(str(e))
+    typer.echo("dense student: " + ", ".join(f"{part} {where}" for part, where in origin.items()))
     _upcycle(dense, out, num_experts, top_k, moe_layers, noise, seed)
 
 

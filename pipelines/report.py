@@ -1,5 +1,6 @@
 """`lmod report RUN_DIR`: look, don't read. Training curves from `metrics.jsonl` (loss, KL or DPO
-loss and preference accuracy, expert load per MoE layer) and, for a demo run, its table as bars."""
+loss and preference accuracy, expert load per MoE layer) and, for a demo run, its table as bars
+(mean +- std over seeds for a claims.py directory)."""
 
 from __future__ import annotations
 
@@ -102,12 +103,39 @@ def plot_demo_table(report: Path, out: Path | None = None) -> Path:
     return target
 
 
+def plot_claims(claims: Path, out: Path | None = None) -> Path:
+    """claims.py's claims.json -> the demo's bars as mean +- std over seeds."""
+    data = json.loads(Path(claims).read_text())
+    stats = data["summary"]
+    plt = _pyplot()
+    measures = [("accuracy", "accuracy"), ("hallucination rate", "halluc."), ("POPE F1", "POPE F1"),
+                ("KL to teacher", "KL->T")]
+    fig, axes = plt.subplots(1, len(measures), figsize=(16, 3.8))
+    names = list(stats)
+    for ax, (title, key) in zip(axes, measures):
+        means = [max(0.0, stats[m][key]["mean"]) for m in names]
+        bars = ax.bar(names, means, yerr=[stats[m][key]["std"] for m in names], capsize=4,
+                      color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, labels=[f"{stats[m][key]['mean']:.3f}\n+-{stats[m][key]['std']:.3f}" for m in names],
+                     fontsize=7)
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.suptitle(f"lmod demo over seeds {data['seeds']} (mean +- std): {Path(claims).parent}")
+    fig.tight_layout()
+    target = Path(out) if out else Path(claims).with_name("demo.png")
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
 def report(run_dir: Path) -> list[Path]:
     """Everything plottable under RUN_DIR: a training run, or a demo directory and its stages."""
     run_dir = Path(run_dir)
     written = []
     if (run_dir / "report.json").is_file():
         written.append(plot_demo_table(run_dir / "report.json"))
+    if (run_dir / "claims.json").is_file():  # claims.py over seeds: mean +- std
+        written.append(plot_claims(run_dir / "claims.json"))
     for metrics in sorted([run_dir / "metrics.jsonl", *run_dir.glob("*/metrics.jsonl")]):
         if metrics.is_file():
             written.append(plot_training(metrics.parent))

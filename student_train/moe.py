@@ -42,20 +42,37 @@ def copy_processor(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def make_dense_student(teacher_dir: Path, out: Path, cfg: StudentConfig | None = None, seed: int = 0) -> None:
-    """Random-init dense student sharing the teacher's tokenizer and processor (same vocabulary)."""
+# Teacher families whose vision tower (and projector) the tiny Idefics3 student can take as they are.
+_SHARED_TOWER_FAMILIES = ("idefics3",)
+
+
+def make_dense_student(teacher_dir: Path, out: Path, cfg: StudentConfig | None = None, seed: int = 0,
+                       vision: str = "teacher") -> dict[str, str]:
+    """Dense student sharing the teacher's tokenizer and processor (same vocabulary), with a random
+    text model. `vision="teacher"` (LLaVA-MoD's choice) starts it from the teacher's vision tower, and
+    from its projector when the text widths match; `"fresh"` builds a smaller random tower from `cfg`.
+    Returns which parts came from where."""
     from transformers import AutoConfig, Idefics3Config, Idefics3ForConditionalGeneration
 
+    if vision not in ("teacher", "fresh"):
+        raise ValueError(f"vision must be 'teacher' or 'fresh', not {vision!r}")
     cfg = cfg or StudentConfig()
     teacher_cfg = AutoConfig.from_pretrained(str(teacher_dir))
     tcfg = teacher_cfg.text_config
-    config = Idefics3Config(
-        vision_config={
+    if vision == "teacher":
+        if teacher_cfg.model_type not in _SHARED_TOWER_FAMILIES:
+            raise ValueError(f"the teacher in {teacher_dir} is {teacher_cfg.model_type}: its vision tower does not fit "
+                             "the tiny Idefics3 student; build it with a fresh tower (--fresh-vision)")
+        vision_config = teacher_cfg.vision_config.to_dict()
+    else:
+        vision_config = {
             "hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_intermediate,
             "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
             # The student reuses the teacher's processor, so its tower takes the teacher's image size.
             "image_size": teacher_cfg.vision_config.image_size, "patch_size": teacher_cfg.vision_config.patch_size,
-        },
+        }
+    config = Idefics3Config(
+        vision_config=vision_config,
         text_config={
             "model_type": "qwen3", "vocab_size": tcfg.vocab_size, "hidden_size": cfg.text_hidden,
             "intermediate_size": cfg.text_intermediate, "num_hidden_layers": cfg.text_layers,
@@ -71,10 +88,40 @@ def make_dense_student(teacher_dir: Path, out: Path, cfg: StudentConfig | None =
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
+    origin = {"vision": "fresh", "projector": "fresh", "language": "fresh"}
+    if vision == "teacher":
+        origin.update(_take_teacher_parts(model, Path(teacher_dir)))
     model.generation_config.eos_token_id = tcfg.eos_token_id
     model.generation_config.pad_token_id = tcfg.pad_token_id
     copy_processor(Path(teacher_dir), Path(out))
     model.save_pretrained(str(out))
+    return origin
+
+
+def _take_teacher_parts(model: torch.nn.Module, teacher_dir: Path) -> dict[str, str]:
+    """Copy the teacher's vision tower into `model`, and its projector when the shapes match."""
+    from safetensors import safe_open
+
+    own = model.state_dict()
+    wanted = {"vision": "model.vision_model.", "projector": "model.connector."}
+    found: dict[str, dict[str, torch.Tensor]] = {part: {} for part in wanted}
+    for file in sorted(teacher_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                for part, prefix in wanted.items():
+                    if key.startswith(prefix):
+                        found[part][key] = f.get_tensor(key)
+    origin = {}
+    for part, tensors in found.items():
+        mine = {k for k in own if k.startswith(wanted[part])}
+        fits = tensors.keys() == mine and all(tensors[k].shape == own[k].shape for k in mine)
+        if part == "vision" and not fits:
+            raise ValueError(f"the vision tower in {teacher_dir} does not match its config; "
+                             "build the student with a fresh tower (--fresh-vision)")
+        if fits:
+            model.load_state_dict(tensors, strict=False)
+            origin[part] = "teacher"
+    return origin
 
 
 @dataclass(frozen=True)

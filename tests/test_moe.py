@@ -69,6 +69,25 @@ def test_the_dense_student_takes_the_teachers_image_size(teacher, tmp_path):
     config = json.loads((other / "config.json").read_text())
     config["vision_config"]["image_size"] *= 2
     (other / "config.json").write_text(json.dumps(config))
-    make_dense_student(other, tmp_path / "student")
+    make_dense_student(other, tmp_path / "student", vision="fresh")
     got = AutoConfig.from_pretrained(str(tmp_path / "student")).vision_config.image_size
     assert got == config["vision_config"]["image_size"]
+    # The teacher's own tower no longer fits its (edited) config: refused in one line, not half-copied.
+    with pytest.raises(ValueError, match="does not match its config.*--fresh-vision"):
+        make_dense_student(other, tmp_path / "student-shared")
+
+
+def test_the_dense_student_starts_from_the_teachers_vision_tower(teacher, dense, tmp_path):
+    """LLaVA-MoD's student shares the teacher's vision encoder: same weights; the projector is the
+    teacher's only where the text widths match (here they do not: it is fresh)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(teacher / "model.safetensors"))
+    s = load_file(str(dense / "model.safetensors"))
+    vision = [k for k in t if k.startswith("model.vision_model.")]
+    assert vision and all(torch.equal(t[k], s[k]) for k in vision)
+    assert t["model.connector.modality_projection.proj.weight"].shape != \
+        s["model.connector.modality_projection.proj.weight"].shape
+    make_dense_student(teacher, tmp_path / "fresh", vision="fresh")
+    f = load_file(str(tmp_path / "fresh" / "model.safetensors"))
+    assert f["model.vision_model.embeddings.patch_embedding.weight"].shape[0] == 64  # StudentConfig's width
