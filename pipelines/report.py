@@ -118,6 +118,7 @@ def plot_claims(claims: Path, out: Path | None = None) -> Path:
                       color=[f"C{i}" for i in range(len(names))])
         ax.bar_label(bars, labels=[f"{stats[m][key]['mean']:.3f}\n+-{stats[m][key]['std']:.3f}" for m in names],
                      fontsize=7)
+        ax.set_ylim(0, 1.3 * max(m + stats[n][key]["std"] for m, n in zip(means, names)) or 1.0)  # room for labels
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle(f"lmod demo over seeds {data['seeds']} (mean +- std): {Path(claims).parent}")
