@@ -81,52 +81,50 @@ def plot_training(run_dir: Path, out: Path | None = None) -> Path:
     return target
 
 
-def plot_demo_table(report: Path, out: Path | None = None) -> Path:
-    """The demo's report.json -> bars of accuracy, hallucination, POPE F1 and KL to the teacher."""
-    rows = json.loads(Path(report).read_text())["rows"]
+def _bar_panels(names: list[str], panels: list[tuple[str, list[float], list[float] | None]], title: str,
+                target: Path) -> Path:
+    """One bar chart per (title, values, stds or None) panel, a bar per model name."""
     plt = _pyplot()
-    measures = [("accuracy", lambda r: r["accuracy"]), ("hallucination rate", lambda r: r["hallucination_rate"]),
-                ("POPE F1", lambda r: r["pope"]["f1"]), ("KL to teacher", lambda r: max(0.0, r["kl_to_teacher"]))]
-    fig, axes = plt.subplots(1, len(measures), figsize=(16, 3.8))
-    names = [r["model"] for r in rows]
-    for ax, (title, get) in zip(axes, measures):
-        values = [get(r) for r in rows]
-        bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(rows))])
-        ax.bar_label(bars, fmt="%.3f", fontsize=8)
-        ax.set_title(title)
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
+    for ax, (panel, values, stds) in zip(axes, panels):
+        shown = [max(0.0, v) for v in values]
+        bars = ax.bar(names, shown, yerr=stds, capsize=4 if stds else 0, color=[f"C{i}" for i in range(len(names))])
+        labels = [f"{v:.3f}" if stds is None else f"{v:.3f}\n+-{e:.3f}" for v, e in zip(values, stds or values)]
+        ax.bar_label(bars, labels=labels, fontsize=8 if stds is None else 7)
+        ax.set_ylim(0, 1.3 * max(v + (e if stds else 0.0) for v, e in zip(shown, stds or shown)) or 1.0)
+        ax.set_title(panel)
         ax.tick_params(axis="x", labelrotation=20)
-    fig.suptitle(f"lmod demo: {Path(report).parent}")
+    fig.suptitle(title)
     fig.tight_layout()
-    target = Path(out) if out else Path(report).with_name("demo.png")
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
+
+
+# (panel title, claims.py's measure name, how to read it from a report row)
+_DEMO_PANELS = (("accuracy", "accuracy", lambda r: r["accuracy"]),
+                ("hallucination rate", "halluc.", lambda r: r["hallucination_rate"]),
+                ("POPE F1", "POPE F1", lambda r: r["pope"]["f1"]),
+                ("KL to teacher", "KL->T", lambda r: r["kl_to_teacher"]))
+
+
+def plot_demo_table(report: Path, out: Path | None = None) -> Path:
+    """The demo's report.json -> bars of accuracy, hallucination, POPE F1 and KL to the teacher."""
+    rows = json.loads(Path(report).read_text())["rows"]
+    panels = [(title, [get(r) for r in rows], None) for title, _, get in _DEMO_PANELS]
+    return _bar_panels([r["model"] for r in rows], panels, f"lmod demo: {Path(report).parent}",
+                       Path(out) if out else Path(report).with_name("demo.png"))
 
 
 def plot_claims(claims: Path, out: Path | None = None) -> Path:
     """claims.py's claims.json -> the demo's bars as mean +- std over seeds."""
     data = json.loads(Path(claims).read_text())
     stats = data["summary"]
-    plt = _pyplot()
-    measures = [("accuracy", "accuracy"), ("hallucination rate", "halluc."), ("POPE F1", "POPE F1"),
-                ("KL to teacher", "KL->T")]
-    fig, axes = plt.subplots(1, len(measures), figsize=(16, 3.8))
     names = list(stats)
-    for ax, (title, key) in zip(axes, measures):
-        means = [max(0.0, stats[m][key]["mean"]) for m in names]
-        bars = ax.bar(names, means, yerr=[stats[m][key]["std"] for m in names], capsize=4,
-                      color=[f"C{i}" for i in range(len(names))])
-        ax.bar_label(bars, labels=[f"{stats[m][key]['mean']:.3f}\n+-{stats[m][key]['std']:.3f}" for m in names],
-                     fontsize=7)
-        ax.set_ylim(0, 1.3 * max(m + stats[n][key]["std"] for m, n in zip(means, names)) or 1.0)  # room for labels
-        ax.set_title(title)
-        ax.tick_params(axis="x", labelrotation=20)
-    fig.suptitle(f"lmod demo over seeds {data['seeds']} (mean +- std): {Path(claims).parent}")
-    fig.tight_layout()
-    target = Path(out) if out else Path(claims).with_name("demo.png")
-    fig.savefig(target, dpi=110)
-    plt.close(fig)
-    return target
+    panels = [(title, [stats[m][key]["mean"] for m in names], [stats[m][key]["std"] for m in names])
+              for title, key, _ in _DEMO_PANELS]
+    return _bar_panels(names, panels, f"lmod demo over seeds {data['seeds']} (mean +- std): {Path(claims).parent}",
+                       Path(out) if out else Path(claims).with_name("demo.png"))
 
 
 def report(run_dir: Path) -> list[Path]:
