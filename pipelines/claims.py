@@ -54,6 +54,11 @@ def summary(reports: dict[int, dict]) -> dict:
     return out
 
 
+def verdicts(reports: dict[int, dict]) -> dict[int, dict[str, bool]]:
+    """Which claims hold, per seed."""
+    return {seed: claims({r["model"]: r for r in rep["rows"]}) for seed, rep in reports.items()}
+
+
 def table(reports: dict[int, dict]) -> str:
     lines = [f"{'seed':<6}{'model':<12}" + "".join(f"{name:>10}" for name, _ in MEASURES)]
     for seed, report in reports.items():
@@ -73,8 +78,7 @@ def table(reports: dict[int, dict]) -> str:
         lines.append(f"{model:<18}" + "".join(f"{stats[model][t]['mean']:>9.3f} +-{stats[model][t]['std']:.3f}"
                                              for t in types))
     lines.append("")
-    for seed, report in reports.items():
-        held = claims({r["model"]: r for r in report["rows"]})
+    for seed, held in verdicts(reports).items():
         lines.append(f"seed {seed}: " + "; ".join(f"{k}: {'holds' if v else 'MISSES'}" for k, v in held.items()))
     return "\n".join(lines)
 
@@ -99,9 +103,8 @@ def main() -> None:
     text = table(reports)
     print(text)
     (args.out / "claims.txt").write_text(text + "\n")
-    held = {seed: claims({r["model"]: r for r in rep["rows"]}) for seed, rep in reports.items()}
     (args.out / "claims.json").write_text(json.dumps({"seeds": list(reports), "summary": summary(reports),
-                                                      "claims": held}, indent=2) + "\n")
+                                                      "claims": verdicts(reports)}, indent=2) + "\n")
     from pipelines.report import report
 
     for path in report(args.out):

@@ -118,11 +118,15 @@ def plot_demo_table(report: Path, out: Path | None = None) -> Path:
 
 def plot_claims(claims: Path, out: Path | None = None) -> Path:
     """claims.py's claims.json -> the demo's bars as mean +- std over seeds."""
-    data = json.loads(Path(claims).read_text())
-    stats = data["summary"]
-    names = list(stats)
-    panels = [(title, [stats[m][key]["mean"] for m in names], [stats[m][key]["std"] for m in names])
-              for title, key, _ in _DEMO_PANELS]
+    try:
+        data = json.loads(Path(claims).read_text())
+        stats = data["summary"]
+        names = list(stats)
+        panels = [(title, [stats[m][key]["mean"] for m in names], [stats[m][key]["std"] for m in names])
+                  for title, key, _ in _DEMO_PANELS]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{claims}: not a claims.py summary ({type(e).__name__}: {e}); rerun "
+                         "python pipelines/claims.py --table-only --out DIR to rewrite it") from None
     return _bar_panels(names, panels, f"lmod demo over seeds {data['seeds']} (mean +- std): {Path(claims).parent}",
                        Path(out) if out else Path(claims).with_name("demo.png"))
 

@@ -100,17 +100,23 @@ def make_dense_student(teacher_dir: Path, out: Path, cfg: StudentConfig | None =
 
 def _take_teacher_parts(model: torch.nn.Module, teacher_dir: Path) -> dict[str, str]:
     """Copy the teacher's vision tower into `model`, and its projector when the shapes match."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     own = model.state_dict()
     wanted = {"vision": "model.vision_model.", "projector": "model.connector."}
     found: dict[str, dict[str, torch.Tensor]] = {part: {} for part in wanted}
     for file in sorted(teacher_dir.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                for part, prefix in wanted.items():
-                    if key.startswith(prefix):
-                        found[part][key] = f.get_tensor(key)
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    for part, prefix in wanted.items():
+                        if key.startswith(prefix):
+                            found[part][key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: unreadable ({e}); the teacher's weights are damaged or partly written") from None
+    if not found["vision"]:
+        raise ValueError(f"no vision tower weights (model.vision_model.*) in {teacher_dir}/*.safetensors; "
+                         "save the teacher with save_pretrained, or build the student with --fresh-vision")
     origin = {}
     for part, tensors in found.items():
         mine = {k for k in own if k.startswith(wanted[part])}

@@ -75,6 +75,15 @@ def test_the_dense_student_takes_the_teachers_image_size(teacher, tmp_path):
     # The teacher's own tower no longer fits its (edited) config: refused in one line, not half-copied.
     with pytest.raises(ValueError, match="does not match its config.*--fresh-vision"):
         make_dense_student(other, tmp_path / "student-shared")
+    # Damaged or missing teacher weights: one line naming them, and nothing written.
+    weights = other / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors: unreadable"):
+        make_dense_student(other, tmp_path / "student-damaged")
+    weights.unlink()
+    with pytest.raises(ValueError, match="no vision tower weights"):
+        make_dense_student(other, tmp_path / "student-damaged")
+    assert not (tmp_path / "student-damaged").exists()
 
 
 def test_the_dense_student_starts_from_the_teachers_vision_tower(teacher, dense, tmp_path):
