@@ -1,9 +1,10 @@
 """Teacher-dump benchmark: measured side by side in one run, on this machine.
 
-  1. response tokens/s of the whole dump path (encode, score, build rows, write zstd Parquet)
-     vs. the same engine's bare forward pass on the same inputs, for vllm and hf, on the tiny
-     teacher and on an image-heavy SmolVLM-style teacher (image tokens ~10x the response tokens),
-     with the share of vLLM's time spent on log-probs of positions that are thrown away;
+  1. response tokens/s of the whole worker (`TeacherWorker.run_shard`: read, validate, encode,
+     score, build rows, write zstd Parquet), in turn and pipelined (the GPU default), vs.
+     the same engine's bare prefill on the same inputs, for vllm and hf, on the tiny teacher and
+     on an image-heavy SmolVLM-style teacher (image tokens ~10x the response tokens, output
+     projection ~8% of a position's FLOPs, as a 7B Qwen2-VL's), with vLLM's fallback path;
   2. per k = 8, 32, 64 and per encoding (f32 = format version 1, u16, u8; shared/codec.py), side
      by side: bytes per response token on disk and KL(full teacher distribution || stored top-k +
      rest, the rest spread evenly over the other tokens), on the tiny teacher;
@@ -11,7 +12,8 @@
      position's mass on a few contextual tokens, the rest on Zipf frequencies over ids (ids ranked
      by frequency, as BPE vocabularies roughly are) with per-position noise (`_synthetic_logprobs`).
 
-    python pipelines/bench_dump.py [--teacher DIR] [--n 256] [--skip-vllm] [--skip-throughput]
+    python pipelines/bench_dump.py [--teacher DIR] [--n 256] [--skip-vllm] [--skip-throughput | --skip-size]
+                                    [--pin-engine]
 
 Without --teacher a tiny teacher is trained briefly on a fresh world (a random-init teacher has
 an almost flat distribution, which would flatter nothing and tell nothing about top-k loss).
@@ -23,19 +25,26 @@ import argparse
 import gc
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def _timed(fn, repeat: int = 2) -> float:
-    best = float("inf")
+def _timed(fn, repeat: int = 3) -> float:
+    return _timed_cpu(fn, repeat)[0]
+
+
+def _timed_cpu(fn, repeat: int = 3) -> tuple[float, float]:
+    """Best wall time of `repeat` runs, and this process's CPU seconds (every thread) in that run."""
+    import os
+
+    best = (float("inf"), 0.0)
     for _ in range(repeat):
-        t = time.perf_counter()
+        c, t = os.times(), time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
+        wall, c1 = time.perf_counter() - t, os.times()
+        best = min(best, (wall, c1.user - c.user + c1.system - c.system))
     return best
 
 
@@ -50,72 +59,140 @@ def _requests(encoder, records: list) -> list:
     return out
 
 
-def _throughput(label: str, teacher: Path, records: list, skip_vllm: bool) -> None:
-    """dump/bare for both backends on one teacher, and where vLLM's prompt-logprob cost goes."""
+def head_share(model_dir: Path) -> float:
+    """The output projection's share of one position's weight-matrix FLOPs (attention scores,
+    which grow with the context, left out), from the text model's config."""
+    import json
 
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    text = cfg.get("text_config", cfg)
+    h, layers, vocab = text["hidden_size"], text["num_hidden_layers"], text["vocab_size"]
+    inter = text.get("intermediate_size", text.get("ffn_dim"))
+    heads = text["num_attention_heads"]
+    kv = text.get("num_key_value_heads", heads) * (h // heads)
+    body = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)  # q, o; k, v; gated MLP
+    return vocab * h / (body + vocab * h)
+
+
+# Qwen2-VL-7B's language model (hidden 3,584, 28 layers, 4 KV heads of 128, MLP 18,944, vocab
+# 152,064): the head is 7.7% of a position's matmul FLOPs by the formula above.
+QWEN2_VL_7B_HEAD_SHARE = 152_064 * 3584 / (28 * (2 * 3584**2 + 2 * 3584 * 512 + 3 * 3584 * 18_944) + 152_064 * 3584)
+
+
+def _pin_engine() -> None:
+    """vLLM's engine processes on CPU 0, this process (the worker's host work) on the others, with
+    as many torch threads: a device and its host, on one machine. Unpinned, vLLM's engine and
+    worker processes spin while they wait (shm_broadcast's busy loop) and take both cores of a
+    2-core machine, so any host work competes with the engine itself."""
+    import os
+
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.cpu_affinity([0])
+    host = set(range(1, os.cpu_count() or 2))
+    os.sched_setaffinity(0, host)
+    torch.set_num_threads(len(host))
+
+
+def _throughput(label: str, teacher: Path, world: Path, skip_vllm: bool, pin: bool = False) -> None:
+    """The whole worker (read, validate, encode, score, rows, zstd Parquet) vs. the same engine's
+    bare prefill on the same inputs, for both backends on one teacher; the worker with and without
+    its pipeline (steps in turn, or overlapped: the GPU default); where vLLM's prompt-logprob cost goes."""
     from shared.mllm import batch_inputs, load_encoder
-    from teacher_dump.backends import HFBackend, VLLMBackend
-    from teacher_dump.shard_writer import table_bytes
-    from teacher_dump.worker import prepare, shard_rows
+    from teacher_dump.inputs import plan_slices, read_records
+    from teacher_dump.worker import ShardTask, TeacherWorker
 
+    path = world / "mimic.jsonl"
+    records, _ = read_records(path, "mimic", None)
+    (rows,) = plan_slices(path, "mimic", 1, len(records))
+    task = ShardTask("mimic", 0, "mimic/bench.parquet", rows, str(world))
+    out = tempfile.mkdtemp(prefix="lmod-bench-shards-")
     encoder = load_encoder(teacher)
     requests = _requests(encoder, records)
     n_tokens = sum(len(r.positions) for r in requests)
     n_positions = sum(len(r.ids) - 1 for r in requests)
     n_image = sum(len(f.ids) for r in requests for f in r.features)
     print(f"\n{label}: {len(records)} records, {n_tokens} response tokens, {n_image} image tokens "
-          f"({n_image / n_tokens:.1f}x the response), {n_positions} scored positions")
+          f"({n_image / n_tokens:.1f}x the response), {n_positions} positions; output projection "
+          f"{head_share(teacher):.1%} of a position's matmul FLOPs (Qwen2-VL-7B: {QWEN2_VL_7B_HEAD_SHARE:.1%})")
 
-    def dump_path(backend) -> None:
-        # as the worker does: vLLM expands the images itself, lmod counts their runs (no pixels)
-        counted = backend.name != "hf"
-        rows, _ = shard_rows(backend, encoder, [prepare(encoder, r, keep_tensors=not counted, count_only=counted)
-                                                for r in records], 32)
-        table_bytes("mimic", rows)
+    host_ms: dict[str, float] = {}  # this process's CPU per record, dump and bare (vLLM's engine is elsewhere)
 
-    hf = HFBackend(teacher)
+    def dump(worker: TeacherWorker, pipelined: bool = True) -> float:
+        worker.pipelined = pipelined
+        wall, cpu = _timed_cpu(lambda: worker.run_shard(task, 512))
+        host_ms[f"{worker.backend.name} {pipelined}"] = 1000 * cpu / len(records)
+        return wall
 
-    def hf_bare() -> None:
+    def line(name: str, t_bare: float, t_piped: float, t_seq: float, note: str = "") -> None:
+        print(f"  {name:5} bare prefill {n_tokens / t_bare:7.0f}  whole dump {n_tokens / t_seq:7.0f} response tokens/s"
+              f"  dump/bare {t_bare / t_seq:.2f} (pipelined: {t_bare / t_piped:.2f}){note}")
+
+    hf = TeacherWorker(str(teacher), "hf", {"dtype": "float32"}, 32, out)
+
+    def hf_bare() -> None:  # the model on already processed inputs: no image processor, no head
         with torch.no_grad():
-            for s in range(0, len(requests), hf.batch_size):
-                chunk = requests[s : s + hf.batch_size]
-                hf.model(**batch_inputs(encoder, [r.ids for r in chunk], [r.features for r in chunk]))
+            for s in range(0, len(requests), hf.backend.batch_size):
+                chunk = requests[s : s + hf.backend.batch_size]
+                hf.backend.body(hf.backend.model,
+                                batch_inputs(encoder, [r.ids for r in chunk], [r.features for r in chunk]))
 
     hf_bare()
-    t_bare, t_dump = _timed(hf_bare), _timed(lambda: dump_path(hf))
-    print(f"  hf    bare forward {n_tokens / t_bare:9.0f}   dump k=32 {n_tokens / t_dump:9.0f} response tokens/s   "
-          f"dump/bare {t_bare / t_dump:.2f}")
+    dump(hf)
+    t_bare = _timed(hf_bare)
+    line("hf", t_bare, dump(hf), dump(hf, pipelined=False))
+    hf = None  # type: ignore[assignment]  # its model is freed before the engines start
+    gc.collect()
     if skip_vllm:
         return
+    import os
+
     from vllm import SamplingParams
 
-    engine = VLLMBackend(teacher, max_model_len=512, scoring="logprobs")
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    if pin:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"  # the engine's compute thread, before it starts
     prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.images[0]}} for r in requests]
+    logprobs = TeacherWorker(str(teacher), "vllm", {"max_model_len": 512, "vllm_scoring": "logprobs"}, 32, out)
+    if pin:
+        _pin_engine()
 
-    def run(backend: VLLMBackend, **kw) -> float:
+    def run(**kw) -> float:
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **kw)
-        return _timed(lambda: backend.llm.generate(prompts, params, use_tqdm=False))
+        wall, cpu = _timed_cpu(lambda: logprobs.backend.llm.generate(prompts, params, use_tqdm=False))
+        host_ms.setdefault("bare", 1000 * cpu / len(records))  # vLLM's front end: requests, its image processor
+        return wall
 
-    run(engine)
-    dump_path(engine)
-    t_bare, t_target = run(engine), run(engine, prompt_logprobs=0, flat_logprobs=True)
-    t_top = run(engine, prompt_logprobs=32, flat_logprobs=True)
-    t_dump = _timed(partial(dump_path, engine))
+    run()
+    dump(logprobs)
+    t_bare, t_top = run(), run(prompt_logprobs=32, flat_logprobs=True)
+    line("vllm", t_bare, dump(logprobs), dump(logprobs, pipelined=False), "  --vllm-scoring logprobs (fallback)")
     thrown = 1 - n_tokens / n_positions
-    print(f"  vllm  bare forward {n_tokens / t_bare:9.0f}   dump k=32 {n_tokens / t_dump:9.0f} response tokens/s   "
-          f"dump/bare {t_bare / t_dump:.2f}   (--vllm-scoring logprobs, the earlier path)")
-    print(f"  vllm  prompt log-probs cost {t_top - t_bare:.2f} s over the bare {t_bare:.2f} s (target only: "
-          f"{t_target - t_bare:.2f} s); vLLM scores every prompt position, {thrown:.0%} of them prompt or image "
-          f"positions lmod throws away: ~{(t_top - t_bare) * thrown / t_dump:.0%} of the dump's time")
-    del engine  # its engine process ends before the next one starts
+    print(f"        prompt log-probs cost {t_top - t_bare:.2f} s over the bare {t_bare:.2f} s; {thrown:.0%} of the "
+          "positions they cover are prompt or image positions that are thrown away")
+    logprobs = None  # type: ignore[assignment]  # its engine process ends before the next one starts
     gc.collect()
-    hidden = VLLMBackend(teacher, max_model_len=512, scoring="hidden")
-    dump_path(hidden)
-    t_hidden = _timed(partial(dump_path, hidden))
-    print(f"  vllm  hidden states + head at scored positions (the default): dump k=32 {n_tokens / t_hidden:9.0f} "
-          f"response tokens/s   dump/bare {t_bare / t_hidden:.2f} (bare: the generate engine above)")
-    del hidden
+    os.sched_setaffinity(0, cores)  # the next engine starts with every core, then is pinned
+    hidden = TeacherWorker(str(teacher), "vllm", {"max_model_len": 512, "vllm_scoring": "hidden"}, 32, out)
+    if pin:
+        _pin_engine()
+    dump(hidden)
+    backend = hidden.backend
+    t_all = _timed(lambda: backend.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False))
+    t_engine = _timed(lambda: backend.score(requests))  # engine + head, inputs already encoded
+    line("vllm", t_bare, dump(hidden), dump(hidden, pipelined=False),
+         "  --vllm-scoring hidden (default; bare: the generate engine above)")
+    print(f"        the engine's part of it (prefill, the scored positions' states, the head; records already "
+          f"encoded): {n_tokens / t_engine:7.0f} response tokens/s, {t_bare / t_engine:.2f} of the bare prefill; "
+          f"returning every position's state instead: {t_bare / t_all:.2f}")
+    print(f"        host CPU per record (this process, all threads): bare {host_ms['bare']:.2f} ms (vLLM's front end), "
+          f"dump {host_ms['vllm False']:.2f} ms: lmod's host work {host_ms['vllm False'] - host_ms['bare']:.2f} ms "
+          "of one core per record")
+    hidden = backend = None  # type: ignore[assignment]  # the engine process ends here
     gc.collect()
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
 
 
 def main() -> None:
@@ -125,6 +202,9 @@ def main() -> None:
     ap.add_argument("--teacher-steps", type=int, default=300)
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true", help="only the size / KL tables")
+    ap.add_argument("--skip-size", action="store_true", help="only the throughput table")
+    ap.add_argument("--pin-engine", action="store_true",
+                    help="vLLM's engine on CPU 0 and the worker's host work on the others (see _pin_engine)")
     ap.add_argument("--synthetic-positions", type=int, default=1024)
     args = ap.parse_args()
 
@@ -151,13 +231,17 @@ def main() -> None:
     records, _ = read_records(tmp / "world" / "mimic.jsonl", "mimic", None)
 
     if not args.skip_throughput:
-        print("1. throughput (best of 2, after warm-up), side by side")
-        _throughput(f"tiny teacher {teacher}", teacher, records, args.skip_vllm)
+        print("1. throughput (best of 3, after warm-up), side by side")
+        _throughput(f"tiny teacher {teacher}", teacher, tmp / "world", args.skip_vllm, args.pin_engine)
         # Real MLLMs spend most positions on the image: a SmolVLM-style stand-in with image splitting
-        # (5 crops of 16 tokens for the world's images) gives prompts of ~10x more image than response.
+        # (5 crops of 16 tokens for the world's images) gives prompts of ~10x more image than response,
+        # and an MLP wide enough that its head's share of the FLOPs is a 7B Qwen2-VL's (~8%).
         heavy = build_tiny_family("smolvlm", tmp / "smolvlm_heavy", family_tokenizer(tmp / "tok"),
-                                  image_tokens_per_crop=16)
-        _throughput("image-heavy SmolVLM-style teacher (random init)", heavy, records, args.skip_vllm)
+                                  image_tokens_per_crop=16, intermediate=576)
+        _throughput("image-heavy SmolVLM-style teacher (random init)", heavy, tmp / "world", args.skip_vllm,
+                    args.pin_engine)
+    if args.skip_size:
+        return
 
     encoder = load_encoder(teacher)
     hf = HFBackend(teacher)

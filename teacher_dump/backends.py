@@ -154,8 +154,9 @@ def load_output_head(model_dir: str | Path, dtype: torch.dtype, device: str) -> 
 
 class VLLMBackend:
     """vLLM, scoring only the positions a dump stores. `scoring="hidden"` (the default): the pooling
-    runner hands back each position's final hidden state (one prefill, no logits), and the worker
-    projects the scored positions itself (`score_positions`, as the hf backend does).
+    runner hands back the final hidden states of the scored positions only (one prefill, no logits;
+    the engine's pooler keeps just those rows, teacher_dump/vllm_positions.py), and the worker
+    projects them itself (`score_positions`, as the hf backend does).
     `scoring="logprobs"` (the earlier path, kept as a fallback): `prompt_logprobs=k` over every
     position, flat lists, no detokenisation."""
 
@@ -175,8 +176,10 @@ class VLLMBackend:
             from vllm.config import PoolerConfig
 
             # Every position's final (normed) hidden state, not L2-normalised (use_activation=False).
+            # Only the scored positions' states leave the engine (teacher_dump/vllm_positions.py).
             runner = {"runner": "pooling", "convert": "embed",
-                      "pooler_config": PoolerConfig(pooling_type="ALL", use_activation=False, task="token_embed")}
+                      "pooler_config": PoolerConfig(pooling_type="ALL", use_activation=False, task="token_embed"),
+                      "worker_extension_cls": "teacher_dump.vllm_positions.PositionPoolerExtension"}
             self.head = load_output_head(model_dir, getattr(torch, dtype), "cuda" if on_gpu else "cpu")
         elif scoring == "logprobs":
             runner = {"max_logprobs": max_logprobs}
@@ -197,20 +200,31 @@ class VLLMBackend:
             enable_prefix_caching=False,
             seed=0,
         )
+        if scoring == "hidden":
+            self.llm.collective_rpc("lmod_select_positions")
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         return self._score_hidden(requests) if self.scoring == "hidden" else self._score_logprobs(requests)
 
     def _score_hidden(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        from vllm import PoolingParams
+
+        from teacher_dump.vllm_positions import ROWS_KEY
+
         prompts = [self._prompt(r) for r in requests]
-        outputs = self.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False)
+        # the state at p-1 predicts ids[p]: the engine returns those rows only, in this order
+        params = [PoolingParams(task="token_embed", extra_kwargs={ROWS_KEY: [p - 1 for p in r.positions]})
+                  for r in requests]
+        outputs = self.llm.encode(prompts, pooling_params=params, pooling_task="token_embed", use_tqdm=False)
         results = []
         for out, req in zip(outputs, requests):
             _check_expansion(out.prompt_token_ids, req)
             hidden = out.outputs.data
-            pos = torch.tensor(req.positions) - 1  # the state at p-1 predicts ids[p]
-            results.append(score_positions(hidden[pos].to(self.head.weight.device, self.head.weight.dtype),
-                                           self.head, req))
+            if hidden.shape[0] != len(req.positions):
+                raise RuntimeError(f"vLLM returned {hidden.shape[0]} hidden states for {len(req.positions)} scored "
+                                   "positions; its pooler was not replaced (teacher_dump/vllm_positions.py)")
+            results.append(score_positions(hidden.to(self.head.weight.device, self.head.weight.dtype), self.head,
+                                           req))
         return results
 
     @staticmethod

@@ -8,13 +8,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import queue
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from shared import image_store
@@ -194,6 +199,47 @@ class InputValidator:
         return check_shard(self.encoder, task, self.max_model_len, self.cache)
 
 
+_DONE = object()
+
+
+def prefetched(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """`items`, produced up to `depth` ahead by a background thread (order kept; an exception in
+    the producer is raised here, where the item would have been). Stopping early stops the
+    producer at its next item."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(_DONE)
+        except BaseException as e:  # handed to the consumer, raised there
+            slots.put(e)
+
+    thread = threading.Thread(target=produce, name="lmod-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
 def image_bytes(image: ImageRef) -> bytes:
     """An image's bytes as stored (inline, or read from its path now); ValueError if it is gone."""
     if image.data is not None:
@@ -236,6 +282,12 @@ def shard_rows(
     encoding: Encoding = Encoding("f32"), sample: int = 0, sample_seed: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Score encoded records in one backend call; returns (rows in `encoding`, response tokens)."""
+    return rows_of(encoder, items, score_items(backend, encoder, items, top_k, sample, sample_seed), encoding)
+
+
+def score_items(backend: TeacherBackend, encoder: SampleEncoder, items: list[Encoded], top_k: int, sample: int = 0,
+                sample_seed: int = 0) -> list[ScoreResult]:
+    """One backend call for encoded records: a result per sequence, in order."""
     requests = []
     # vLLM expands the images itself; ours may be counted runs (placeholder ids of the right length)
     counted_id = encoder.image_token_id if backend.name != "hf" else None
@@ -245,7 +297,12 @@ def shard_rows(
         n = sample if rec.kind == "mimic" else 0
         seed = record_seed(sample_seed, rec.sample_id) if n else 0
         requests.extend(score_request(e, images, k, n, seed, counted_id) for e in item.sequences)
-    results: list[ScoreResult] = backend.score(requests) if requests else []
+    return backend.score(requests) if requests else []
+
+
+def rows_of(encoder: SampleEncoder, items: list[Encoded], results: list[ScoreResult],
+            encoding: Encoding = Encoding("f32")) -> tuple[list[dict[str, Any]], int]:
+    """Rows of the shared schema (in `encoding`) from records and their scores; (rows, response tokens)."""
     rows: list[dict[str, Any]] = []
     tokens = 0
     it = iter(results)
@@ -313,30 +370,52 @@ class TeacherWorker:
         self.out_dir = Path(out_dir)
         self.chunk_records = CHUNK_RECORDS[backend]
         self.cache = ImageCache()
+        # The pipeline (see run_shard) pays when the engine has its own device. A CPU teacher's
+        # host work competes with the engine for the same cores: there it was slower (bench_dump.py).
+        self.pipelined = torch.cuda.is_available()
 
     def run_shard(self, task: ShardTask, max_model_len: int) -> tuple[str, ShardEntry]:
+        # Pipelined, three stages in order: the next chunk is read, decoded and encoded on the
+        # host (a thread) while the engine scores this one on its GPU, and the previous chunk's
+        # rows are built and written (another thread). Host work thus leaves the engine's
+        # critical path; at most three chunks are in memory. Else the same steps in turn.
         with ShardWriter(self.out_dir, task.rel_path, task.kind, task.index, [task.rows.lo, task.rows.hi],
-                         self.encoding) as writer:
-            chunk: list[Encoded] = []
-            # vLLM processes the images itself: the worker needs their runs' lengths only (counted
-            # where the processor can count; vLLM's own expansion is checked against them).
-            counted = self.backend.name != "hf"
-            for item in valid_records(self.encoder, task, max_model_len, keep_tensors=not counted, cache=self.cache,
-                                      count_only=counted):
-                if isinstance(item, Rejection):  # validated before the teachers started: the input changed since
-                    raise InputError(f"{format_rejection(item)}; the input changed after it was validated; "
-                                     "rerun the dump")
-                chunk.append(item)
-                if len(chunk) == self.chunk_records:
-                    writer.write(*self._score(chunk))
-                    chunk = []
-            if chunk:
-                writer.write(*self._score(chunk))
+                         self.encoding) as writer, ThreadPoolExecutor(1, thread_name_prefix="lmod-rows") as post:
+            pending: Future | None = None
+            chunks = self._chunks(task, max_model_len)
+            for chunk in prefetched(chunks) if self.pipelined else chunks:
+                self._store_images(chunk)
+                results = score_items(self.backend, self.encoder, chunk, self.top_k, self.sample, self.sample_seed)
+                if pending is not None:
+                    pending.result()  # raises what the previous chunk's writing raised
+                job = partial(self._write, writer, chunk, results)
+                pending = post.submit(job) if self.pipelined else job()
+            if pending is not None:
+                pending.result()
         return task.rel_path, writer.entry
 
-    def _score(self, chunk: list[Encoded]) -> tuple[list[dict[str, Any]], int]:
+    def _write(self, writer: ShardWriter, chunk: list[Encoded], results: list[ScoreResult]) -> None:
+        writer.write(*rows_of(self.encoder, chunk, results, self.encoding))
+
+    def _chunks(self, task: ShardTask, max_model_len: int) -> Iterator[list[Encoded]]:
+        chunk: list[Encoded] = []
+        # vLLM processes the images itself: the worker needs their runs' lengths only (counted
+        # where the processor can count; vLLM's own expansion is checked against them).
+        counted = self.backend.name != "hf"
+        for item in valid_records(self.encoder, task, max_model_len, keep_tensors=not counted, cache=self.cache,
+                                  count_only=counted):
+            if isinstance(item, Rejection):  # validated before the teachers started: the input changed since
+                raise InputError(f"{format_rejection(item)}; the input changed after it was validated; "
+                                 "rerun the dump")
+            chunk.append(item)
+            if len(chunk) == self.chunk_records:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _store_images(self, chunk: list[Encoded]) -> None:
         for item in chunk:  # inline images: kept in the dump for the student (shared/image_store.py)
             for image, digest in zip(item.record.images, item.image_sha256, strict=True):
                 if image.data is not None:
                     image_store.put(self.out_dir, image.data, digest)
-        return shard_rows(self.backend, self.encoder, chunk, self.top_k, self.encoding, self.sample, self.sample_seed)

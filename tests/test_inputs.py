@@ -327,7 +327,8 @@ def test_a_resumed_dump_reuses_its_validation_and_keeps_refusing_without_skip_in
 def test_a_worker_scoring_in_chunks_writes_the_same_rows(world, teacher, tmp_path, hf_dump):
     """The teacher scores a shard a chunk of records at a time and writes row groups as they fill:
     chunks of 5 give the fixture's rows (chunks of 32; values to float rounding, as the batches'
-    padding differs), and the same chunking gives the same bytes twice."""
+    padding differs), and the same chunking gives the same bytes twice, pipelined (the next chunk
+    prepared and the last one written by threads while this one is scored) or one step at a time."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -345,6 +346,9 @@ def test_a_worker_scoring_in_chunks_writes_the_same_rows(world, teacher, tmp_pat
     first = (tmp_path / rel).read_bytes()
     _, again = worker.run_shard(ShardTask("mimic", 1, rel, sl), 256)
     assert (tmp_path / rel).read_bytes() == first and again == entry
+    worker.pipelined = False
+    _, sequential = worker.run_shard(ShardTask("mimic", 1, rel, sl), 256)
+    assert (tmp_path / rel).read_bytes() == first and sequential == entry
     got, want = pq.read_table(tmp_path / rel).to_pylist(), pq.read_table(hf_dump / rel).to_pylist()
     assert entry.rows == len(want) == 16 and entry.input_range == [16, 32]
     for g, w in zip(got, want):
@@ -526,3 +530,4 @@ def test_a_rerun_after_an_image_changed_in_place_redoes_the_shards_that_used_it(
 
     row = pq.read_table(redone.pop()).to_pylist()[0]
     assert row["image_sha256"] == [hashlib.sha256((w / first["image"]).read_bytes()).hexdigest()]
+
