@@ -46,6 +46,10 @@ class PositionPoolerExtension:
 
     def lmod_select_positions(self) -> bool:
         model = self.model_runner.model  # type: ignore[attr-defined]
-        if not isinstance(model.pooler, SelectedPositions):
-            model.pooler = SelectedPositions(model.pooler)
+        pooler = getattr(model, "pooler", None)
+        if pooler is None:
+            raise RuntimeError(f"vLLM's {type(model).__name__} has no pooler to restrict to the scored positions; "
+                               "dump with --vllm-scoring logprobs")
+        if not isinstance(pooler, SelectedPositions):
+            model.pooler = SelectedPositions(pooler)
         return True
