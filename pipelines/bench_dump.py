@@ -13,7 +13,6 @@
      by frequency, as BPE vocabularies roughly are) with per-position noise (`_synthetic_logprobs`).
 
     python pipelines/bench_dump.py [--teacher DIR] [--n 256] [--skip-vllm] [--skip-throughput | --skip-size]
-                                    [--pin-engine]
 
 Without --teacher a tiny teacher is trained briefly on a fresh world (a random-init teacher has
 an almost flat distribution, which would flatter nothing and tell nothing about top-k loss).
@@ -79,23 +78,7 @@ def head_share(model_dir: Path) -> float:
 QWEN2_VL_7B_HEAD_SHARE = 152_064 * 3584 / (28 * (2 * 3584**2 + 2 * 3584 * 512 + 3 * 3584 * 18_944) + 152_064 * 3584)
 
 
-def _pin_engine() -> None:
-    """vLLM's engine processes on CPU 0, this process (the worker's host work) on the others, with
-    as many torch threads: a device and its host, on one machine. Unpinned, vLLM's engine and
-    worker processes spin while they wait (shm_broadcast's busy loop) and take both cores of a
-    2-core machine, so any host work competes with the engine itself."""
-    import os
-
-    import psutil
-
-    for child in psutil.Process().children(recursive=True):
-        child.cpu_affinity([0])
-    host = set(range(1, os.cpu_count() or 2))
-    os.sched_setaffinity(0, host)
-    torch.set_num_threads(len(host))
-
-
-def _throughput(label: str, teacher: Path, world: Path, skip_vllm: bool, pin: bool = False) -> None:
+def _throughput(label: str, teacher: Path, world: Path, skip_vllm: bool) -> None:
     """The whole worker (read, validate, encode, score, rows, zstd Parquet) vs. the same engine's
     bare prefill on the same inputs, for both backends on one teacher; the worker with and without
     its pipeline (steps in turn, or overlapped: the GPU default); where vLLM's prompt-logprob cost goes."""
@@ -117,7 +100,7 @@ def _throughput(label: str, teacher: Path, world: Path, skip_vllm: bool, pin: bo
           f"({n_image / n_tokens:.1f}x the response), {n_positions} positions; output projection "
           f"{head_share(teacher):.1%} of a position's matmul FLOPs (Qwen2-VL-7B: {QWEN2_VL_7B_HEAD_SHARE:.1%})")
 
-    host_ms: dict[str, float] = {}  # this process's CPU per record, dump and bare (vLLM's engine is elsewhere)
+    host_ms: dict[str, float] = {}  # this process's CPU per record, dump and bare
 
     def dump(worker: TeacherWorker, pipelined: bool = True) -> float:
         worker.pipelined = pipelined
@@ -146,22 +129,16 @@ def _throughput(label: str, teacher: Path, world: Path, skip_vllm: bool, pin: bo
     gc.collect()
     if skip_vllm:
         return
-    import os
 
     from vllm import SamplingParams
 
-    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    if pin:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"  # the engine's compute thread, before it starts
     prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.images[0]}} for r in requests]
     logprobs = TeacherWorker(str(teacher), "vllm", {"max_model_len": 512, "vllm_scoring": "logprobs"}, 32, out)
-    if pin:
-        _pin_engine()
 
     def run(**kw) -> float:
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, **kw)
         wall, cpu = _timed_cpu(lambda: logprobs.backend.llm.generate(prompts, params, use_tqdm=False))
-        host_ms.setdefault("bare", 1000 * cpu / len(records))  # vLLM's front end: requests, its image processor
+        host_ms.setdefault("bare", 1000 * cpu / len(records))
         return wall
 
     run()
@@ -173,10 +150,7 @@ def _throughput(label: str, teacher: Path, world: Path, skip_vllm: bool, pin: bo
           "positions they cover are prompt or image positions that are thrown away")
     logprobs = None  # type: ignore[assignment]  # its engine process ends before the next one starts
     gc.collect()
-    os.sched_setaffinity(0, cores)  # the next engine starts with every core, then is pinned
     hidden = TeacherWorker(str(teacher), "vllm", {"max_model_len": 512, "vllm_scoring": "hidden"}, 32, out)
-    if pin:
-        _pin_engine()
     dump(hidden)
     backend = hidden.backend
     t_all = _timed(lambda: backend.llm.encode(prompts, pooling_task="token_embed", use_tqdm=False))
@@ -186,13 +160,10 @@ def _throughput(label: str, teacher: Path, world: Path, skip_vllm: bool, pin: bo
     print(f"        the engine's part of it (prefill, the scored positions' states, the head; records already "
           f"encoded): {n_tokens / t_engine:7.0f} response tokens/s, {t_bare / t_engine:.2f} of the bare prefill; "
           f"returning every position's state instead: {t_bare / t_all:.2f}")
-    print(f"        host CPU per record (this process, all threads): bare {host_ms['bare']:.2f} ms (vLLM's front end), "
-          f"dump {host_ms['vllm False']:.2f} ms: lmod's host work {host_ms['vllm False'] - host_ms['bare']:.2f} ms "
-          "of one core per record")
+    print(f"        CPU per record of this process (vLLM's engine core runs in it): bare {host_ms['bare']:.2f} ms, "
+          f"dump {host_ms['vllm False']:.2f} ms: lmod's own work {host_ms['vllm False'] - host_ms['bare']:.2f} ms")
     hidden = backend = None  # type: ignore[assignment]  # the engine process ends here
     gc.collect()
-    os.sched_setaffinity(0, cores)
-    torch.set_num_threads(threads)
 
 
 def main() -> None:
@@ -203,8 +174,6 @@ def main() -> None:
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true", help="only the size / KL tables")
     ap.add_argument("--skip-size", action="store_true", help="only the throughput table")
-    ap.add_argument("--pin-engine", action="store_true",
-                    help="vLLM's engine on CPU 0 and the worker's host work on the others (see _pin_engine)")
     ap.add_argument("--synthetic-positions", type=int, default=1024)
     args = ap.parse_args()
 
@@ -232,14 +201,13 @@ def main() -> None:
 
     if not args.skip_throughput:
         print("1. throughput (best of 3, after warm-up), side by side")
-        _throughput(f"tiny teacher {teacher}", teacher, tmp / "world", args.skip_vllm, args.pin_engine)
+        _throughput(f"tiny teacher {teacher}", teacher, tmp / "world", args.skip_vllm)
         # Real MLLMs spend most positions on the image: a SmolVLM-style stand-in with image splitting
         # (5 crops of 16 tokens for the world's images) gives prompts of ~10x more image than response,
         # and an MLP wide enough that its head's share of the FLOPs is a 7B Qwen2-VL's (~8%).
         heavy = build_tiny_family("smolvlm", tmp / "smolvlm_heavy", family_tokenizer(tmp / "tok"),
                                   image_tokens_per_crop=16, intermediate=576)
-        _throughput("image-heavy SmolVLM-style teacher (random init)", heavy, tmp / "world", args.skip_vllm,
-                    args.pin_engine)
+        _throughput("image-heavy SmolVLM-style teacher (random init)", heavy, tmp / "world", args.skip_vllm)
     if args.skip_size:
         return
 

@@ -7,6 +7,7 @@ of that same next-token distribution (log-softmax of the raw logits, no temperat
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,11 @@ class VLLMBackend:
         max_images: int = 1,
     ):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # The engine core in this process: it schedules the requests it was given, in order, so the
+        # batches (and with them the kernels' rounding) are the same on every run; in its own
+        # process it starts on whatever has arrived, and a rerun of the same shard differed in the
+        # last bit of a few log-probs. On the CPU it is also faster (no busy-polling processes).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
@@ -202,6 +208,8 @@ class VLLMBackend:
         )
         if scoring == "hidden":
             self.llm.collective_rpc("lmod_select_positions")
+        if not on_gpu:  # vLLM's renderer sets torch's threads per request; the CPU worker warns each time
+            logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)  # (after vLLM's log setup)
 
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         return self._score_hidden(requests) if self.scoring == "hidden" else self._score_logprobs(requests)

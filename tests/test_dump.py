@@ -202,3 +202,32 @@ def test_vllm_prompt_logprobs_fallback_agrees_with_the_hidden_state_path(vllm_du
     dump(world, teacher, drawn, "vllm", shards=1, sample=20)
     rows = read_kind(drawn, "mimic")
     assert all(sum(c) == 20 for r in rows for c in r["sampled_counts"])
+
+
+def test_a_vllm_worker_writes_the_same_bytes_pipelined_and_in_turn(vllm_dump: Path, world: Path, teacher: Path,
+                                                                    tmp_path: Path):
+    """A GPU worker overlaps preparing the next chunk and writing the last one with the engine's
+    scoring (TeacherWorker.pipelined); with chunks of 5 records (several through the pipeline),
+    mimic and pref shards are byte-identical to the steps in turn, and their values are the
+    Ray-driven dump's."""
+    from shared.schema import shard_name
+    from teacher_dump.inputs import count_rows, plan_slices
+    from teacher_dump.worker import ShardTask, TeacherWorker
+
+    worker = TeacherWorker(str(teacher), "vllm", {"max_model_len": 256, "max_top_k": TOP_K}, TOP_K, str(tmp_path))
+    worker.chunk_records = 5
+    for kind, key in (("mimic", "topk_logprobs"), ("pref", "chosen_logprobs")):
+        path = world / f"{kind}.jsonl"
+        rel = shard_name(kind, 1, 3)
+        task = ShardTask(kind, 1, rel, plan_slices(path, kind, 3, count_rows(path))[1])
+        worker.pipelined = False
+        _, entry = worker.run_shard(task, 256)
+        in_turn = (tmp_path / rel).read_bytes()
+        worker.pipelined = True
+        _, again = worker.run_shard(task, 256)
+        assert (tmp_path / rel).read_bytes() == in_turn and again == entry and entry.rows > 5
+        got, want = pq.read_table(tmp_path / rel).to_pylist(), pq.read_table(vllm_dump / rel).to_pylist()
+        assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in g[key]]),
+                                       np.concatenate([np.ravel(x) for x in w[key]]), atol=1e-4)

@@ -346,9 +346,10 @@ def test_a_worker_scoring_in_chunks_writes_the_same_rows(world, teacher, tmp_pat
     first = (tmp_path / rel).read_bytes()
     _, again = worker.run_shard(ShardTask("mimic", 1, rel, sl), 256)
     assert (tmp_path / rel).read_bytes() == first and again == entry
-    worker.pipelined = False
-    _, sequential = worker.run_shard(ShardTask("mimic", 1, rel, sl), 256)
-    assert (tmp_path / rel).read_bytes() == first and sequential == entry
+    assert not worker.pipelined  # no GPU: the steps in turn; the GPU's pipeline must write the same bytes
+    worker.pipelined = True
+    _, pipelined = worker.run_shard(ShardTask("mimic", 1, rel, sl), 256)
+    assert (tmp_path / rel).read_bytes() == first and pipelined == entry
     got, want = pq.read_table(tmp_path / rel).to_pylist(), pq.read_table(hf_dump / rel).to_pylist()
     assert entry.rows == len(want) == 16 and entry.input_range == [16, 32]
     for g, w in zip(got, want):
