@@ -204,30 +204,48 @@ def test_vllm_prompt_logprobs_fallback_agrees_with_the_hidden_state_path(vllm_du
     assert all(sum(c) == 20 for r in rows for c in r["sampled_counts"])
 
 
-def test_a_vllm_worker_writes_the_same_bytes_pipelined_and_in_turn(vllm_dump: Path, world: Path, teacher: Path,
-                                                                    tmp_path: Path):
-    """A GPU worker overlaps preparing the next chunk and writing the last one with the engine's
-    scoring (TeacherWorker.pipelined); with chunks of 5 records (several through the pipeline),
-    mimic and pref shards are byte-identical to the steps in turn, and their values are the
-    Ray-driven dump's."""
+def _vllm_worker_in_turn_and_pipelined(teacher: str, world: str, out: str) -> None:
+    """Writes each shard in turn to OUT/in_turn, pipelined to OUT/pipelined. Run in a spawned process:
+    vLLM's engine core lives in the worker's process, and a test process that forks later (DataLoader
+    workers) must not carry its threads."""
+    import shutil
+
     from shared.schema import shard_name
     from teacher_dump.inputs import count_rows, plan_slices
     from teacher_dump.worker import ShardTask, TeacherWorker
 
-    worker = TeacherWorker(str(teacher), "vllm", {"max_model_len": 256, "max_top_k": TOP_K}, TOP_K, str(tmp_path))
-    worker.chunk_records = 5
+    worker = TeacherWorker(teacher, "vllm", {"max_model_len": 256, "max_top_k": TOP_K}, TOP_K, f"{out}/worker")
+    worker.chunk_records = 5  # several chunks through the pipeline
+    for mode in ("in_turn", "pipelined"):
+        worker.pipelined = mode == "pipelined"
+        for kind in ("mimic", "pref"):
+            path, rel = Path(world) / f"{kind}.jsonl", shard_name(kind, 1, 3)
+            worker.run_shard(ShardTask(kind, 1, rel, plan_slices(path, kind, 3, count_rows(path))[1]), 256)
+            (Path(out) / mode / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(out) / "worker" / rel, Path(out) / mode / rel)
+
+
+def test_a_vllm_worker_writes_the_same_bytes_pipelined_and_in_turn(vllm_dump: Path, world: Path, teacher: Path,
+                                                                    tmp_path: Path):
+    """A GPU worker overlaps preparing the next chunk and writing the last one with the engine's
+    scoring (TeacherWorker.pipelined); with chunks of 5 records (several through the pipeline),
+    mimic and pref shards are byte-identical to the steps in turn (vLLM's engine core schedules in
+    the worker's process: same requests, same batches), and their values are the Ray dump's."""
+    import multiprocessing
+
+    from shared.schema import shard_name
+
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_vllm_worker_in_turn_and_pipelined, args=(str(teacher), str(world), str(tmp_path)))
+    proc.start()
+    proc.join(600)
+    assert proc.exitcode == 0
     for kind, key in (("mimic", "topk_logprobs"), ("pref", "chosen_logprobs")):
-        path = world / f"{kind}.jsonl"
         rel = shard_name(kind, 1, 3)
-        task = ShardTask(kind, 1, rel, plan_slices(path, kind, 3, count_rows(path))[1])
-        worker.pipelined = False
-        _, entry = worker.run_shard(task, 256)
-        in_turn = (tmp_path / rel).read_bytes()
-        worker.pipelined = True
-        _, again = worker.run_shard(task, 256)
-        assert (tmp_path / rel).read_bytes() == in_turn and again == entry and entry.rows > 5
-        got, want = pq.read_table(tmp_path / rel).to_pylist(), pq.read_table(vllm_dump / rel).to_pylist()
-        assert [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
+        in_turn, pipelined = tmp_path / "in_turn" / rel, tmp_path / "pipelined" / rel
+        assert in_turn.read_bytes() == pipelined.read_bytes()
+        got, want = pq.read_table(in_turn).to_pylist(), pq.read_table(vllm_dump / rel).to_pylist()
+        assert len(got) > 5 and [g["sample_id"] for g in got] == [w["sample_id"] for w in want]
         for g, w in zip(got, want):
             np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in g[key]]),
                                        np.concatenate([np.ravel(x) for x in w[key]]), atol=1e-4)
