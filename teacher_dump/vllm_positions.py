@@ -36,7 +36,7 @@ class SelectedPositions(torch.nn.Module):
         for data, params in zip(pooled, pooling_metadata.pooling_params, strict=True):
             rows = (params.extra_kwargs or {}).get(ROWS_KEY)
             if data is not None and rows is not None:
-                data = data[torch.as_tensor(rows, device=data.device)].clone()  # owns its storage
+                data = data[torch.as_tensor(rows, device=data.device)]  # a gather: a new tensor
             out.append(data)
         return out
 
