@@ -66,7 +66,10 @@ def train_tokenizer(out: Path, vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    words = all_texts() + ["User:", "Assistant:", "\n"]
+    # Answers follow "Assistant: " in the chat template, so they are trained with their leading space
+    # too: else " yes" is two tokens, a bare space and "yes", and the answer is decided one position late.
+    texts = all_texts()
+    words = texts + [" " + t for t in texts] + ["User:", "Assistant:", "\n"]
     tok.train_from_iterator(words, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

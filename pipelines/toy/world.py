@@ -1,9 +1,12 @@
 """The tiny world: images of coloured shapes with questions, captions and preference pairs.
 
 Everything is drawn from one seed, so the same seed gives the same bytes (images included).
-Objects co-occur with a fixed "partner" more often than chance, and most training existence
-questions are about present objects: a weak model learns to say "yes" to a partner that is not
-there, which is the hallucination the POPE-style evaluation measures.
+A scene holds 1-3 objects, one per colour, each in its own quadrant. Questions find an object by
+where it is (colour, shape, existence: "Is there an object at top left?") or by its colour
+(position). Three in four training existence questions are about a filled cell, and objects
+co-occur with a fixed "partner" more often than chance (rejected captions add that partner in an
+empty cell): a weak model learns to say "yes" to an empty cell, which is the hallucination the
+POPE-style evaluation (balanced yes/no) measures.
 """
 
 from __future__ import annotations
@@ -46,9 +49,8 @@ def _all_kinds() -> list[tuple[str, str]]:
 
 def partner_of(color: str, shape: str) -> tuple[str, str]:
     """The object that tends to appear together with (color, shape): a fixed derangement."""
-    kinds = _all_kinds()
-    i = kinds.index((color, shape))
-    return kinds[(i + 7) % len(kinds)]
+    colors = list(COLORS)
+    return colors[(colors.index(color) + 2) % len(colors)], SHAPES[(SHAPES.index(shape) + 3) % len(SHAPES)]
 
 
 def sample_scene(rng: random.Random) -> list[WorldObject]:
@@ -60,7 +62,7 @@ def sample_scene(rng: random.Random) -> list[WorldObject]:
             cand = partner_of(*kinds[-1])
         else:
             cand = rng.choice(_all_kinds())
-        if cand not in kinds:
+        if cand[0] not in {c for c, _ in kinds}:  # one object per colour: a colour names an object
             kinds.append(cand)
     return [WorldObject(shape=s, color=c, position=p) for (c, s), p in zip(kinds, cells)]
 
@@ -93,6 +95,11 @@ def caption(objects: list[WorldObject]) -> str:
     return " and ".join(parts) + "."
 
 
+def empty_cell(objects: list[WorldObject], rng: random.Random) -> str:
+    """A position with nothing in it: three objects at most in four cells, so there is always one."""
+    return rng.choice([p for p in POSITIONS if p not in {o.position for o in objects}])
+
+
 def absent_object(objects: list[WorldObject], rng: random.Random, adversarial: bool) -> tuple[str, str]:
     present = {(o.color, o.shape) for o in objects}
     if adversarial:
@@ -107,21 +114,17 @@ def make_qa(objects: list[WorldObject], qtype: str, rng: random.Random, p_yes: f
     """One (question, answer) pair of the given type about the scene."""
     obj = rng.choice(objects)
     if qtype == "color":
-        shape_count = sum(o.shape == obj.shape for o in objects)
-        if shape_count == 1:
-            return f"What color is the {obj.shape}?", obj.color
-        return f"What color is the {obj.shape} at {obj.position}?", obj.color
+        return f"What color is the object at {obj.position}?", obj.color
     if qtype == "shape":
-        return f"What shape is the {obj.color} object at {obj.position}?", obj.shape
+        return f"What shape is the object at {obj.position}?", obj.shape
     if qtype == "count":
         return "How many objects are there?", COUNT_WORDS[len(objects)]
     if qtype == "position":
-        return f"Where is the {obj.name}?", obj.position
+        return f"Where is the {obj.color} object?", obj.position
     if qtype == "exists":
         if rng.random() < p_yes:
-            return f"Is there a {obj.name} in the image?", "yes"
-        color, shape = absent_object(objects, rng, adversarial=rng.random() < 0.5)
-        return f"Is there a {color} {shape} in the image?", "no"
+            return f"Is there an object at {obj.position}?", "yes"
+        return f"Is there an object at {empty_cell(objects, rng)}?", "no"
     if qtype == "caption":
         return "Describe the image.", caption(objects)
     raise ValueError(f"unknown question type {qtype!r}")
@@ -145,10 +148,8 @@ def make_pref(objects: list[WorldObject], rng: random.Random) -> tuple[str, str,
     kind = rng.choice(("exists", "caption", "color"))
     if kind == "exists":
         if rng.random() < 0.5:
-            obj = rng.choice(objects)
-            return f"Is there a {obj.name} in the image?", "yes", "no"
-        color, shape = absent_object(objects, rng, adversarial=rng.random() < 0.7)
-        return f"Is there a {color} {shape} in the image?", "no", "yes"
+            return f"Is there an object at {rng.choice(objects).position}?", "yes", "no"
+        return f"Is there an object at {empty_cell(objects, rng)}?", "no", "yes"
     if kind == "caption":
         return "Describe the image.", caption(objects), hallucinated_caption(objects, rng)
     q, a = make_qa(objects, "color", rng, p_yes=1.0)
@@ -200,7 +201,7 @@ def make_world(out: Path, seed: int, n_mimic: int, n_pref: int, n_eval: int) -> 
     with open(paths["eval"], "w") as f:
         for i in range(n_eval):
             objs, rel = new_image("eval", i)
-            # Half of the evaluation is POPE-style: balanced yes/no, half the absent ones adversarial.
+            # Half of the evaluation is POPE-style: balanced yes/no existence questions.
             if i % 2 == 0:
                 qtype = "pope"
                 q, a = make_qa(objs, "exists", rng, p_yes=1.0 if (i // 2) % 2 == 0 else 0.0)
