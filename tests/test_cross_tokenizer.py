@@ -261,9 +261,10 @@ def test_lmod_takes_the_cross_tokenizer_path_by_itself(hf_dump, world, students,
     info = _lmod("shards", "info", str(hf_dump), "--student", str(students["bpe300"]))
     assert info.returncode == 0, info.stderr
     figures = json.loads(info.stdout)["student"]
-    assert 0.5 < figures["paired_positions"] < 1.0 and 0 < figures["mapped_topk_mass"] <= 1.0
+    # A 300-token BPE splits most one-token answers (" yes", " red") in two: some, not all, positions pair.
+    assert 0.3 < figures["paired_positions"] < 1.0 and 0 < figures["mapped_topk_mass"] <= 1.0
     config = tmp_path / "c.yaml"
-    config.write_text("steps: 2\nbatch_size: 4\nloader_workers: 0\nlog_every: 1\n")
+    config.write_text("steps: 2\nbatch_size: 4\nloader_workers: 0\nlog_every: 1\nmin_paired: 0.3\n")
     run = _lmod("train", "--stage", "mimic", "--shards", str(hf_dump), "--student", str(students["bpe300"]),
                 "--out", str(tmp_path / "mimic"), "--config", str(config), "--image-root", str(world))
     assert run.returncode == 0, run.stderr
