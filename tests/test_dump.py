@@ -239,7 +239,11 @@ def test_a_vllm_worker_writes_the_same_bytes_pipelined_and_in_turn(vllm_dump: Pa
         target=_vllm_worker_in_turn_and_pipelined, args=(str(teacher), str(world), str(tmp_path)))
     proc.start()
     proc.join(600)
-    assert proc.exitcode == 0
+    if proc.is_alive():  # a hung engine must not outlive the test and hold the cores of the ones after it
+        proc.kill()
+        proc.join()
+        raise AssertionError("the spawned vLLM worker did not finish in 600 s; killed")
+    assert proc.exitcode == 0, f"the spawned vLLM worker exited with {proc.exitcode}"
     for kind, key in (("mimic", "topk_logprobs"), ("pref", "chosen_logprobs")):
         rel = shard_name(kind, 1, 3)
         in_turn, pipelined = tmp_path / "in_turn" / rel, tmp_path / "pipelined" / rel
