@@ -360,6 +360,8 @@ def demo(
     n_pref: int = typer.Option(1000),
     n_eval: int = typer.Option(400),
     teacher_steps: int = typer.Option(1200),
+    teacher_tries: int = typer.Option(2, help="Teachers trained (other initialisations) until one meets the "
+                                      "bar on the validation split; the best is kept."),
     shards: int = typer.Option(4),
     top_k: int = typer.Option(32),
     backend: str = typer.Option("vllm"),
@@ -375,8 +377,8 @@ def demo(
 
     try:
         cfg = DemoConfig(out=out, n_mimic=n_mimic, n_pref=n_pref, n_eval=n_eval, teacher_steps=teacher_steps,
-                         shards=shards, top_k=top_k, backend=backend, student_steps=student_steps,
-                         pref_steps=pref_steps, seed=seed, eval_seed=eval_seed)
+                         teacher_tries=teacher_tries, shards=shards, top_k=top_k, backend=backend,
+                         student_steps=student_steps, pref_steps=pref_steps, seed=seed, eval_seed=eval_seed)
     except ValueError as e:
         fail(str(e))
     run_demo(cfg)

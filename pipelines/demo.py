@@ -2,7 +2,8 @@
 MoE student: SFT-only baseline, mimic distillation, mimic + preference distillation -> eval table.
 
 Every step is skipped when its output already exists, so an interrupted demo resumes. Held-out
-evaluation uses a world of another seed; nothing is tuned on it. The preference stage keeps the
+evaluation uses a world of another seed; nothing is tuned on it. A teacher that misses TEACHER_BAR on
+the validation split is retrained from another initialisation (up to `teacher_tries`). The preference stage keeps the
 checkpoint that answers a validation split of the *training* world best (the mimic student itself
 is a candidate), so it cannot make the student worse on what it is checked on.
 """
@@ -36,6 +37,7 @@ class DemoConfig:
     n_val: int = 200  # validation questions from the training world, for the preference checkpoint choice
     pref_eval_every: int = 50
     teacher_steps: int = 1200
+    teacher_tries: int = 2  # teachers trained (other initialisations) until one meets TEACHER_BAR on validation
     shards: int = 4
     top_k: int = 32
     backend: str = "vllm"
@@ -58,6 +60,8 @@ class DemoConfig:
                                  f"conversations use --eval-seed + 1): choose a --seed other than {self.eval_seed} "
                                  f"and {self.eval_seed + 1}, or another --eval-seed")
             seen[seed] = role
+        if self.teacher_tries < 1:
+            raise ValueError(f"--teacher-tries {self.teacher_tries}: train at least one teacher")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -92,8 +96,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
     teacher = out / "teacher"
     step("teacher")
-    if not (teacher / "lmod_recipe.json").exists():
-        make_tiny_teacher(world, teacher, steps=cfg.teacher_steps, seed=cfg.seed)
+    teacher_tries = teacher_with_validation(world, teacher, cfg.teacher_steps, cfg.seed, cfg.teacher_tries)
 
     step("dump-teacher")
     dump_teacher(DumpConfig(
@@ -147,14 +150,76 @@ def _run_demo(cfg: DemoConfig) -> dict:
         rows.append({"model": name, "path": str(path), "accuracy": metrics["accuracy"],
                      "hallucination_rate": metrics.get("hallucination_rate"), "active_params": n_active,
                      "kl_to_teacher": kl, **metrics})
-    report = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "rows": rows, "shards": dump_info(out / "shards")}
+    report = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "rows": rows, "shards": dump_info(out / "shards"),
+              "teacher_tries": teacher_tries}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     _print_table(rows, report["shards"])
+    kept = next(t for t in teacher_tries if t["kept"])
+    print(f"teacher: try {kept['try'] + 1} of {len(teacher_tries)} (init seed {kept['init_seed']}), validation "
+          f"accuracy {kept['accuracy']:.3f}, POPE accuracy {kept['pope_accuracy']:.3f}, "
+          f"yes-ratio {kept['yes_ratio']:.3f}")
     from pipelines.report import report as plot_report
 
     for path in plot_report(out):
         print(f"plot: {path}")
     return report
+
+
+# What the demo asks of its teacher on the validation split of the training world (the bar that the
+# README's claims hold it to on held-out worlds): a teacher that misses it has nothing to distil.
+TEACHER_BAR = {"accuracy": 0.85, "pope_accuracy": 0.85, "yes_ratio": (0.35, 0.65)}
+
+
+def meets_teacher_bar(row: dict) -> bool:
+    low, high = TEACHER_BAR["yes_ratio"]
+    return (row["accuracy"] >= TEACHER_BAR["accuracy"] and row["pope_accuracy"] >= TEACHER_BAR["pope_accuracy"]
+            and low <= row["yes_ratio"] <= high)
+
+
+def teacher_with_validation(world: Path, teacher: Path, steps: int, seed: int, tries: int) -> list[dict]:
+    """Train the tiny teacher and check it on WORLD/eval.jsonl (the validation split of the training
+    world); while it misses TEACHER_BAR, train another from another initialisation (seed + 1000 * try),
+    up to TRIES. The first that meets the bar becomes TEACHER, else the best by validation accuracy.
+    Why: a 2-layer teacher learns each lookup in a jump, and some initialisations have not made the
+    jump for one question type within the step budget. TEACHER/../teacher-tries.json records every
+    try, so an interrupted run resumes without retraining a finished one."""
+    log = teacher.with_name(teacher.name + "-tries.json")
+    history: list[dict] = json.loads(log.read_text()) if log.exists() else []
+
+    def validate(attempt: int, model_dir: Path) -> None:
+        metrics = evaluate_model(model_dir, world / "eval.jsonl")
+        row = {"try": attempt, "init_seed": seed + 1000 * attempt, "trained_in": str(model_dir),
+               "accuracy": metrics["accuracy"], "pope_accuracy": metrics["pope"]["accuracy"],
+               "yes_ratio": metrics["pope"]["yes_ratio"], "accuracy_by_type": metrics["accuracy_by_type"]}
+        row["meets_bar"] = meets_teacher_bar(row)
+        history.append(row)
+        log.write_text(json.dumps(history, indent=2) + "\n")
+        print(f"   teacher try {attempt + 1}: validation accuracy {row['accuracy']:.3f}, POPE accuracy "
+              f"{row['pope_accuracy']:.3f}, yes-ratio {row['yes_ratio']:.3f}: "
+              f"{'meets' if row['meets_bar'] else 'misses'} the bar", flush=True)
+
+    if (teacher / "lmod_recipe.json").exists():
+        if not history:  # a run directory from before the tries: its teacher is the one try
+            validate(0, teacher)
+    else:
+        for attempt in range(tries):
+            if attempt == len(history):
+                candidate = teacher.with_name(f"{teacher.name}-try{attempt}")
+                if not (candidate / "lmod_recipe.json").exists():  # written last: a half-trained try restarts
+                    shutil.rmtree(candidate, ignore_errors=True)
+                    make_tiny_teacher(world, candidate, steps=steps, seed=seed + 1000 * attempt)
+                validate(attempt, candidate)
+            if history[attempt]["meets_bar"]:
+                break
+    passing = [h for h in history if h["meets_bar"]]
+    chosen = passing[0] if passing else max(history, key=lambda h: (h["accuracy"], -h["try"]))
+    for h in history:
+        h["kept"] = h is chosen
+    if not (teacher / "lmod_recipe.json").exists():
+        shutil.rmtree(teacher, ignore_errors=True)  # a teacher half-written by an older run
+        Path(chosen["trained_in"]).rename(teacher)
+    log.write_text(json.dumps(history, indent=2) + "\n")
+    return history
 
 
 def preference_with_selection(shards: list[Path], start: Path, run_dir: Path, final: Path, tcfg: TrainConfig,

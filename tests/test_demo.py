@@ -19,6 +19,14 @@ def test_demo_runs_end_to_end_resumes_and_repeats(tmp_path):
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert [r["model"] for r in report["rows"]] == ["teacher", "sft", "mimic", "mimic+pref"]
     assert (tmp_path / "demo" / "demo.png").is_file() and (tmp_path / "demo" / "mimic" / "training.png").is_file()
+    # A 2-step teacher misses the bar on validation: a second one is trained from another initialisation
+    # and the better by validation accuracy (ties: the first) is the teacher, moved into place.
+    tries = report["teacher_tries"]
+    assert [(t["try"], t["init_seed"], t["meets_bar"]) for t in tries] == [(0, 0, False), (1, 1000, False)]
+    kept = max(tries, key=lambda t: (t["accuracy"], -t["try"]))
+    assert [t["kept"] for t in tries] == [t is kept for t in tries]
+    assert not (tmp_path / "demo" / f"teacher-try{kept['try']}").exists()
+    assert (tmp_path / "demo" / f"teacher-try{1 - kept['try']}" / "lmod_recipe.json").is_file()
     selection = json.loads((tmp_path / "demo" / "mimic+pref" / "selection.json").read_text())
     assert [c["step"] for c in selection["candidates"]] == [0, 1, 2]  # the mimic student is a candidate
     best = max(c["accuracy"] for c in selection["candidates"])

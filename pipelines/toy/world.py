@@ -3,10 +3,11 @@
 Everything is drawn from one seed, so the same seed gives the same bytes (images included).
 A scene holds 1-3 objects, one per colour, each in its own quadrant. Questions find an object by
 where it is (colour, shape, existence: "Is there an object at top left?") or by its colour
-(position). Three in four training existence questions are about a filled cell, and objects
-co-occur with a fixed "partner" more often than chance (rejected captions add that partner in an
-empty cell): a weak model learns to say "yes" to an empty cell, which is the hallucination the
-POPE-style evaluation (balanced yes/no) measures.
+(position). Training existence questions are half about a filled cell and half about an empty one
+(with three in four "yes", teachers of some seeds learned the prior and said "yes" to every cell).
+Objects co-occur with a fixed "partner" more often than chance and rejected captions add that
+partner in an empty cell: a model that does not look says "yes" to an empty cell, which is the
+hallucination the POPE-style evaluation (balanced yes/no) measures.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def make_world(out: Path, seed: int, n_mimic: int, n_pref: int, n_eval: int) -> 
             objs, rel = new_image("mimic", i)
             turns = []
             for t, qtype in enumerate(rng.sample(QUESTION_TYPES, rng.choice((1, 2, 2, 3)))):
-                q, a = make_qa(objs, qtype, rng, p_yes=0.75)
+                q, a = make_qa(objs, qtype, rng, p_yes=0.5)
                 turns.append({"from": "human", "value": ("<image>\n" + q) if t == 0 else q})
                 turns.append({"from": "gpt", "value": a})
             f.write(json.dumps({"id": f"mimic-{i:06d}", "image": rel, "conversations": turns}) + "\n")
