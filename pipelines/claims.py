@@ -80,7 +80,26 @@ def table(reports: dict[int, dict]) -> str:
     lines.append("")
     for seed, held in verdicts(reports).items():
         lines.append(f"seed {seed}: " + "; ".join(f"{k}: {'holds' if v else 'MISSES'}" for k, v in held.items()))
+    lines.append("")
+    for seed, report in reports.items():
+        lines.append(f"seed {seed}: {teacher_line(report)}")
     return "\n".join(lines)
+
+
+def teacher_line(report: dict) -> str:
+    """The teacher against the bar on the held-out world, and which training try it is."""
+    from pipelines.demo import meets_teacher_bar
+
+    t = next(r for r in report["rows"] if r["model"] == "teacher")
+    held = {"accuracy": t["accuracy"], "pope_accuracy": t["pope"]["accuracy"], "yes_ratio": t["pope"]["yes_ratio"]}
+    line = (f"teacher on held-out: accuracy {held['accuracy']:.3f}, POPE accuracy {held['pope_accuracy']:.3f}, "
+            f"yes-ratio {held['yes_ratio']:.3f}: {'meets' if meets_teacher_bar(held) else 'MISSES'} the bar")
+    tries = report.get("teacher_tries") or []
+    kept = [t for t in tries if t.get("kept")]
+    if kept:
+        line += (f" (try {kept[0]['try'] + 1} of {len(tries)}; on validation {kept[0]['accuracy']:.3f}, "
+                 f"{kept[0]['pope_accuracy']:.3f}, {kept[0]['yes_ratio']:.3f})")
+    return line
 
 
 def main() -> None:

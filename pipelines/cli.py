@@ -60,7 +60,7 @@ def world_make(
 def teacher_make_tiny(
     world: Path = typer.Option(..., help="A directory written by `lmod world make`."),
     out: Path = typer.Option(..., help="Where to save the teacher (transformers format)."),
-    steps: int = typer.Option(1200, help="SFT steps (0: random init)."),
+    steps: int = typer.Option(1800, help="SFT steps (0: random init)."),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
@@ -359,7 +359,7 @@ def demo(
     n_mimic: int = typer.Option(8000),
     n_pref: int = typer.Option(1000),
     n_eval: int = typer.Option(400),
-    teacher_steps: int = typer.Option(1200),
+    teacher_steps: int = typer.Option(1800),
     teacher_tries: int = typer.Option(2, help="Teachers trained (other initialisations) until one meets the "
                                       "bar on the validation split; the best is kept."),
     shards: int = typer.Option(4),

@@ -36,7 +36,7 @@ class DemoConfig:
     n_eval: int = 400
     n_val: int = 200  # validation questions from the training world, for the preference checkpoint choice
     pref_eval_every: int = 50
-    teacher_steps: int = 1200
+    teacher_steps: int = 1800
     teacher_tries: int = 2  # teachers trained (other initialisations) until one meets TEACHER_BAR on validation
     shards: int = 4
     top_k: int = 32

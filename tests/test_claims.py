@@ -13,7 +13,7 @@ from pipelines.report import report
 def _row(model: str, acc: float, halluc: float, yes: float, kl: float, active: int) -> dict:
     return {"model": model, "accuracy": acc, "hallucination_rate": halluc, "kl_to_teacher": kl,
             "active_params": active, "accuracy_by_type": {"color": acc, "pope": 1 - halluc / 2},
-            "pope": {"f1": 0.8, "yes_ratio": yes}}
+            "pope": {"f1": 0.8, "yes_ratio": yes, "accuracy": 1 - halluc / 2}}
 
 
 def _report(shift: float) -> dict:
@@ -39,8 +39,16 @@ def test_claims_summary_and_plot(tmp_path):
     assert stats["sft"]["accuracy"]["mean"] == pytest.approx(0.81)
     assert stats["sft"]["accuracy"]["std"] == pytest.approx(0.0141421, rel=1e-4)  # sample std of 0.80, 0.82
     assert stats["teacher"]["accuracy color"]["std"] == 0.0
+    reports[1]["teacher_tries"] = [
+        {"try": 0, "accuracy": 0.80, "pope_accuracy": 0.70, "yes_ratio": 0.8, "kept": False},
+        {"try": 1, "accuracy": 0.91, "pope_accuracy": 0.96, "yes_ratio": 0.5, "kept": True}]
+    reports[0]["rows"][0]["pope"]["yes_ratio"] = 0.7  # over the bar's 0.65: a teacher that leans to "yes"
     text = table(reports)
     assert "0.810 +-0.014" in text and "by type" in text and "seed 1:" in text
+    assert ("seed 0: teacher on held-out: accuracy 0.900, POPE accuracy 0.950, yes-ratio 0.700: MISSES the bar\n"
+            in text)
+    assert ("seed 1: teacher on held-out: accuracy 0.900, POPE accuracy 0.950, yes-ratio 0.500: meets the bar "
+            "(try 2 of 2; on validation 0.910, 0.960, 0.500)") in text
 
     (tmp_path / "claims.json").write_text(json.dumps({"seeds": [0, 1], "summary": stats}))
     written = report(tmp_path)

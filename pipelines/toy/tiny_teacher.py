@@ -207,7 +207,7 @@ def sft_train(
 
 
 def make_tiny_teacher(
-    world: Path, out: Path, steps: int = 1200, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+    world: Path, out: Path, steps: int = 1800, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
     config: TinyMLLMConfig | None = None,
 ) -> dict:
     """Build and train the tiny teacher; writes `out/lmod_recipe.json` describing how."""
