@@ -2,10 +2,11 @@
 MoE student: SFT-only baseline, mimic distillation, mimic + preference distillation -> eval table.
 
 Every step is skipped when its output already exists, so an interrupted demo resumes. Held-out
-evaluation uses a world of another seed; nothing is tuned on it. A teacher that misses TEACHER_BAR on
-the validation split is retrained from another initialisation (up to `teacher_tries`). The preference stage keeps the
-checkpoint that answers a validation split of the *training* world best (the mimic student itself
-is a candidate), so it cannot make the student worse on what it is checked on.
+evaluation uses a world of another seed; nothing is tuned on it. Choices are made on a validation
+split of the *training* world: a teacher that misses TEACHER_BAR there is retrained from another
+initialisation (up to `teacher_tries`), and the preference stage keeps the checkpoint that answers it
+best (the mimic student itself is a candidate), so it cannot make the student worse on what it is
+checked on.
 """
 
 from __future__ import annotations
