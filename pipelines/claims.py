@@ -5,9 +5,9 @@ of that seed, held-out world of seed + 1000), then per-seed tables and mean +- s
 
 Claims checked per seed (the held-out world decides; nothing is tuned on it):
   1. mimic beats SFT: higher accuracy and lower KL to the teacher, same data and budget;
-  2. preference distillation lowers hallucination below the mimic student's, without collapsing to
-     "no" (it still says "yes" to at least 10% of the POPE questions: "no" to everything has a
-     hallucination rate of 0 and learns nothing);
+  2. preference distillation lowers hallucination below the mimic student's without collapsing:
+     its POPE F1 is not below the mimic student's ("no" to everything has a hallucination rate of
+     0 and an F1 of 0);
   3. the final student (mimic+pref), with fewer active parameters than the teacher, is within 5
      accuracy points of it (or above it).
 Each seed's run resumes if interrupted (the demo skips finished steps). OUT/claims.txt holds the
@@ -34,8 +34,10 @@ def claims(rows: dict[str, dict]) -> dict[str, bool]:
     return {
         "mimic beats SFT (accuracy and KL)": mimic["accuracy"] > sft["accuracy"]
         and mimic["kl_to_teacher"] < sft["kl_to_teacher"],
+        # No collapse, as the issue defines it: POPE F1 not below the mimic student's (saying "no" to
+        # everything lowers hallucination too, and F1 with it).
         "pref lowers hallucination (no collapse)": final["hallucination_rate"] < mimic["hallucination_rate"]
-        and final["pope"]["yes_ratio"] >= 0.1,
+        and final["pope"]["f1"] >= mimic["pope"]["f1"],
         "final within 5 points of the teacher": final["accuracy"] >= teacher["accuracy"] - 0.05
         and final["active_params"] < teacher["active_params"],
     }

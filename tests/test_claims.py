@@ -28,6 +28,9 @@ def test_claims_summary_and_plot(tmp_path):
     held = claims({r["model"]: r for r in reports[0]["rows"]})
     assert held == {"mimic beats SFT (accuracy and KL)": True, "pref lowers hallucination (no collapse)": True,
                     "final within 5 points of the teacher": True}
+    collapsed = _report(0.0)
+    collapsed["rows"][3]["pope"]["f1"] = 0.79  # less hallucination, but a lower POPE F1 than mimic's
+    assert not claims({r["model"]: r for r in collapsed["rows"]})["pref lowers hallucination (no collapse)"]
     behind = _report(-0.02)  # 0.84 against 0.90: six points behind
     assert not claims({r["model"]: r for r in behind["rows"]})["final within 5 points of the teacher"]
     more_active = _report(0.0)
