@@ -185,7 +185,11 @@ def teacher_with_validation(world: Path, teacher: Path, steps: int, seed: int, t
     jump for one question type within the step budget. TEACHER/../teacher-tries.json records every
     try, so an interrupted run resumes without retraining a finished one."""
     log = teacher.with_name(teacher.name + "-tries.json")
-    history: list[dict] = json.loads(log.read_text()) if log.exists() else []
+    try:
+        history: list[dict] = json.loads(log.read_text()) if log.exists() else []
+    except (json.JSONDecodeError, UnicodeDecodeError):  # the tries on disk are validated again: nothing is lost
+        print(f"   {log}: unreadable (damaged); validating the teachers on disk again", flush=True)
+        history = []
 
     def validate(attempt: int, model_dir: Path) -> None:
         metrics = evaluate_model(model_dir, world / "eval.jsonl")
