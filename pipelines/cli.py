@@ -22,10 +22,20 @@ def fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def require_model(path: Path, option: str) -> None:
-    """A local model directory, or a one-line error (transformers would go looking on the hub)."""
-    if not (path / "config.json").is_file():
-        fail(f"{path}: no config.json; {option} must be a local model directory")
+def require_model(path: Path, option: str) -> Path:
+    """A local model directory (a .gguf file: its converted directory, made once and cached), or a
+    one-line error (transformers would go looking on the hub)."""
+    from shared.models import ModelError, is_gguf, read_config, resolve_model
+
+    try:
+        if is_gguf(path):
+            typer.echo(f"{option} {path}: a GGUF file; using its transformers conversion (made once, cached)",
+                       err=True)
+            path = resolve_model(path)
+        read_config(path)
+    except ModelError as e:
+        fail(f"{e} ({option})")
+    return path
 
 
 def check_environment() -> None:
@@ -85,7 +95,8 @@ def teacher_make_tiny(
 
 @app.command("dump-teacher")
 def dump_teacher_cmd(
-    model: Path = typer.Option(..., help="Teacher model directory (transformers format)."),
+    model: Path = typer.Option(..., help="Teacher: a model directory (transformers format, multimodal or text-only) "
+                               "or a .gguf file."),
     out: Path = typer.Option(..., help="Dump directory (manifest.json, mimic/, pref/)."),
     mimic_data: Path | None = typer.Option(None, help="LLaVA-style conversations: .jsonl/.json/.parquet/datasets dir."),
     pref_data: Path | None = typer.Option(None, help="Preference pairs (id, image, question, chosen, rejected)."),
@@ -116,6 +127,8 @@ def dump_teacher_cmd(
     from teacher_dump.inputs import InputError
     from teacher_dump.run import DumpConfig, dump_teacher
 
+    if model.suffix == ".gguf":
+        model = require_model(model, "--model")
     cfg = DumpConfig(
         model=model, out=out, mimic_data=mimic_data, pref_data=pref_data, image_root=image_root, shards=shards,
         top_k=top_k, encoding=encoding, sample=sample, sample_seed=sample_seed, backend=backend, dtype=dtype,
@@ -175,6 +188,24 @@ def shards_info(
 
 student_app = typer.Typer(no_args_is_help=True, help="Student models.")
 app.add_typer(student_app, name="student")
+model_app = typer.Typer(no_args_is_help=True, help="Model files.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("from-gguf")
+def model_from_gguf(
+    gguf: Path = typer.Argument(..., help="A GGUF checkpoint (llama.cpp's format)."),
+    out: Path = typer.Option(..., help="Where to write the transformers directory."),
+) -> None:
+    """Convert a GGUF checkpoint into a transformers directory (float32 safetensors, tokenizer, chat
+    template) that every lmod command and vLLM read. `--model FILE.gguf` does this once by itself."""
+    from shared.models import ModelError, from_gguf
+
+    try:
+        written = from_gguf(gguf, out)
+    except ModelError as e:
+        fail(str(e))
+    typer.echo(str(written))
 
 
 @student_app.command("make-tiny")
@@ -206,9 +237,42 @@ def student_make_tiny(
     _upcycle(dense, out, num_experts, top_k, moe_layers, noise, seed)
 
 
+@student_app.command("from-teacher")
+def student_from_teacher(
+    teacher: Path = typer.Option(..., help="Teacher: a model directory or a .gguf file."),
+    layers: int = typer.Option(..., min=1, help="Text-model layers to keep (the teacher's first N)."),
+    out: Path = typer.Option(..., help="Where to write the MoE student (and OUT-dense, the dense cut)."),
+    dense: bool = typer.Option(False, help="Write only the dense cut, at OUT (no upcycling)."),
+    num_experts: int = typer.Option(4),
+    top_k: int = typer.Option(2),
+    moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
+    noise: float = typer.Option(0.0, min=0.0, help="Relative noise added to each expert copy."),
+    seed: int = typer.Option(0),
+) -> None:
+    """A student cut from the teacher (its first N layers, embeddings, head, vision tower: the
+    layer-dropping start of DistilBERT and Minitron), then upcycled into an MoE (`lmod student upcycle`)."""
+    check_environment()
+    from student_train.moe import first_layers
+
+    teacher = require_model(teacher, "--teacher")
+    if (out / "config.json").exists():
+        fail(f"{out} already holds a model; choose another --out")
+    cut = out if dense else out.with_name(out.name + "-dense")
+    if (cut / "config.json").exists():
+        fail(f"{cut} already holds a model; choose another --out")
+    try:
+        facts = first_layers(teacher, cut, layers)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(json.dumps({"dense_student": str(cut), **facts}))
+    if not dense:
+        _upcycle(cut, out, num_experts, top_k, moe_layers, noise, seed)
+
+
 @student_app.command("upcycle")
 def student_upcycle(
-    base: Path = typer.Option(..., help="A dense MLLM directory (transformers format), e.g. SmolVLM-256M."),
+    base: Path = typer.Option(..., help="A dense model directory (transformers format, multimodal or text-only), "
+                              "e.g. SmolVLM-256M or SmolLM2-135M-Instruct."),
     out: Path = typer.Option(..., help="Where to write the MoE student."),
     num_experts: int = typer.Option(4),
     top_k: int = typer.Option(2),
@@ -220,8 +284,7 @@ def student_upcycle(
     """Sparse upcycling: the text model's FFNs become experts of its MoE counterpart (Qwen2 -> Qwen2-MoE,
     Qwen3 -> Qwen3-MoE, Qwen3-VL -> Qwen3-VL-MoE, Llama/Mistral -> Mixtral or Qwen2-MoE's layout)."""
     check_environment()
-    if not (base / "config.json").is_file():
-        fail(f"{base}: no config.json; --base must be a local dense model directory")
+    base = require_model(base, "--base")
     if (out / "config.json").exists():
         fail(f"{out} already holds a model; choose another --out")
     _upcycle(base, out, num_experts, top_k, moe_layers, noise, seed)
@@ -274,7 +337,7 @@ def train_cmd(
             cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
     except (ValueError, OSError) as e:
         fail(f"config: {e}")
-    require_model(student, "--student")
+    student = require_model(student, "--student")
     try:
         history = train(shards, student, out, cfg, image_root=image_root, resume=resume, allow_partial=allow_partial,
                         stop_after=stop_after)
@@ -299,7 +362,7 @@ def eval_cmd(
     check_environment()
     from shared.evaluation import EvalDataError, evaluate_model
 
-    require_model(model, "--model")
+    model = require_model(model, "--model")
     if out is not None and not out.parent.is_dir():
         fail(f"{out.parent}: no such directory for --out")
     try:

@@ -59,7 +59,7 @@ def _routed_slots(model: Any, encoder: SampleEncoder, seqs: list[list[int]], ima
     routers = moe_routers(model)
     if not routers:
         return []
-    top_k = model.config.text_config.num_experts_per_tok
+    top_k = model.config.get_text_config().num_experts_per_tok
     logits: list[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda mod, i, o: logits.append(o[0])) for m in routers]
     try:
@@ -175,11 +175,11 @@ def resolve_device(device: str) -> str:
 
 def load_eval_model(model_dir: Path, device: str = "cpu", dtype: str = "float32") -> Any:
     """A model directory ready for evaluation on `device` in `dtype` (weights in that dtype)."""
-    from transformers import AutoModelForImageTextToText
+    from shared.models import load_model
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; use {' | '.join(DTYPES)}")
-    model = AutoModelForImageTextToText.from_pretrained(str(model_dir), dtype=DTYPES[dtype])
+    model = load_model(model_dir, DTYPES[dtype])
     return model.to(resolve_device(device)).eval()
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from shared.families import Family, family_of
+from shared.models import read_config
 from shared.prompt import Messages, TemplateError, render_with_spans
 
 # Images on which an encoder checks the processor's token-count helper before trusting it.
@@ -66,8 +67,14 @@ class SampleEncoder:
         if not self.template:
             raise TemplateError(f"{name}: ships no chat template; add one to its processor (chat_template.jinja) "
                                 "or a family entry in shared/families.py")
-        self.image_token: str = str(getattr(processor, "image_token", None) or "<image>")  # BLIP-2: an AddedToken
-        self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        # A text-only model (its processor is a tokenizer) has no image token: records with images
+        # are refused per record, text-only records work as for any model.
+        self.multimodal = hasattr(processor, "image_processor")
+        self.image_token: str | None = (str(getattr(processor, "image_token", None) or "<image>")  # BLIP-2: AddedToken
+                                        if self.multimodal else None)
+        self.image_token_id: int | None = (self.tokenizer.convert_tokens_to_ids(self.image_token)
+                                           if self.multimodal else None)
+        self.string_content = _wants_string_content(self.tokenizer, self.template, name)
         self.eos_ids = {int(i) for i in eos_ids} | {self.tokenizer.eos_token_id} - {None}
         self.pad_id: int = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Strings the tokenizer reads as special tokens wherever they appear: in user text they would
@@ -97,9 +104,27 @@ class SampleEncoder:
 
     # -- text ---------------------------------------------------------------------------------
     def render(self, messages: Messages, add_generation_prompt: bool) -> str:
+        if self.string_content:
+            messages = [{**m, "content": self._as_string(m["content"])} for m in messages]
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, add_generation_prompt=add_generation_prompt, tokenize=False
         )
+
+    def _as_string(self, content: list[dict[str, Any]] | str) -> str:
+        """Content parts -> the one string a string-content template concatenates: the text parts,
+        with the model's image token where an image part stands (a text-only model has none)."""
+        if isinstance(content, str):
+            return content
+        pieces = []
+        for item in content:
+            if item.get("type") == "image":
+                if not self.multimodal:
+                    raise ValueError(f"{self.name} is a text-only model and this record has an image; drop the "
+                                     "image, or use a multimodal model")
+                pieces.append(self.image_token)
+            else:
+                pieces.append(item["text"])
+        return "\n".join(pieces)
 
     def _tokens(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -167,6 +192,7 @@ class SampleEncoder:
         dynamic resolution included) and its tensors. Once per sample."""
         if image is None:
             return None
+        self._check_multimodal()
         text = "" if self.family.image_at_start else self.image_token
         out = self.processor(text=text, images=[image], add_special_tokens=False, return_tensors="pt")
         ids = out["input_ids"][0].tolist()
@@ -178,6 +204,7 @@ class SampleEncoder:
         processor's own helper (`_get_num_multimodal_tokens`: sizes, no pixels) where the family
         has one, after it agreed with the full processor on this encoder's first images; else
         from the full processor."""
+        self._check_multimodal()
         n = self._helper_count(image) if self._count_helper_usable else None
         if n is not None and self._count_checks_left == 0:
             return ImageFeatures([self.image_token_id] * n, {})
@@ -186,6 +213,11 @@ class SampleEncoder:
             self._count_checks_left -= 1
             self._count_helper_usable = n == len(full.ids)
         return ImageFeatures(full.ids, {})
+
+    def _check_multimodal(self) -> None:
+        if not self.multimodal:
+            raise ValueError(f"{self.name} is a text-only model and this record has an image; drop the image "
+                             "(or the record: --skip-invalid), or use a multimodal model")
 
     @property
     def _count_helper_ok(self) -> bool | None:
@@ -207,7 +239,9 @@ class SampleEncoder:
                      images: list[ImageFeatures]) -> ModelInputs:
         """Each image's token run in place of its placeholder token, in order (or, for families
         that put the image before the text, BLIP-2's query tokens, in front: one image only)."""
-        found = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if images:
+            self._check_multimodal()
+        found = [i for i, t in enumerate(ids) if t == self.image_token_id] if self.multimodal else []
         if self.family.image_at_start and len(images) > 1:
             raise ValueError(f"{self.name}: {self.family.name} takes one image per sample, not {len(images)}")
         want = 0 if self.family.image_at_start else len(images)
@@ -225,6 +259,34 @@ class SampleEncoder:
             expanded[p : p + 1] = image.ids
             expanded_mask[p : p + 1] = [False] * len(image.ids)
         return ModelInputs(expanded, ids, expanded_mask, lengths, text, images)
+
+
+_PROBE_Q, _PROBE_A = "lmodprobequestion", "lmodprobeanswer"
+
+
+def _wants_string_content(tokenizer: Any, template: str, name: str) -> bool:
+    """Whether a chat template needs each message's content as one string, decided from what it
+    renders: a user and an assistant turn given as content parts must render each text once and no
+    part structure (a template that concatenates `message['content']` raises; one that prints it
+    shows the list). Parts are used wherever the template takes them (images are parts)."""
+    def rendered(as_parts: bool) -> str | None:
+        wrap = (lambda t: [{"type": "text", "text": t}]) if as_parts else (lambda t: t)
+        messages = [{"role": "user", "content": wrap(_PROBE_Q)}, {"role": "assistant", "content": wrap(_PROBE_A)}]
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+        except Exception:  # jinja raises TypeError / TemplateError / UndefinedError on the wrong shape
+            return None
+
+    def clean(text: str | None) -> bool:
+        return (text is not None and text.count(_PROBE_Q) == 1 and text.count(_PROBE_A) == 1
+                and "'type'" not in text and '"type"' not in text)
+
+    if clean(rendered(True)):
+        return False
+    if clean(rendered(False)):
+        return True
+    raise TemplateError(f"{name}: its chat template renders neither content parts nor string content of a "
+                        "user and an assistant turn; give the model a chat template that does")
 
 
 def collate_images(features: Sequence[ImageFeatures | None]) -> dict[str, torch.Tensor]:
@@ -274,7 +336,7 @@ def load_processor(model_dir: str | Path) -> Any:
 def load_encoder(model_dir: str | Path) -> SampleEncoder:
     """The encoder of a local model directory: processor, chat template, family, end-of-turn ids."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     eos: list[int] = []
     gen = model_dir / "generation_config.json"
     if gen.is_file():

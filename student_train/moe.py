@@ -1,6 +1,7 @@
-"""The student: a small dense MLLM (Idefics3 around a Qwen3 text model) and its sparse upcycling
-into Idefics3 around a Qwen3-MoE text model, a standard transformers class that loads with
-`AutoModelForImageTextToText.from_pretrained` (no remote code).
+"""The student: a small dense model (the tiny Idefics3 around a Qwen3 text model, or the first layers
+of a teacher) and its sparse upcycling into the MoE counterpart of its text model, a standard
+transformers class that loads with `AutoModelForImageTextToText` / `AutoModelForCausalLM`
+`.from_pretrained` (no remote code).
 
 Upcycling (LLaVA-MoD / MoE-LLaVA): every chosen layer's FFN becomes E experts that start as copies
 of it, with a fresh router; with top-k weights renormalised to sum to 1 the upcycled model computes
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from shared.models import load_model, model_from_config
 
 # What a model directory holds besides its processor, tokenizer and chat template files.
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "lmod_recipe.json")
@@ -215,7 +218,7 @@ def upcycle(
     the MoE counterpart of its text model, with fresh routers; vision tower, projector, processor,
     tokenizer and chat template carried over. Returns the layers that became MoE. With `check`, a
     text-only forward pass confirms the result equals the dense model (before any noise)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
 
     dense_dir, out = Path(dense_dir), Path(out)
     if not noise >= 0:  # NaN too
@@ -229,7 +232,7 @@ def upcycle(
     target = _counterpart(text.model_type, len(layers) < n_layers, dense_dir)
     if getattr(text, "mlp_bias", False):
         raise ValueError(f"{dense_dir}: FFN biases are not supported by the MoE classes lmod upcycles into")
-    dense = AutoModelForImageTextToText.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
+    dense = load_model(dense_dir, torch.float32).eval()
     moe_text = text.to_dict()
     for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
         moe_text.pop(key, None)
@@ -245,15 +248,18 @@ def upcycle(
         moe_text["qkv_bias"] = text.model_type == "qwen2" or bool(getattr(text, "attention_bias", False))
         moe_text["use_sliding_window"] = bool(getattr(text, "use_sliding_window", False))
     moe_text = AutoConfig.for_model(target.model_type, **moe_text)
-    full = dcfg.to_dict()
-    wrapper = MOE_WRAPPERS.get(dcfg.model_type, dcfg.model_type)
-    for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
-        full.pop(key, None)
-    text_key = next(k for k in ("text_config", "llm_config") if k in full)
-    full[text_key] = moe_text.to_dict()
-    config = AutoConfig.for_model(wrapper, **full)
+    if text is dcfg:  # a text-only model: the MoE text model is the whole student
+        config = moe_text
+    else:
+        full = dcfg.to_dict()
+        wrapper = MOE_WRAPPERS.get(dcfg.model_type, dcfg.model_type)
+        for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "model_type"):
+            full.pop(key, None)
+        text_key = next(k for k in ("text_config", "llm_config") if k in full)
+        full[text_key] = moe_text.to_dict()
+        config = AutoConfig.for_model(wrapper, **full)
     torch.manual_seed(seed)
-    moe = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    moe = model_from_config(config, torch.float32)
     dense_sd, moe_sd = dense.state_dict(), moe.state_dict()
     used: set[str] = set()
     new_sd = {}
@@ -303,3 +309,46 @@ def active_parameters(model: torch.nn.Module) -> int:
     for name, p in model.named_parameters():
         total += int(p.numel() * frac) if ".experts." in name else p.numel()
     return total
+
+
+def first_layers(teacher_dir: Path, out: Path, layers: int) -> dict[str, int]:
+    """A dense student cut from the teacher: its first `layers` text-model layers, with the teacher's
+    embeddings, final norm, head and (for an MLLM) vision tower and projector: the layer-dropping
+    start of DistilBERT and Minitron. Same tokenizer and template, so it reads the teacher's dump
+    as it is. Returns the teacher's and the student's layer counts and parameters."""
+    import copy
+
+    teacher_dir, out = Path(teacher_dir), Path(out)
+    teacher = load_model(teacher_dir, torch.float32)
+    config = copy.deepcopy(teacher.config)
+    text = config.get_text_config()
+    total = text.num_hidden_layers
+    if not 1 <= layers <= total:
+        raise ValueError(f"--layers {layers}: the teacher's text model has {total} layers; keep 1..{total}")
+    text.num_hidden_layers = layers
+    for key in ("layer_types", "mlp_only_layers"):  # per-layer lists follow the layers kept
+        value = getattr(text, key, None)
+        if isinstance(value, list):
+            setattr(text, key, [v for v in value if not isinstance(v, int) or v < layers]
+                    if key == "mlp_only_layers" else value[:layers])
+    student = model_from_config(config, torch.float32)
+    source = teacher.state_dict()
+    missing, unexpected = student.load_state_dict(source, strict=False)
+    dropped_layer = [k for k in unexpected if not _is_layer_at_or_after(k, layers)]
+    if missing or dropped_layer:
+        raise ValueError(f"cutting {teacher_dir} to {layers} layers: weights do not line up "
+                         f"(missing {missing[:3]}, unplaced {dropped_layer[:3]})")
+    student.generation_config = teacher.generation_config
+    copy_processor(teacher_dir, out)
+    student.save_pretrained(str(out))
+    return {"teacher_layers": total, "student_layers": layers,
+            "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+            "student_parameters": sum(p.numel() for p in student.parameters())}
+
+
+def _is_layer_at_or_after(key: str, n: int) -> bool:
+    """A text-model decoder layer >= n (`...layers.7.mlp...`); vision-tower layers are not dropped."""
+    pieces = key.split(".")
+    return ("layers" in pieces and pieces.index("layers") + 1 < len(pieces)
+            and pieces[pieces.index("layers") + 1].isdigit() and int(pieces[pieces.index("layers") + 1]) >= n
+            and not any(v in pieces for v in ("vision_model", "vision_tower", "visual", "encoder")))

@@ -27,7 +27,7 @@ class RouterTap:
     def __init__(self, model: torch.nn.Module):
         self.logits: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(lambda m, i, o: self.logits.append(o[0])) for m in moe_routers(model)]
-        text = model.config.text_config
+        text = model.config.get_text_config()
         self.top_k = getattr(text, "num_experts_per_tok", 1)
 
     def losses(self, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.models import is_multimodal
+
 PARTS = ("vision", "projector", "language", "experts", "router")
 # The paper's choice for both distillation stages. The tiny demo, whose student tower starts from
 # random weights, trains everything (pipelines/configs).
@@ -20,8 +22,11 @@ _VISION = ("vision_model", "vision_tower", "visual", "image_tower", "vision_enco
 _LANGUAGE = ("text_model", "language_model", "lm_head", "embed_tokens")
 
 
-def part_of(name: str) -> str | None:
-    """'vision' | 'projector' | 'language' for a parameter name; None when the name says neither."""
+def part_of(name: str, text_only: bool = False) -> str | None:
+    """'vision' | 'projector' | 'language' for a parameter name; None when the name says neither.
+    Every parameter of a text-only model is its language model."""
+    if text_only:
+        return "language"
     pieces = name.split(".")
     for part, keys in (("projector", _PROJECTOR), ("vision", _VISION), ("language", _LANGUAGE)):
         if any(p in keys for p in pieces):
@@ -41,6 +46,7 @@ def trainable_names(model: torch.nn.Module, train: tuple[str, ...] | list[str], 
     """The parameter names that train for `train` (parts of PARTS, or ["all"]). Fails in one line
     naming the family when a part is not found or a parameter belongs to no known part."""
     names = [n for n, _ in model.named_parameters()]
+    text_only = not is_multimodal(model)
     if list(train) == ["all"]:
         return set(names)
     unknown = sorted(set(train) - set(PARTS))
@@ -50,13 +56,13 @@ def trainable_names(model: torch.nn.Module, train: tuple[str, ...] | list[str], 
     for part in train:
         if part in ("experts", "router"):
             test = is_expert if part == "experts" else is_router
-            found = {n for n in names if part_of(n) == "language" and test(n)}
+            found = {n for n in names if part_of(n, text_only) == "language" and test(n)}
         else:
-            unplaced = [n for n in names if part_of(n) is None]
+            unplaced = [n for n in names if part_of(n, text_only) is None]
             if unplaced:
                 raise ValueError(f"{family}: cannot tell which part parameter {unplaced[0]!r} belongs to; "
                                  "name it in student_train/parts.py or use train: [all]")
-            found = {n for n in names if part_of(n) == part}
+            found = {n for n in names if part_of(n, text_only) == part}
         if not found:
             what = "an MoE student (lmod student upcycle)" if part in ("experts", "router") else "that part"
             raise ValueError(f"{family}: train: {part!r} matches no parameter of this model; it needs {what}")
@@ -71,7 +77,7 @@ def apply_trainable(model: torch.nn.Module, train: tuple[str, ...] | list[str], 
     for name, p in model.named_parameters():
         p.requires_grad_(name in keep)
         if name in keep:
-            part = part_of(name) or "other"
+            part = part_of(name, not is_multimodal(model)) or "other"
             counts[part] = counts.get(part, 0) + p.numel()
     return counts
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from shared.mllm import FinalHidden, SampleEncoder, load_encoder
+from shared.models import load_model
 from student_train.config import TrainConfig, TrainError
 from student_train.cross_tokenizer import AlignmentError, TokenBridge
 from student_train.data import (
@@ -146,8 +147,6 @@ class StepResult:
 
 def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
           resume: bool = False, allow_partial: bool = False) -> Trainer:
-    from transformers import AutoModelForImageTextToText
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     dist = Dist.setup(device)
     if device == "cuda" and dist.world > 1:
@@ -178,7 +177,7 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     data = MicroBatches(cfg.stage, files, student, image_root, cfg.batch_size, seed=cfg.seed,
                         window=cfg.shuffle_window, rank=dist.rank, world=dist.world, sampled=sampled, bridge=bridge)
     torch.manual_seed(cfg.seed)
-    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint or student), dtype=torch.float32).to(device)
+    model = load_model(checkpoint or student, torch.float32).to(device)
     model.train()
     try:
         trained_parts = apply_trainable(model, cfg.train, f"{encoder.family.name} student {student}")

@@ -73,14 +73,11 @@ class HFBackend:
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", batch_size: int = 32, device: str = "auto",
                  chunk: int = 256):
-        from transformers import AutoModelForImageTextToText
-
         from shared.mllm import FinalHidden
+        from shared.models import load_model
 
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            str(model_dir), dtype=getattr(torch, dtype)
-        ).to(self.device).eval()
+        self.model = load_model(model_dir, getattr(torch, dtype)).to(self.device).eval()
         self.batch_size = batch_size
         self.chunk = chunk
         self.encoder = load_encoder(model_dir)

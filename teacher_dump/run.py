@@ -27,6 +27,7 @@ from shared.fingerprint import (
 )
 from shared.manifest import Manifest, RunRecord, atomic_write_bytes
 from shared.mllm import load_encoder
+from shared.models import ModelError, kind_of, read_config
 from shared.prompt import TemplateError
 from shared.schema import FORMAT_VERSION, KINDS, MANIFEST_NAME, REJECTED_NAME, row_images, shard_name
 from shared.shards import shard_file_problem
@@ -392,7 +393,11 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
         raise InputError(f"{cfg.model}: no config.json; --model must be a local model directory")
     if not any(Path(cfg.model).glob("*.safetensors")) and not any(Path(cfg.model).glob("*.bin")):
         raise InputError(f"{cfg.model}: no weights (*.safetensors or *.bin); --model must be a saved model directory")
-    config = json.loads((Path(cfg.model) / "config.json").read_text())
+    try:
+        config = read_config(cfg.model)
+        kind_of(cfg.model)  # a model that cannot be a teacher stops here, before Ray starts
+    except ModelError as e:
+        raise InputError(str(e)) from None
     positions = config.get("text_config", config).get("max_position_embeddings")
     if positions and cfg.max_model_len > positions:
         raise InputError(f"--max-model-len {cfg.max_model_len} exceeds the {positions} positions of {cfg.model}'s "
@@ -413,6 +418,8 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
 
         AutoConfig.from_pretrained(str(cfg.model))
         encoder = load_encoder(cfg.model)
+    except TemplateError as e:
+        raise InputError(str(e)) from None
     except (ValueError, KeyError, OSError) as e:  # unknown model_type, malformed config, no processor files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{cfg.model}: transformers cannot load this model ({first}); --model must be a saved "

@@ -1,0 +1,167 @@
+"""Which transformers class runs a model directory, loading it, and GGUF files as model inputs.
+
+lmod serves any model transformers can run as a generator of text: a multimodal model
+(`AutoModelForImageTextToText`: Idefics3, LLaVA, Qwen-VL, ...) or a text-only causal LM
+(`AutoModelForCausalLM`: Llama, Qwen2/3, Mistral, Gemma, Mixtral, ...). The kind is read from the
+config's `model_type` against transformers' own mappings, preferring the multimodal class where a
+type has both (Gemma 3). Anything else (an encoder-only BERT, a speech model) is refused in one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IMAGE_TEXT = "image-text"
+CAUSAL_LM = "causal-lm"
+
+
+class ModelError(ValueError):
+    """A model lmod cannot use in this role; the message names it and says what to do."""
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a local model directory, or a one-line ModelError naming the file."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelError(f"{model_dir}: no config.json; give a local model directory (or a .gguf file)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path}: not valid JSON ({e}); restore the model's config.json") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: not a JSON object; restore the model's config.json")
+    return config
+
+
+def model_kind(model_type: str, where: str | Path = "model") -> str:
+    """IMAGE_TEXT or CAUSAL_LM for a transformers `model_type`; ModelError for models that do not
+    generate text from a prompt (encoder-only, speech, unknown types)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return IMAGE_TEXT
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in _NOT_GENERATIVE:
+        return CAUSAL_LM
+    raise ModelError(f"{where}: model_type {model_type!r} is not a text generator transformers can run "
+                     "(AutoModelForCausalLM or AutoModelForImageTextToText); lmod needs a chat model")
+
+
+# Types transformers maps to a causal-LM head that are encoders underneath: their "next token" is
+# not what they were trained to predict.
+_NOT_GENERATIVE = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "data2vec-text",
+                             "xlm-roberta-xl", "roberta-prelayernorm", "rembert", "bert-generation",
+                             "megatron-bert", "xmod", "big_bird"})
+
+
+def auto_class(kind: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if kind == IMAGE_TEXT else AutoModelForCausalLM
+
+
+def kind_of(model_dir: str | Path) -> str:
+    return model_kind(read_config(model_dir).get("model_type", ""), model_dir)
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The model of a local directory in its own class (multimodal or causal LM)."""
+    return auto_class(kind_of(model_dir)).from_pretrained(str(model_dir), dtype=dtype)
+
+
+def model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> Any:
+    return auto_class(model_kind(config.model_type)).from_config(config, dtype=dtype)
+
+
+def is_multimodal(model_or_config: Any) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return model_kind(config.model_type) == IMAGE_TEXT
+
+
+# -- GGUF -----------------------------------------------------------------------------------------
+
+GGUF_SUFFIX = ".gguf"
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).endswith(GGUF_SUFFIX)
+
+
+def from_gguf(gguf_file: str | Path, out: str | Path) -> Path:
+    """A GGUF checkpoint -> a standard transformers directory (weights de-quantised to float32 in
+    safetensors, tokenizer with its chat template, generation config). transformers reads GGUF
+    (`gguf` and `accelerate` packages) but will not save a model it loaded from one, so the state
+    dict goes into a fresh model of the same config. Written to a temporary folder and renamed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, out = Path(gguf_file), Path(out)
+    if not gguf_file.is_file():
+        raise ModelError(f"{gguf_file}: no such GGUF file")
+    if (out / "config.json").exists():
+        raise ModelError(f"{out} already holds a model; choose another --out")
+    folder, name = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except ImportError as e:
+        raise ModelError(f"{gguf_file}: reading GGUF needs the `gguf` and `accelerate` packages ({e})") from None
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{gguf_file}: transformers cannot read this GGUF file ({first})") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are de-quantised: a plain float checkpoint
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "lmod_gguf.json").write_text(json.dumps({"gguf": name, "sha256": file_sha256(gguf_file)}) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not (out / "config.json").is_file():  # not another process converting the same file
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMOD_CACHE", Path.home() / ".cache" / "lmod"))
+
+
+def resolve_model(path: str | Path) -> Path:
+    """A model directory as given, or for a .gguf file its converted directory, made once per file
+    content under the lmod cache (`LMOD_CACHE`, default ~/.cache/lmod) and reused after."""
+    path = Path(path)
+    if not is_gguf(path):
+        return path
+    if not path.is_file():
+        raise ModelError(f"{path}: no such GGUF file")
+    target = cache_dir() / "gguf" / f"{path.stem}-{file_sha256(path)[:16]}"
+    if not (target / "config.json").is_file():
+        from_gguf(path, target)
+    return target
