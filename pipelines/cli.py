@@ -149,6 +149,52 @@ def dump_teacher_cmd(
     typer.echo(json.dumps(dump_info(out), indent=2))
 
 
+@app.command("generate")
+def generate_cmd(
+    model: Path = typer.Option(..., help="The model that answers (a teacher, a student; a directory or .gguf)."),
+    data: Path = typer.Option(..., help="Records or prompts: any input dump-teacher reads (conversations: the last "
+                              "answer is replaced or added; or question/prompt strings)."),
+    out: Path = typer.Option(..., help="JSONL of mimic records with provenance (resumable)."),
+    image_root: Path | None = typer.Option(None, help="Root of image paths (default: the data file's directory)."),
+    backend: str = typer.Option("vllm", help="vllm | hf"),
+    temperature: float = typer.Option(0.0, help="0: greedy; > 0: sampling at this temperature."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling's share of the mass (with --temperature > 0)."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer, end-of-turn token included."),
+    seed: int = typer.Option(0, help="Sampling seed (each record's own seed comes from it and the record's id)."),
+    batch_size: int = typer.Option(16, help="Records per batch (and per resumable step)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    max_model_len: int = typer.Option(2048, help="Longest prompt + answer."),
+) -> None:
+    """Answer every record with MODEL: the teacher's answers (sequence-level distillation data) or a
+    student's samples (on-policy rounds), written as mimic records that dump-teacher reads."""
+    check_environment()
+    from tqdm import tqdm
+
+    from teacher_dump.backends import Sampling
+    from teacher_dump.generate import GenerateConfig, generate
+    from teacher_dump.inputs import InputError
+
+    model = require_model(model, "--model")
+    cfg = GenerateConfig(model=model, data=data, out=out, image_root=image_root, backend=backend,
+                         sampling=Sampling(temperature, top_p, max_new_tokens), seed=seed, batch_size=batch_size,
+                         dtype=dtype, max_model_len=max_model_len)
+    bars: list[tqdm] = []  # made at the first finished batch: a refusal prints one line only
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc="generate", unit="record", total=total, dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        summary = generate(cfg, progress)
+    except InputError as e:
+        fail(str(e))
+    finally:
+        for bar in bars:
+            bar.close()
+    typer.echo(json.dumps(summary))
+
+
 @shards_app.command("verify")
 def shards_verify(out: Path = typer.Argument(..., help="A dump directory.")) -> None:
     """Check every shard's checksum, schema and row count against the manifest."""

@@ -303,3 +303,100 @@ def make_backend(name: str, model_dir: str | Path, dtype: str = "float32", max_m
                            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                            scoring=vllm_scoring, max_images=max(1, max_images))
     raise ValueError(f"unknown backend {name!r}; use 'vllm' or 'hf'")
+
+
+# -- generation (lmod generate): answers from any model, the teacher's or a student's -------------------
+
+
+@dataclass
+class GenerateRequest:
+    prompt_ids: list[int]  # the generation prompt, unexpanded (one placeholder per image)
+    ids: list[int]  # expanded (image runs in place): what transformers is given
+    images: list[Image.Image]
+    features: list[ImageFeatures]
+    seed: int  # the record's own seed (vLLM: per request; transformers: per batch, see HFGenerator)
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+
+
+class HFGenerator:
+    """transformers `generate`, left-padded batches. Sampling draws from torch's global generator,
+    seeded with the first request's seed before each batch: a batch gives the same answers on every
+    run (lmod generate keeps batch boundaries fixed across resumes)."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto"):
+        from shared.models import load_model
+
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.model = load_model(model_dir, getattr(torch, dtype)).to(self.device).eval()
+        self.encoder = load_encoder(model_dir)
+
+    @torch.no_grad()
+    def generate(self, requests: list[GenerateRequest], sampling: Sampling) -> list[list[int]]:
+        enc = self.encoder
+        inputs = batch_inputs(enc, [r.ids for r in requests], [r.features for r in requests], self.device,
+                              self.model.dtype, left=True)
+        torch.manual_seed(requests[0].seed)
+        greedy = sampling.temperature <= 0
+        out = self.model.generate(
+            **inputs, max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+            top_k=None, eos_token_id=sorted(enc.eos_ids), pad_token_id=enc.pad_id,
+        )
+        width = inputs["input_ids"].shape[1]
+        return [_through_eos(row, enc.eos_ids) for row in out[:, width:].tolist()]
+
+
+class VLLMGenerator:
+    """vLLM's generate runner; every request carries its own seed, so answers do not depend on batching."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 2048,
+                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1, max_images: int = 1):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # same reasons as VLLMBackend
+        from vllm import LLM
+
+        on_gpu = torch.cuda.is_available()
+        self.encoder = load_encoder(model_dir)
+        mm = {"limit_mm_per_prompt": {"image": max_images}} if self.encoder.multimodal else {}
+        self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, enforce_eager=not on_gpu,
+                       gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.2),
+                       tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=False, seed=0, **mm)
+        if not on_gpu:
+            logging.getLogger("vllm.v1.worker.cpu_worker").setLevel(logging.ERROR)
+
+    def generate(self, requests: list[GenerateRequest], sampling: Sampling) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        eos = sorted(self.encoder.eos_ids)
+        params = [SamplingParams(temperature=max(0.0, sampling.temperature), top_p=sampling.top_p,
+                                 max_tokens=sampling.max_new_tokens, seed=r.seed % (1 << 63), stop_token_ids=eos,
+                                 detokenize=False) for r in requests]
+        prompts = [VLLMBackend._prompt(ScoreRequest(r.ids, r.prompt_ids, [], r.images, r.features, 0))
+                   for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [_through_eos(list(o.outputs[0].token_ids), self.encoder.eos_ids) for o in outputs]
+
+
+def _through_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """Generated ids up to and including the first end-of-turn token (the rest is padding)."""
+    cut = next((i for i, t in enumerate(ids) if t in eos), None)
+    return ids if cut is None else ids[: cut + 1]
+
+
+def make_generator(name: str, model_dir: str | Path, dtype: str = "float32", max_model_len: int = 2048,
+                   max_images: int = 1) -> HFGenerator | VLLMGenerator:
+    if name == "hf":
+        return HFGenerator(model_dir, dtype=dtype)
+    if name == "vllm":
+        return VLLMGenerator(model_dir, dtype=dtype, max_model_len=max_model_len, max_images=max_images)
+    raise ValueError(f"unknown backend {name!r}; use 'vllm' or 'hf'")

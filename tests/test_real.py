@@ -202,3 +202,67 @@ def test_models_that_cannot_teach_are_one_line_before_ray(real_teacher, real_dat
         errors = [line for line in res.output.splitlines() if line.startswith("lmod: error:")]
         assert res.exit_code == 2 and len(errors) == 1 and expected in errors[0], res.output[-1500:]
         assert not (tmp_path / "o").exists()
+
+
+def _generate(model: Path, data: Path, out: Path, backend: str, *flags: str) -> dict:
+    """`lmod generate` in its own process (a vLLM engine core left in the pytest process would hold
+    threads that a later test's DataLoader fork deadlocks on)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--model", str(model), "--data",
+                          str(data), "--out", str(out), "--backend", backend, *flags],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_generate_is_deterministic_resumable_and_its_records_feed_a_dump(real_teacher, real_data, tmp_path):
+    from teacher_dump.generate import STATE_SUFFIX
+    from teacher_dump.run import DumpConfig, dump_teacher
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"id": f"q{i}", "question": q} for i, (q, _) in enumerate(QA)]
+    rows.append(json.loads((real_data / "mimic.jsonl").read_text().splitlines()[-1]))  # its last answer is redone
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ("--temperature", "1.0", "--seed", "3", "--batch-size", "2", "--max-new-tokens", "12")
+    first = _generate(real_teacher, prompts, tmp_path / "a.jsonl", "hf", *flags)
+    assert first["records"] == 6 and first["generated_tokens"] > 0
+    _generate(real_teacher, prompts, tmp_path / "b.jsonl", "hf", *flags)
+    a = (tmp_path / "a.jsonl").read_bytes()
+    assert (tmp_path / "b.jsonl").read_bytes() == a  # same seed, same bytes
+    # Killed mid-write after the first batch: a whole batch and half a line on disk.
+    lines = a.splitlines(keepends=True)
+    (tmp_path / "c.jsonl").write_bytes(b"".join(lines[:2]) + lines[2][:40])
+    state = json.loads((tmp_path / ("a.jsonl" + STATE_SUFFIX)).read_text())
+    (tmp_path / ("c.jsonl" + STATE_SUFFIX)).write_text(json.dumps({"settings": state["settings"], "complete": False}))
+    resumed = _generate(real_teacher, prompts, tmp_path / "c.jsonl", "hf", *flags)
+    assert resumed["resumed_after"] == 2 and (tmp_path / "c.jsonl").read_bytes() == a
+    records = [json.loads(line) for line in lines]
+    assert records[-1]["conversations"][:3] == rows[-1]["conversations"][:3]  # earlier turns kept
+    assert records[-1]["conversations"][3]["value"] != rows[-1]["conversations"][3]["value"]
+    assert all(r["generation"]["temperature"] == 1.0 and r["generation"]["seed"] == 3 for r in records)
+    # Another seed, other samples; other settings into the same file are refused.
+    _generate(real_teacher, prompts, tmp_path / "d.jsonl", "hf", *flags[:2], "--seed", "4", *flags[4:])
+    assert (tmp_path / "d.jsonl").read_bytes() != a
+    import subprocess
+    import sys
+
+    refused = subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--model", str(real_teacher),
+                              "--data", str(prompts), "--out", str(tmp_path / "a.jsonl"), "--backend", "hf",
+                              "--seed", "9"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "written with other settings" in refused.stderr and "seed" in refused.stderr
+    manifest = dump_teacher(DumpConfig(model=real_teacher, out=tmp_path / "dump", mimic_data=tmp_path / "a.jsonl",
+                                       shards=1, top_k=8, backend="hf", progress=False, skip_invalid=True))
+    assert manifest.record.records["mimic"] >= 5  # answers of the teacher itself are valid mimic records
+
+
+def test_vllm_and_hf_generate_the_same_greedy_answers(real_teacher, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "question": q}) + "\n" for i, (q, _) in enumerate(QA[:3])))
+    for backend in ("hf", "vllm"):
+        _generate(real_teacher, prompts, tmp_path / f"{backend}.jsonl", backend, "--max-new-tokens", "16")
+    answers = {b: [json.loads(line)["conversations"][-1]["value"] for line in
+                   (tmp_path / f"{b}.jsonl").read_text().splitlines()] for b in ("hf", "vllm")}
+    assert answers["hf"][0].startswith("The capital of France is Paris")
+    assert sum(h == v for h, v in zip(answers["hf"], answers["vllm"])) >= 2, answers
