@@ -132,7 +132,9 @@ def _throughput(label: str, teacher: Path, world: Path, skip_vllm: bool) -> None
 
     from vllm import SamplingParams
 
-    prompts = [{"prompt_token_ids": r.prompt_ids, "multi_modal_data": {"image": r.images[0]}} for r in requests]
+    from teacher_dump.backends import VLLMBackend
+
+    prompts = [VLLMBackend._prompt(r) for r in requests]  # text-only records carry no image
     logprobs = TeacherWorker(str(teacher), "vllm", {"max_model_len": 512, "vllm_scoring": "logprobs"}, 32, out)
 
     def run(**kw) -> float:

@@ -422,10 +422,10 @@ def eval_cmd(
         fail(str(e))
     if shards:
         from student_train.data import ShardError
-        from student_train.evaluate import kl_to_teacher
+        from student_train.evaluate import held_out_agreement
 
         try:
-            metrics["kl_to_teacher"] = kl_to_teacher(model, shards, shards_image_root, device=device, dtype=dtype)
+            metrics.update(held_out_agreement(model, shards, shards_image_root, device=device, dtype=dtype))
         except ShardError as e:
             fail(str(e))
     text = json.dumps(metrics, indent=2)

@@ -11,6 +11,7 @@ last finished batch, so an interrupted and a straight run write the same bytes.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable
@@ -168,6 +169,7 @@ def generate(cfg: GenerateConfig, progress: Callable[[int, int], None] | None = 
                "prompt_tokens": 0}
     if done < len(prompts):
         _run(cfg, prompts, done, out, settings, summary, progress)
+        gc.collect()  # the engine: a vLLM engine made next in this process needs its memory back
     summary["complete"] = True
     state.write_text(json.dumps({"settings": settings, **summary}, indent=2) + "\n")
     return summary
