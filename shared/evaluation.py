@@ -66,7 +66,7 @@ def _routed_slots(model: Any, encoder: SampleEncoder, seqs: list[list[int]], ima
     handles = [m.register_forward_hook(lambda mod, i, o: logits.append(o[0])) for m in routers]
     try:
         inputs = batch_inputs(encoder, seqs, images, device=model.device, float_dtype=model.dtype)
-        FinalHidden.of(model)(model, inputs)  # the body only: routing needs no logits
+        FinalHidden.of(model, student=False)(model, inputs)  # the body only: routing needs no logits
     finally:
         for h in handles:
             h.remove()

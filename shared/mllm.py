@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from shared.families import Family, family_of
-from shared.models import read_config
+from shared.models import CAUSAL_LM, LOGIT_TRANSFORM_KEYS, kind_of, read_config
 from shared.prompt import Messages, TemplateError, render_with_spans
 
 # Images on which an encoder checks the processor's token-count helper before trusting it.
@@ -328,8 +328,12 @@ def batch_inputs(encoder: SampleEncoder, seqs: Sequence[Sequence[int]], images: 
 
 
 def load_processor(model_dir: str | Path) -> Any:
-    from transformers import AutoProcessor
+    """The model's processor; for a text-only model its tokenizer (whatever processor class its
+    tokenizer files name: a text model cut from an MLLM keeps them)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
+    if kind_of(model_dir) == CAUSAL_LM:
+        return AutoTokenizer.from_pretrained(str(model_dir))
     return AutoProcessor.from_pretrained(str(model_dir))
 
 
@@ -352,12 +356,12 @@ class FinalHidden:
     model's forward (DDP's included) runs its body only and no [batch, length, V] logits exist. The
     caller projects the positions it needs with `head` (losses.OutputHead), chunk by chunk."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, student: bool = True):
         head = model.get_output_embeddings()
         if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
             raise TypeError(f"{type(model).__name__}: no output projection (get_output_embeddings) to apply apart")
-        text = getattr(model.config, "text_config", model.config)
-        for key in ("final_logit_softcapping", "logit_scale"):
+        text = model.config.get_text_config()
+        for key in LOGIT_TRANSFORM_KEYS if student else ():  # a teacher applies them (shared.models.logit_transform)
             if getattr(text, key, None) not in (None, 1.0):
                 raise TypeError(f"{type(model).__name__}: {key}={getattr(text, key)} changes the logits after the "
                                 "output projection, which lmod's fused losses do not apply; this family is not "
@@ -368,11 +372,12 @@ class FinalHidden:
         head.register_forward_pre_hook(self._keep)
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> FinalHidden:
-        """The model's tap, made once (each one adds a hook to the output projection)."""
+    def of(cls, model: torch.nn.Module, student: bool = True) -> FinalHidden:
+        """The model's tap, made once (each one adds a hook to the output projection). A student's
+        losses project with the bare head, so families that change logits after it are refused."""
         tap = getattr(model, "_lmod_final_hidden", None)
         if tap is None or tap.head is not model.get_output_embeddings():
-            tap = cls(model)
+            tap = cls(model, student)
             model._lmod_final_hidden = tap
         return tap
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,39 @@ def model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> Any:
 def is_multimodal(model_or_config: Any) -> bool:
     config = getattr(model_or_config, "config", model_or_config)
     return model_kind(config.model_type) == IMAGE_TEXT
+
+
+# -- logits -----------------------------------------------------------------------------------------
+
+# Config keys of families whose logits are changed after the output projection, as transformers
+# applies them: Gemma 2/3 soft-cap (tanh(x / c) * c), Cohere / Aya scale (x * s), Granite divide (x / d).
+LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def logit_transform(config: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the family does to the output projection's result before its softmax, or None. A teacher
+    that projects its own hidden states (both backends score positions themselves) must apply it, or
+    it stores a distribution ~16x too sharp (Gemma 2's cap of 30) without a word."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    divide = getattr(text, "logits_scaling", None)
+    steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+    if scale not in (None, 1.0):
+        steps.append(lambda x: x * scale)
+    if divide not in (None, 1.0):
+        steps.append(lambda x: x / divide)
+    if cap:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return apply
 
 
 # -- GGUF -----------------------------------------------------------------------------------------

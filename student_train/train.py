@@ -195,7 +195,7 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     step = 0
     if checkpoint is not None:
         # Each rank reads the optimizer state onto its own device (not the device it was saved from).
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location=device)
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location=device)
         if state.get("layout") == "full":  # written by a sharded run: keyed by parameter names
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

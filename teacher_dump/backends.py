@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -74,42 +75,59 @@ class HFBackend:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", batch_size: int = 32, device: str = "auto",
                  chunk: int = 256):
         from shared.mllm import FinalHidden
-        from shared.models import load_model
+        from shared.models import load_model, logit_transform
 
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.model = load_model(model_dir, getattr(torch, dtype)).to(self.device).eval()
         self.batch_size = batch_size
         self.chunk = chunk
         self.encoder = load_encoder(model_dir)
-        self.body = FinalHidden.of(self.model)
+        self.body = FinalHidden.of(self.model, student=False)
+        self.transform = logit_transform(self.model.config)
+        # The head in float32 (one copy, made once): under bf16 weights its output would be rounded
+        # to bf16 before the float32 log-softmax (errors as large as the whole u8 codec's).
+        self.head = float32_head(self.body.head)
 
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
         results: list[ScoreResult] = []
-        head = self.body.head
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             # Text-only rows simply contribute no image: models fill image tokens in order.
             inputs = batch_inputs(self.encoder, [r.ids for r in chunk], [r.features for r in chunk], self.device,
                                   self.model.dtype)
-            hidden = self.body(self.model, inputs)
+            hidden = self.body(self.model, {**inputs, "use_cache": False})  # no KV cache: nothing reads it
             for row, req in enumerate(chunk):
                 pos = torch.tensor(req.positions, device=hidden.device) - 1  # the state at p-1 predicts ids[p]
-                results.append(self._pick(hidden[row, pos], head, req))
+                results.append(score_positions(hidden[row, pos], self.head, req, self.chunk, self.transform))
         return results
 
-    def _pick(self, hidden: torch.Tensor, head: torch.nn.Module, req: ScoreRequest) -> ScoreResult:
-        return score_positions(hidden, head, req, self.chunk)
+
+def float32_head(head: torch.nn.Module) -> torch.nn.Module:
+    """The output projection with float32 weights (the module itself when it already is)."""
+    if head.weight.dtype == torch.float32:
+        return head
+    bias = getattr(head, "bias", None)
+    out = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=bias is not None, device="meta")
+    out.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=False)
+    if bias is not None:
+        out.bias = torch.nn.Parameter(bias.detach().float(), requires_grad=False)
+    return out
 
 
-def score_positions(hidden: torch.Tensor, head: torch.nn.Module, req: ScoreRequest, chunk: int = 256) -> ScoreResult:
+def score_positions(hidden: torch.Tensor, head: torch.nn.Module, req: ScoreRequest, chunk: int = 256,
+                    transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ScoreResult:
     """The stored values of one request from the final hidden states at its scored positions
-    ([P, H], the state at p - 1 for position p): the head `chunk` positions at a time, top-k of the
-    raw logits and one logsumexp per position, in float32 (RS-KD draws from the whole distribution)."""
+    ([P, H], the state at p - 1 for position p): the head `chunk` positions at a time in float32
+    (hidden states and weights alike, whatever the model's dtype), the family's logit transform
+    (shared/models.py:logit_transform), top-k of the logits and one logsumexp per position (RS-KD
+    draws from the whole distribution)."""
     targets = torch.tensor([req.ids[p] for p in req.positions], device=hidden.device)
     target_lp, top_ids, top_lp, full = [], [], [], []
     for s in range(0, hidden.shape[0], chunk):
-        logits = head(hidden[s : s + chunk]).float()  # [C, V]
+        logits = head(hidden[s : s + chunk].to(head.weight.dtype)).float()  # [C, V]
+        if transform is not None:
+            logits = transform(logits)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         target_lp.append(logits.gather(1, targets[s : s + chunk, None])[:, 0] - lse[:, 0])
         if req.top_k > 0:
@@ -183,7 +201,13 @@ class VLLMBackend:
             runner = {"runner": "pooling", "convert": "embed",
                       "pooler_config": PoolerConfig(pooling_type="ALL", use_activation=False, task="token_embed"),
                       "worker_extension_cls": "teacher_dump.vllm_positions.PositionPoolerExtension"}
-            self.head = load_output_head(model_dir, getattr(torch, dtype), "cuda" if on_gpu else "cpu")
+            # float32 whatever the engine's dtype (see HFBackend), and the family's logit transform
+            self.head = load_output_head(model_dir, torch.float32, "cuda" if on_gpu else "cpu")
+            from transformers import AutoConfig
+
+            from shared.models import logit_transform
+
+            self.transform = logit_transform(AutoConfig.from_pretrained(str(model_dir)))
         elif scoring == "logprobs":
             runner = {"max_logprobs": max_logprobs}
         else:
@@ -229,7 +253,7 @@ class VLLMBackend:
                 raise RuntimeError(f"vLLM returned {hidden.shape[0]} hidden states for {len(req.positions)} scored "
                                    "positions; its pooler was not replaced (teacher_dump/vllm_positions.py)")
             results.append(score_positions(hidden.to(self.head.weight.device, self.head.weight.dtype), self.head,
-                                           req))
+                                           req, transform=self.transform))
         return results
 
     @staticmethod
