@@ -394,8 +394,9 @@ def train_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: Path = typer.Option(..., help="Model directory."),
-    data: Path = typer.Option(..., help="Eval JSONL (id, image, question, answer, type)."),
+    model: Path = typer.Option(..., help="Model directory (or .gguf)."),
+    data: Path | None = typer.Option(None, help="Eval JSONL (id, question, answer, optional image and type); "
+                                     "optional with --shards."),
     out: Path | None = typer.Option(None, help="Write metrics JSON here."),
     image_root: Path | None = typer.Option(None),
     shards: list[Path] | None = typer.Option(None, help="Teacher dumps of held-out data: adds kl_to_teacher."),
@@ -404,10 +405,13 @@ def eval_cmd(
     dtype: str = typer.Option("float32", help="Weights during evaluation: float32 | bfloat16 | float16."),
     batch_size: int = typer.Option(64, min=1, help="Questions answered per batch (greedy, left-padded)."),
 ) -> None:
-    """Held-out accuracy by type, POPE-style hallucination metrics, expert utilisation, KL to teacher."""
+    """Held-out accuracy by type, POPE-style hallucination metrics, expert utilisation; with --shards
+    (a teacher dump of held-out data) the KL to the teacher and agreement with its next token."""
     check_environment()
     from shared.evaluation import EvalDataError, evaluate_model
 
+    if data is None and not shards:
+        fail("nothing to evaluate: give --data (questions with answers) and/or --shards (a held-out teacher dump)")
     model = require_model(model, "--model")
     if out is not None and not out.parent.is_dir():
         fail(f"{out.parent}: no such directory for --out")
@@ -417,7 +421,8 @@ def eval_cmd(
         if dtype not in ("float32", "bfloat16", "float16"):
             fail(f"--dtype {dtype!r}; use float32 | bfloat16 | float16")
         # every line is checked before the model loads
-        metrics = evaluate_model(model, data, image_root, device=device, dtype=dtype, batch_size=batch_size)
+        metrics = evaluate_model(model, data, image_root, device=device, dtype=dtype,
+                                 batch_size=batch_size) if data is not None else {}
     except EvalDataError as e:
         fail(str(e))
     if shards:

@@ -30,6 +30,10 @@ class TrainConfig:
     # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
     # the rest (FSDP2 fully_shard) for students whose weights + gradients + Adam do not fit one device.
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant
+    # torch.utils.checkpoint per layer, transformers' gradient checkpointing): one more forward of
+    # the body per step for a fraction of the activation memory (tests/test_train.py measures it).
+    activation_checkpointing: bool = False
     # What trains (student_train/parts.py): vision, projector, language, experts, router, or [all].
     # The paper's default for the distillation stages: the MoE experts and routers, vision frozen.
     train: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN))
@@ -113,7 +117,7 @@ class TrainConfig:
                 if value not in allowed:
                     raise ValueError(f"{f.name}: {value!r}; use {' | '.join(allowed)}")
                 continue
-            ok = isinstance(value, hint) and not isinstance(value, bool)
+            ok = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
             if hint is float and isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, f.name, float(value))
                 ok = True

@@ -27,6 +27,9 @@ class RouterTap:
     def __init__(self, model: torch.nn.Module):
         self.logits: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(lambda m, i, o: self.logits.append(o[0])) for m in moe_routers(model)]
+        # Each forward starts a fresh list: with activation checkpointing, backward re-runs the layers
+        # (and these hooks), which must not leak into the next micro-batch's router terms.
+        self.handles.append(model.register_forward_pre_hook(lambda m, a: self.logits.clear()))
         text = model.config.get_text_config()
         self.top_k = getattr(text, "num_experts_per_tok", 1)
 

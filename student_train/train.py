@@ -183,6 +183,10 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         trained_parts = apply_trainable(model, cfg.train, f"{encoder.family.name} student {student}")
     except ValueError as e:
         raise TrainError(str(e)) from None
+    if cfg.activation_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise TrainError(f"activation_checkpointing: {type(model).__name__} does not support it in transformers")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tap = RouterTap(model)
     fsdp = dist.world > 1 and cfg.parallel == "fsdp"
     # Frozen parameters get no gradient, no optimizer state and are not all-reduced.

@@ -810,3 +810,53 @@ def test_a_damaged_checkpoint_is_named_and_the_one_before_resumes(damaged, hf_du
         (ckpt / damaged).write_bytes(b"")
     with pytest.raises(TrainError, match="no earlier checkpoint is intact"):
         train([hf_dump], moe_student, tmp_path / "cut", cfg, image_root=world, progress=False, resume=True)
+
+
+def test_activation_checkpointing_keeps_the_losses_and_saves_less_for_backward(hf_dump, world, moe_student,
+                                                                              tmp_path):
+    """Recomputing each decoder layer in backward changes no number (losses, router terms, weights
+    after 2 steps) and keeps far fewer bytes of activations for backward (counted through autograd's
+    saved-tensor hooks on one micro-batch)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from shared.mllm import FinalHidden
+    from student_train.data import collate_mimic
+    from student_train.train import mimic_terms
+
+    common = {"stage": "mimic", "steps": 2, "lr": 2e-3, "warmup": 1, "loader_workers": 0, "batch_size": 8,
+              "train": ["all"]}
+    plain = train([hf_dump], moe_student, tmp_path / "plain", TrainConfig(**common), image_root=world,
+                  progress=False)
+    ckpt = train([hf_dump], moe_student, tmp_path / "ckpt", TrainConfig(activation_checkpointing=True, **common),
+                 image_root=world, progress=False)
+    for a, b in zip(plain, ckpt, strict=True):
+        for key in ("kl", "aux_loss", "z_loss", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    wa, wb = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "ckpt" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+    enc = load_encoder(moe_student)
+    batch = collate_mimic(enc, load_mimic(check_shards([hf_dump], "mimic", enc), world)[:8])
+    saved = {}
+    for on in (False, True):
+        model = AutoModelForImageTextToText.from_pretrained(str(moe_student), dtype=torch.float32).train()
+        if on:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        text_layers = model.model.text_model.layers
+        kept = []
+
+        def pack(t, kept=kept):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        # only what the decoder layers keep: the part checkpointing is for
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            handles = [layer.register_forward_pre_hook(lambda m, a, kept=kept: kept.append(-1)) for layer in
+                       text_layers]
+            mimic_terms(model, batch, TrainConfig(), FinalHidden.of(model), len(enc.tokenizer))["objective"]
+            for h in handles:
+                h.remove()
+        saved[on] = sum(b for b in kept if b > 0)
+    assert saved[True] < 0.6 * saved[False], saved
