@@ -8,9 +8,12 @@ import struct
 from pathlib import Path
 from typing import Any
 
-# Weights up to this size are hashed in full; above it only names, sizes and safetensors headers
-# (tensor names, shapes, dtypes), so fingerprinting a 70B teacher does not read 140 GB.
+# Weights up to this size are hashed in full; above it names, sizes, safetensors headers (tensor
+# names, shapes, dtypes) and SAMPLED_BLOCKS blocks of content at fixed offsets per file, so that
+# fingerprinting a 70B teacher does not read 140 GB and a retrained teacher of the same shape differs.
 FULL_HASH_LIMIT_BYTES = 4 << 30
+SAMPLED_BLOCKS = 64
+SAMPLED_BLOCK_BYTES = 1 << 16
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -71,15 +74,20 @@ def teacher_fingerprint(model_dir: Path) -> dict[str, Any]:
     files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     total = sum(f.stat().st_size for f in files)
     h = hashlib.sha256()
-    mode = "full" if total <= FULL_HASH_LIMIT_BYTES else "headers"
+    mode = "full" if total <= FULL_HASH_LIMIT_BYTES else "headers+samples"
     for f in files:
         h.update(f"{f.name}:{f.stat().st_size}\n".encode())
         if mode == "full":
             h.update(bytes.fromhex(sha256_file(f)))
-        elif f.suffix == ".safetensors":
+        else:
             with open(f, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                h.update(fh.read(n))
+                if f.suffix == ".safetensors":
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    h.update(fh.read(n))
+                size = f.stat().st_size
+                for i in range(SAMPLED_BLOCKS):  # spread over the file: every tensor region is sampled
+                    fh.seek(size * i // SAMPLED_BLOCKS)
+                    h.update(fh.read(SAMPLED_BLOCK_BYTES))
     return {
         "model": model_dir.name,
         "config_sha256": sha256_json(config),

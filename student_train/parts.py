@@ -10,8 +10,8 @@ import torch
 from shared.models import is_multimodal
 
 PARTS = ("vision", "projector", "language", "experts", "router")
-# The paper's choice for both distillation stages. The tiny demo, whose student tower starts from
-# random weights, trains everything (pipelines/configs).
+# The paper's choice for both distillation stages. The tiny demo's student keeps the teacher's
+# frozen tower and trains its projector and random text model (pipelines/configs/mimic.yaml).
 DEFAULT_TRAIN = ("experts", "router")
 
 # Components of a parameter's dotted name, checked in this order (the projector inside Qwen-VL's

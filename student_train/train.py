@@ -152,6 +152,9 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     if device == "cuda" and dist.world > 1:
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
+    if dist.world > 1 and cfg.device.startswith("cuda:"):
+        raise TrainError(f"device: {cfg.device} under {dist.world} ranks would put every rank on one GPU; use "
+                         "device: cuda (each rank takes its LOCAL_RANK's GPU) or auto")
     if cfg.batch_size % dist.world:
         raise TrainError(f"batch_size {cfg.batch_size} must be divisible by the {dist.world} ranks")
     out = Path(out)
