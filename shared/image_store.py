@@ -10,6 +10,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from shared.manifest import temp_path
+
 STORE_DIR = "images"
 
 
@@ -24,7 +26,7 @@ def put(dump_dir: Path, data: bytes, sha256: str) -> None:
     if path.is_file():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 

@@ -108,9 +108,18 @@ class Manifest:
         atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, self.to_json().encode())
 
 
+def temp_path(path: Path) -> Path:
+    """A temporary name beside `path` that no other process writes, on any host sharing the
+    filesystem (host, pid and a random part): `.NAME.tmp-HOST-PID-RANDOM`. Sweeps match `.*.tmp-*`."""
+    import socket
+    import uuid
+
+    return Path(path).with_name(f".{Path(path).name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp name in the same directory, fsync, rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from shared.manifest import temp_path
+
 IMAGE_TEXT = "image-text"
 CAUSAL_LM = "causal-lm"
 
@@ -158,7 +160,7 @@ def from_gguf(gguf_file: str | Path, out: str | Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(str(tmp))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from shared.manifest import temp_path
 from shared.prompt import IMAGE_PLACEHOLDER
 
 
@@ -98,7 +99,7 @@ def json_list_to_jsonl(src: Path, dst: Path) -> int:
 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{__import__('os').getpid()}")
+    tmp = temp_path(dst)
     n = 0
     try:
         with open(src, "rb") as f, open(tmp, "w", encoding="utf-8") as out:

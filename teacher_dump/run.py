@@ -564,7 +564,8 @@ def _exclusive(out: Path) -> Iterator[None]:
         lock.truncate()
         lock.write(f"pid {os.getpid()}\n")
         lock.flush()
-        for stale in [*out.glob(".*.tmp-*"), *out.glob("*/.*.tmp-*")]:
+        # inline images sit two levels down (images/ab/): their temporaries too
+        for stale in [*out.glob(".*.tmp-*"), *out.glob("*/.*.tmp-*"), *out.glob("*/*/.*.tmp-*")]:
             stale.unlink(missing_ok=True)
         yield
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shared.codec import Encoding
-from shared.manifest import ShardEntry
+from shared.manifest import ShardEntry, temp_path
 from shared.schema import PARQUET_COMPRESSION, PARQUET_COMPRESSION_LEVEL, ROW_GROUP_ROWS, schema_for
 
 # No timestamps or host names: same rows, same bytes.
@@ -76,7 +76,7 @@ class ShardWriter:
                  encoding: Encoding = Encoding("f32")):
         self.path = Path(out_dir) / rel_path
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         self.kind, self.index, self.input_range = kind, index, input_range
         self.schema = schema_for(kind, encoding)
         self.file = _HashingFile(self.tmp)
