@@ -21,10 +21,10 @@ class TrainConfig:
     file reads like a recipe, and one `__post_init__` validates every key once)."""
 
     # -- what runs, how long, on what
-    stage: Literal["mimic", "pref"] = "mimic"
-    steps: int = 200
-    seed: int = 0
-    device: str = "auto"
+    stage: Literal["mimic", "pref"] = "mimic"  # mimic: KL to the stored teacher; pref: DPO-style, teacher as reference
+    steps: int = 200  # optimizer steps
+    seed: int = 0  # data order and initialisation: same seed, same run
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda; under torchrun each rank takes its own GPU
     # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
@@ -40,11 +40,11 @@ class TrainConfig:
 
     # -- optimisation
     batch_size: int = 16  # examples per micro-batch, over all ranks
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # AdamW peak learning rate (linear warm-up, then cosine to 0)
+    warmup: int = 20  # warm-up steps
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this
     aux_loss_coef: float = 0.01  # MoE: Switch load balancing
     z_loss_coef: float = 0.0  # MoE: router z-loss
 
@@ -52,8 +52,8 @@ class TrainConfig:
     kd_weight: float = 1.0  # 0 with ce_weight 1: the labels-only (SFT) baseline on the same data
     kd: Literal["topk", "sampled"] = "topk"  # sampled: RS-KD on the dump's --sample draws (unbiased)
     kd_tail: Literal["renorm", "rest"] = "rest"  # for kd: topk
-    temperature: float = 1.0
-    ce_weight: float = 0.0
+    temperature: float = 1.0  # kd_tail renorm only: both distributions at this temperature (loss x T^2)
+    ce_weight: float = 0.0  # cross-entropy on the stored response tokens, added to kd_weight x KL
     loss_chunk: int = 256  # tokens per chunk of the KL / log-prob computation (bounds [N, V] buffers)
     # A student with another tokenizer than the dump's teacher (student_train/cross_tokenizer.py): the
     # run is refused when fewer of its label positions than this share pair with a teacher position.
@@ -65,14 +65,14 @@ class TrainConfig:
 
     # -- preference distillation (the teacher is the reference model)
     pref_loss: Literal["dpo", "ipo", "kto_pair"] = "dpo"
-    beta: float = 0.1
-    label_smoothing: float = 0.0
+    beta: float = 0.1  # strength of the preference loss (DPO beta)
+    label_smoothing: float = 0.0  # conservative DPO: the share of pairs assumed mislabelled
     pref_ce_weight: float = 0.0  # CE on the chosen answer during preference distillation
 
     # -- data loading, logging, checkpoints
     loader_workers: int = 2  # DataLoader processes reading, decoding and encoding batches (0: in-process)
     shuffle_window: int = 8  # row groups shuffled together (and cached per loader worker)
-    log_every: int = 10
+    log_every: int = 10  # progress-bar updates every N steps (metrics.jsonl has every step)
     save_every: int = 0  # 0: only at the end
 
     @classmethod

@@ -173,8 +173,9 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     if bridge is not None and sampled:
         raise TrainError("kd: sampled reads the teacher's draws in its own ids; a student with another tokenizer "
                          "trains with kd: topk")
-    files = check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial, sampled=sampled,
-                         cross=bridge is not None)
+    # Hashed once, on rank 0 (every file's bytes against the manifest), and handed to every rank.
+    files = dist.from_rank0(lambda: check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial,
+                                                 sampled=sampled, cross=bridge is not None))
     if bridge is not None:
         _check_alignment(bridge, encoder, files, cfg, dist)
     data = MicroBatches(cfg.stage, files, student, image_root, cfg.batch_size, seed=cfg.seed,

@@ -25,3 +25,16 @@ def test_a_dumps_stale_temporaries_are_swept_also_in_the_image_store(tmp_path):
     with _exclusive(tmp_path):
         pass
     assert not any(p.exists() for p in stale) and kept.exists()
+
+
+def test_the_configuration_reference_is_generated_from_trainconfig():
+    """docs/config.md is what `python pipelines/config_doc.py` writes now, and names every key."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from pipelines.config_doc import render
+    from student_train.config import TrainConfig
+
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    assert doc == render(), "docs/config.md is stale: python pipelines/config_doc.py > docs/config.md"
+    assert all(f"| `{f.name}` |" in doc for f in fields(TrainConfig))
