@@ -189,6 +189,9 @@ def generate_cmd(
         summary = generate(cfg, progress)
     except InputError as e:
         fail(str(e))
+    except PermissionError as e:
+        fail(f"{e.filename}: {e.strerror}; choose an --out you can write to (what is written is kept: a rerun "
+             "continues it)")
     finally:
         for bar in bars:
             bar.close()

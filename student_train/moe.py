@@ -318,13 +318,15 @@ def first_layers(teacher_dir: Path, out: Path, layers: int) -> dict[str, int]:
     as it is. Returns the teacher's and the student's layer counts and parameters."""
     import copy
 
+    from transformers import AutoConfig
+
     teacher_dir, out = Path(teacher_dir), Path(out)
+    total = AutoConfig.from_pretrained(str(teacher_dir)).get_text_config().num_hidden_layers
+    if not 1 <= layers <= total:  # before any weights load
+        raise ValueError(f"--layers {layers}: the teacher's text model has {total} layers; keep 1..{total}")
     teacher = load_model(teacher_dir, torch.float32)
     config = copy.deepcopy(teacher.config)
     text = config.get_text_config()
-    total = text.num_hidden_layers
-    if not 1 <= layers <= total:
-        raise ValueError(f"--layers {layers}: the teacher's text model has {total} layers; keep 1..{total}")
     text.num_hidden_layers = layers
     for key in ("layer_types", "mlp_only_layers"):  # per-layer lists follow the layers kept
         value = getattr(text, key, None)
