@@ -20,6 +20,7 @@ position. Side by side in one run:
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--positions", type=int, default=2048, help="response positions kept")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--throughput-only", action="store_true", help="only section 4")
     args = ap.parse_args()
 
     from pipelines.bench_dump import _throughput
@@ -158,6 +160,9 @@ def main() -> None:
         answers[-1].parent.mkdir()
         generate(GenerateConfig(model=teacher, data=questions, out=answers[-1], backend="hf",
                                 sampling=Sampling(temperature, 1.0, 48), batch_size=16, max_model_len=512))
+    if args.throughput_only:
+        _throughput("SmolLM2-135M-Instruct on its greedy answers", teacher, answers[0].parent, args.skip_vllm)
+        return
     logp = _positions(teacher, answers, args.positions)
     n, vocab = logp.shape
     p_sorted = -np.sort(-np.exp(logp.astype(np.float64)), axis=-1)
@@ -211,6 +216,8 @@ def main() -> None:
             print(f"   {label:>13} RS-KD {draws:>3} draws ({unique:.1f} unique ids, ~top-{round(unique)}'s bytes): "
                   f"one draw set {single:.3f}, mean of 32 sets {bias:.3f} (1/sqrt(32) of one: {single / 32**0.5:.3f})")
 
+    del logp, lp, p_sorted, cum  # the engines below need the memory (vLLM reserves its KV cache up front)
+    gc.collect()
     if not args.skip_throughput:
         print("\n4. throughput, dump vs bare prefill (best of 3, after warm-up)")
         _throughput("SmolLM2-135M-Instruct on its greedy answers", teacher, answers[0].parent, args.skip_vllm)
