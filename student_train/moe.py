@@ -169,6 +169,8 @@ VLLM_SERVES_MOE = {
     "llava": "yes (vLLM's LLaVA takes any registered text model; GPU stack)",
     "llava_next": "yes (vLLM's LLaVA-NeXT takes any registered text model; GPU stack)",
     "qwen3_vl_moe": "yes: vLLM has Qwen3-VL-MoE (GPU stack)",
+    "qwen2_moe": "yes: vLLM's Qwen2-MoE (a text-only student; lmod generate --backend vllm runs it)",
+    "mixtral": "yes: vLLM's Mixtral (a text-only student)",
 }
 
 
