@@ -27,6 +27,8 @@ def require_model(path: Path, option: str) -> Path:
     one-line error (transformers would go looking on the hub)."""
     from shared.models import ModelError, is_gguf, read_config, resolve_model
 
+    if not is_gguf(path) and not (path / "config.json").is_file():
+        fail(f"{path}: no config.json; {option} must be a local model directory (or a .gguf file)")
     try:
         if is_gguf(path):
             typer.echo(f"{option} {path}: a GGUF file; using its transformers conversion (made once, cached)",
