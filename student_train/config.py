@@ -25,7 +25,9 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     seed: int = 0  # data order and initialisation: same seed, same run
     device: str = "auto"  # auto (a GPU when there is one), cpu, cuda; under torchrun each rank takes its own GPU
-    # float16 would need loss scaling (a GradScaler); bfloat16 autocast does not.
+    # bfloat16: the weights compute in bf16 (every matmul, the MoE experts' included) while the
+    # optimizer keeps float32 masters and gradients are summed and reduced in float32
+    # (student_train/precision.py); the losses run in float32. float16 would need loss scaling.
     dtype: Literal["float32", "bfloat16"] = "float32"
     # Under torchrun: ddp replicates the model on every rank; fsdp shards each language-model layer and
     # the rest (FSDP2 fully_shard) for students whose weights + gradients + Adam do not fit one device.

@@ -37,6 +37,7 @@ from student_train.data import (
 )
 from student_train.objectives import RouterTap, mimic_terms, pref_terms
 from student_train.parts import apply_trainable, unused_safe_params
+from student_train.precision import bf16_weights, compute_dtype, fsdp_kwargs
 
 __all__ = ["TrainConfig", "TrainError", "mimic_terms", "pref_terms", "setup", "train", "train_step"]
 
@@ -69,6 +70,28 @@ class Dist:
 
             td.all_reduce(t)
         return t
+
+    def average_grads(self, params: list[torch.nn.Parameter], bucket: int = 1 << 25) -> None:
+        """Each parameter's gradient averaged over ranks, in float32 buckets of up to `bucket`
+        elements (a rank whose micro-batches never reached a parameter contributes zeros)."""
+        if self.world == 1:
+            return
+        import torch.distributed as td
+
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        groups: list[list[torch.nn.Parameter]] = [[]]
+        for p in params:
+            if groups[-1] and sum(q.numel() for q in groups[-1]) + p.numel() > bucket:
+                groups.append([])
+            groups[-1].append(p)
+        for group in groups:
+            flat = torch.cat([p.grad.reshape(-1) for p in group])
+            td.all_reduce(flat)
+            flat /= self.world
+            for p, g in zip(group, flat.split([p.numel() for p in group]), strict=True):
+                p.grad.copy_(g.view_as(p))
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -194,10 +217,13 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     tap = RouterTap(model)
     fsdp = dist.world > 1 and cfg.parallel == "fsdp"
     # Frozen parameters get no gradient, no optimizer state and are not all-reduced.
+    compute = compute_dtype(cfg.dtype)  # weights compute in it; float32 masters in the optimizer (precision.py)
     if fsdp:
-        forward_model = shard_model(model)
+        forward_model = shard_model(model, compute)
+    elif dist.world > 1 and compute == torch.float32:
+        forward_model = torch.nn.parallel.DistributedDataParallel(model)
     else:
-        forward_model = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
+        forward_model = model
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     step = 0
@@ -238,7 +264,7 @@ def _check_alignment(bridge: TokenBridge, encoder: SampleEncoder, files: list[Pa
               file=sys.stderr)
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, compute: torch.dtype = torch.float32) -> torch.nn.Module:
     """FSDP2: each language-model layer (the family's `_no_split_modules`) is its own group, gathered
     for its forward and backward only; the rest (vision tower, projector, embeddings, head) is one
     root group that every rank gathers at every forward, so a micro-batch without images runs the
@@ -248,10 +274,11 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     from student_train.parts import part_of
 
     layers = set(getattr(model, "_no_split_modules", None) or [])
+    policy = fsdp_kwargs(compute)
     for name, module in model.named_modules():
         if type(module).__name__ in layers and part_of(name + ".") == "language":
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, **policy)
+    fully_shard(model, **policy)
     return model
 
 
@@ -273,12 +300,16 @@ def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: di
     cfg = t.cfg
     autocast = torch.autocast(device_type=t.device.split(":")[0], dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bfloat16")
-    if t.dist.world > 1 and cfg.parallel == "fsdp":
+    fsdp = t.dist.world > 1 and cfg.parallel == "fsdp"
+    if fsdp:
         t.forward_model.set_requires_gradient_sync(sync)  # FSDP's no_sync: reduce-scatter on the last only
         no_sync = nullcontext()
     else:
-        no_sync = t.forward_model.no_sync() if t.dist.world > 1 and not sync else nullcontext()
-    with no_sync:
+        ddp = isinstance(t.forward_model, torch.nn.parallel.DistributedDataParallel)
+        no_sync = t.forward_model.no_sync() if ddp and not sync else nullcontext()
+    # bf16 weights around this micro-batch; FSDP applies its own policy (precision.py).
+    weights = bf16_weights(t.model) if cfg.dtype == "bfloat16" and not fsdp else nullcontext()
+    with no_sync, weights:
         with autocast:
             if cfg.stage == "mimic":
                 terms = mimic_terms(t.forward_model, batch, cfg, t.body, t.vocab, t.tap)
@@ -322,6 +353,8 @@ def train_step(t: Trainer, micro_batches: list[MimicBatch | PrefBatch]) -> StepR
         last = i == len(micro_batches) - 1
         for k, v in forward_backward(t, batch.to(t.device), denominators, sync=last).items():
             sums[k] = sums[k] + v if k in sums else v
+    if t.dist.world > 1 and cfg.parallel == "ddp" and cfg.dtype == "bfloat16":  # float32 gradients reduced here
+        dist.average_grads([p for p in t.model.parameters() if p.requires_grad])
     expert_counts = sums.pop("expert_counts")
     names = sorted(sums)
     reduced = dist.all_sum(torch.cat([torch.stack([sums[k] for k in names]), expert_counts.double().reshape(-1)]))

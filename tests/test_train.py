@@ -860,3 +860,81 @@ def test_activation_checkpointing_keeps_the_losses_and_saves_less_for_backward(h
                 h.remove()
         saved[on] = sum(b for b in kept if b > 0)
     assert saved[True] < 0.6 * saved[False], saved
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_steps_run_the_experts_in_bf16_and_keep_float32_masters(hf_dump, world, moe_student, tmp_path):
+    """dtype: bfloat16 made the experts' grouped matmuls run in float32 (the kernel casts its input to
+    the weights' dtype and the weights stayed float32 under autocast). Now every expert sees bf16
+    weights, while the parameters, their gradients and Adam's state stay float32, and the step's
+    numbers are the float32 step's to bf16 precision."""
+    from student_train.train import micro_batches, setup, train_step
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = TrainConfig(dtype=dtype, steps=2, batch_size=8, grad_accum=2, loader_workers=0, train=["all"], warmup=1,
+                          lr=2e-3)
+        t = setup([hf_dump], moe_student, tmp_path / dtype, cfg, image_root=world)
+        seen = set()
+        experts = [m for name, m in t.model.named_modules() if name.endswith("mlp.experts")]
+        assert experts
+        for m in experts:
+            m.register_forward_hook(lambda m, a, out: seen.add((next(m.parameters()).dtype, out.dtype)))
+        runs[dtype] = [train_step(t, group) for group in micro_batches(t, 2)]
+        assert {p.dtype for p in t.model.parameters()} == {torch.float32}
+        assert {s["exp_avg"].dtype for s in t.opt.state.values()} == {torch.float32}
+        assert seen == ({(torch.float32, torch.float32)} if dtype == "float32" else {(torch.bfloat16, torch.bfloat16)})
+    fp32, bf16 = runs["float32"][0], runs["bfloat16"][0]
+    assert bf16.metrics["loss"] == pytest.approx(fp32.metrics["loss"], rel=2e-2)
+    assert bf16.grad_norm == pytest.approx(fp32.grad_norm, rel=2e-2)
+
+
+def test_bf16_weights_add_each_micro_batchs_gradient_in_float32():
+    """Around a forward/backward the weights are bf16; after it the bf16 gradient is added in
+    float32 to what earlier micro-batches left, and the float32 values are back untouched."""
+    from student_train.precision import bf16_weights
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4, bias=False)
+    before = layer.weight.detach().clone()
+    xs = [torch.randn(3, 8) for _ in range(2)]
+    expected = torch.zeros_like(layer.weight)
+    for x in xs:
+        w = layer.weight.detach().bfloat16().requires_grad_()
+        (x.bfloat16() @ w.T).float().square().sum().backward()
+        expected += w.grad.float()
+        with bf16_weights(layer):
+            assert layer.weight.dtype == torch.bfloat16
+            layer(x.bfloat16()).float().square().sum().backward()
+        assert layer.weight.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    assert torch.equal(layer.weight.detach(), before)
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_two_bf16_ranks_match_one_bf16_process(hf_dump, world, moe_student, tmp_path):
+    """bf16 data parallel (gradients averaged in float32 once per step) computes what one bf16
+    process does: the same losses and gradient norms at every step."""
+    import os
+    import subprocess
+    import sys
+
+    cfg_file = tmp_path / "bf16.yaml"
+    cfg_file.write_text("stage: mimic\nsteps: 3\nbatch_size: 8\nlr: 0.002\nwarmup: 1\naux_loss_coef: 0.0\n"
+                        "dtype: bfloat16\nloader_workers: 0\n")
+    train([hf_dump], moe_student, tmp_path / "one", TrainConfig.from_yaml(cfg_file), image_root=world,
+          progress=False)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(hf_dump), "--student",
+           str(moe_student), "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(world)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
