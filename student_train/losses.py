@@ -80,6 +80,7 @@ def preference_loss(
     beta: float = 0.1,
     loss_type: str = "dpo",
     label_smoothing: float = 0.0,
+    kl_baselines: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair loss, chosen reward, rejected reward (rewards are beta * log-ratio, detached).
 
@@ -87,8 +88,11 @@ def preference_loss(
          -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)), h = chosen - rejected log-ratio.
     ipo: (h - 1/(2 beta))^2.
     kto_pair: [1 - sigmoid(beta (chosen_ratio - KL_rejected)), 1 - sigmoid(beta (KL_chosen -
-         rejected_ratio))], the KL terms being batch-mean log-ratios clamped at 0, exactly as TRL's
-         kto_pair (which LLaVA-MoD's released scripts use); returns 2B values.
+         rejected_ratio))], the KL terms being batch-mean log-ratios clamped at 0, as TRL's kto_pair
+         (which LLaVA-MoD's released scripts use); returns 2B values. The KL terms are baselines:
+         constants to the gradient (as the KTO paper and TRL's KTOTrainer treat them), which is what
+         lets N data-parallel ranks pass the means over all their pairs (`kl_baselines`, see
+         `kto_means`) and compute exactly what one process computes on the whole batch.
     """
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
@@ -98,8 +102,9 @@ def preference_loss(
     elif loss_type == "ipo":
         loss = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "kto_pair":
-        chosen_kl = chosen_ratio.mean().clamp(min=0)
-        rejected_kl = rejected_ratio.mean().clamp(min=0)
+        chosen_kl, rejected_kl = kl_baselines if kl_baselines is not None else kto_means(chosen_ratio,
+                                                                                         rejected_ratio)
+        chosen_kl, rejected_kl = chosen_kl.detach().clamp(min=0), rejected_kl.detach().clamp(min=0)
         loss = torch.cat([
             1 - torch.sigmoid(beta * (chosen_ratio - rejected_kl)),
             1 - torch.sigmoid(beta * (chosen_kl - rejected_ratio)),
@@ -107,6 +112,18 @@ def preference_loss(
     else:
         raise ValueError(f"unknown preference loss {loss_type!r}; use dpo, ipo or kto_pair")
     return loss, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach()
+
+
+def kto_means(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, all_sum=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """kto_pair's KL baselines: the mean chosen and rejected log-ratios over the batch, over every
+    rank's pairs when `all_sum` (a sum over ranks) is given."""
+    sums = torch.stack([chosen_ratio.detach().sum(), rejected_ratio.detach().sum(),
+                        torch.tensor(float(chosen_ratio.numel()), dtype=chosen_ratio.dtype,
+                                     device=chosen_ratio.device)])
+    if all_sum is not None:
+        sums = all_sum(sums)
+    return sums[0] / sums[2].clamp(min=1), sums[1] / sums[2].clamp(min=1)
 
 
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:

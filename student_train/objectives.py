@@ -12,6 +12,7 @@ from student_train.data import MimicBatch, PrefBatch
 from student_train.losses import (
     OutputHead,
     fold_outside_vocab,
+    kto_means,
     load_balancing_loss,
     mimic_token_losses,
     preference_loss,
@@ -71,8 +72,9 @@ def mimic_terms(model, batch: MimicBatch, cfg: TrainConfig, body: FinalHidden, v
 
 
 def pref_terms(model, batch: PrefBatch, cfg: TrainConfig, body: FinalHidden, vocab: int,
-               tap: RouterTap | None = None) -> dict[str, torch.Tensor]:
-    """Summed per-pair preference loss, rewards and chosen-answer CE (+ router terms). IPO compares
+               tap: RouterTap | None = None, all_sum=None) -> dict[str, torch.Tensor]:
+    """Summed per-pair preference loss, rewards and chosen-answer CE (+ router terms); `all_sum`
+    sums a tensor over data-parallel ranks (kto_pair's baselines are means over all ranks). IPO compares
     per-token mean log-probs (policy and teacher alike), as TRL does: its squared loss aims the
     log-ratio margin at 1/(2 beta), a target that only means something independent of length."""
     inputs = batch.inputs
@@ -87,8 +89,9 @@ def pref_terms(model, batch: PrefBatch, cfg: TrainConfig, body: FinalHidden, voc
         lengths = torch.bincount(batch.rows, minlength=n_seq).double()
         policy_c, policy_r = policy_c / lengths[:n], policy_r / lengths[n:]
         ref_c, ref_r = ref_c / lengths[:n], ref_r / lengths[n:]
+    baselines = kto_means(policy_c - ref_c, policy_r - ref_r, all_sum) if cfg.pref_loss == "kto_pair" else None
     losses, r_c, r_r = preference_loss(policy_c, policy_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.pref_loss,
-                                       label_smoothing=cfg.label_smoothing)
+                                       label_smoothing=cfg.label_smoothing, kl_baselines=baselines)
     per_pair = losses.view(-1, n).mean(0)  # kto_pair gives a chosen and a rejected term per pair
     terms = {"dpo_loss": per_pair.sum(), "pref_accuracy": (r_c > r_r).double().sum(),
              "reward_margin": (r_c - r_r).sum(), "ce": -seq_logps[:n].sum()}

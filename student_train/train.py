@@ -314,7 +314,8 @@ def forward_backward(t: Trainer, batch: MimicBatch | PrefBatch, denominators: di
             if cfg.stage == "mimic":
                 terms = mimic_terms(t.forward_model, batch, cfg, t.body, t.vocab, t.tap)
             else:
-                terms = pref_terms(t.forward_model, batch, cfg, t.body, t.vocab, t.tap)
+                terms = pref_terms(t.forward_model, batch, cfg, t.body, t.vocab, t.tap,
+                                   all_sum=t.dist.all_sum if t.dist.world > 1 else None)
         # DDP averages gradients over ranks, so each rank divides by (global count / ranks).
         per_rank = {k: v / t.dist.world for k, v in denominators.items()}
         if cfg.stage == "mimic":

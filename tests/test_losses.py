@@ -416,3 +416,38 @@ def test_folded_outside_vocab_entries_leave_their_id_in_the_student_rest():
     got = sparse_kl(s_logits, f_ids, f_lps, tail="rest", rest_mass=f_rest)
     want = sparse_kl(s_logits, ids[:, 1:], lps[:, 1:], tail="rest", rest_mass=rest + probs[:, 0])
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_kto_pair_over_two_ranks_equals_one_process():
+    """kto_pair's KL baselines were per-rank means, so two data-parallel halves computed another loss
+    and gradient than the whole batch. With the baselines summed over ranks (constants to the
+    gradient), the halves' losses and gradients are the whole batch's."""
+    from student_train.losses import kto_means
+
+    B, beta = 8, 0.5
+    torch.manual_seed(0)
+    pc, pr = (torch.randn(B, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    tc, tr = torch.randn(B, dtype=torch.float64) - 1, torch.randn(B, dtype=torch.float64) - 2
+    whole, _, _ = preference_loss(pc, pr, tc, tr, beta=beta, loss_type="kto_pair")
+    want_grad = torch.autograd.grad(whole.sum(), [pc, pr])
+    halves = [slice(0, 3), slice(3, B)]  # uneven, as the last micro-batch of an epoch can be
+
+    def sums(h):
+        return torch.stack([(pc[h] - tc[h]).detach().sum(), (pr[h] - tr[h]).detach().sum(),
+                            torch.tensor(float(len(range(B)[h])), dtype=torch.float64)])
+
+    parts = []
+    for mine, other in (halves, halves[::-1]):
+        baselines = kto_means(pc[mine] - tc[mine], pr[mine] - tr[mine], all_sum=lambda t, o=other: t + sums(o))
+        loss, _, _ = preference_loss(pc[mine], pr[mine], tc[mine], tr[mine], beta=beta, loss_type="kto_pair",
+                                     kl_baselines=baselines)
+        parts.append(loss.view(2, -1))
+    joined = torch.cat(parts, dim=1).reshape(-1)
+    torch.testing.assert_close(joined, whole)
+    got_grad = torch.autograd.grad(joined.sum(), [pc, pr])
+    for g, w in zip(got_grad, want_grad, strict=True):
+        torch.testing.assert_close(g, w)
+    # a per-rank mean (what ranks computed before) is another loss
+    alone, _, _ = preference_loss(pc[halves[0]], pr[halves[0]], tc[halves[0]], tr[halves[0]], beta=beta,
+                                  loss_type="kto_pair")
+    assert not torch.allclose(alone.view(2, -1), whole.view(2, -1)[:, halves[0]])

@@ -882,7 +882,7 @@ def test_bf16_steps_run_the_experts_in_bf16_and_keep_float32_masters(hf_dump, wo
         experts = [m for name, m in t.model.named_modules() if name.endswith("mlp.experts")]
         assert experts
         for m in experts:
-            m.register_forward_hook(lambda m, a, out: seen.add((next(m.parameters()).dtype, out.dtype)))
+            m.register_forward_hook(lambda m, a, out, seen=seen: seen.add((next(m.parameters()).dtype, out.dtype)))
         runs[dtype] = [train_step(t, group) for group in micro_batches(t, 2)]
         assert {p.dtype for p in t.model.parameters()} == {torch.float32}
         assert {s["exp_avg"].dtype for s in t.opt.state.values()} == {torch.float32}
