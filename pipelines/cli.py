@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ app.add_typer(shards_app, name="shards")
 
 
 def fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"lmod: error: {msg}", err=True, fg=typer.colors.RED)
+    """One error line and exit. Under torchrun every rank stops with the same error; rank 0 says it."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.secho(f"lmod: error: {msg}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 

@@ -49,6 +49,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    gloo: Any = None  # a CPU process group for small control messages (made when first needed)
 
     @classmethod
     def setup(cls, device: str) -> Dist:
@@ -92,6 +93,27 @@ class Dist:
             flat /= self.world
             for p, g in zip(group, flat.split([p.numel() for p in group]), strict=True):
                 p.grad.copy_(g.view_as(p))
+
+    def first_error(self, error: Exception | None) -> Exception | None:
+        """The error of the lowest rank that has one, on every rank (None when none has): a rank
+        whose data fails stops all ranks at the same step instead of leaving them in a collective."""
+        if self.world == 1:
+            return error
+        import torch.distributed as td
+
+        failed = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+        if self.gloo is None:
+            self.gloo = td.new_group(backend="gloo")  # CPU flags whatever the training backend
+        td.all_reduce(failed, group=self.gloo)
+        if not int(failed):
+            return None
+        messages: list = [None] * self.world
+        td.all_gather_object(messages, None if error is None else (type(error).__name__, str(error)),
+                             group=self.gloo)
+        rank, (kind, message) = next((r, m) for r, m in enumerate(messages) if m is not None)
+        if error is not None and rank == self.rank:
+            return error
+        return (TrainError if kind == "TrainError" else ShardError)(message)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -384,16 +406,23 @@ def train_step(t: Trainer, micro_batches: list[MimicBatch | PrefBatch]) -> StepR
 
 
 def micro_batches(t: Trainer, stop: int):
-    """Lists of `grad_accum` micro-batches for steps t.step .. stop-1, prepared by loader workers."""
+    """Lists of `grad_accum` micro-batches for steps t.step .. stop-1, prepared by loader workers.
+    Ranks agree before each step: when one rank's data fails, every rank raises its error."""
     ga = t.cfg.grad_accum
-    group: list = []
-    for item in loader(t.data, t.step * ga, stop * ga, workers=t.cfg.loader_workers):
-        if isinstance(item, LoaderFailure):
-            raise ShardError(item.message)
-        group.append(item)
-        if len(group) == ga:
-            yield group
-            group = []
+    items = iter(loader(t.data, t.step * ga, stop * ga, workers=t.cfg.loader_workers))
+    for _ in range(t.step, stop):
+        group, error = [], None
+        try:
+            for item in islice(items, ga):
+                if isinstance(item, LoaderFailure):
+                    raise ShardError(item.message)
+                group.append(item)
+        except (ShardError, TrainError, OSError, ValueError) as e:
+            error = e
+        error = t.dist.first_error(error)
+        if error is not None:
+            raise error
+        yield group
 
 
 def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,

@@ -938,3 +938,57 @@ def test_two_bf16_ranks_match_one_bf16_process(hf_dump, world, moe_student, tmp_
     for a, b in zip(one, two, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.distributed
+def test_bad_data_on_one_rank_stops_every_rank_with_one_message(hf_dump, world, moe_student, tmp_path):
+    """An image that changed under rank 1's rows of step 2 raised on rank 1 only: rank 0 waited in the
+    next collective (a hang under NCCL without an elastic agent; under gloo a broken-connection
+    traceback). Now both ranks stop at step 2 on the data error, which is printed once, and step 1's
+    metrics stand."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    other = tmp_path / "world"
+    shutil.copytree(world, other)
+    files = check_shards([hf_dump], "mimic", load_encoder(moe_student))
+
+    def images(rank: int, step: int) -> set[str]:
+        data = MicroBatches("mimic", files, moe_student, other, batch_size=8, rank=rank, world=2)
+        names = set()
+        for row in data.rows_of(step):
+            g, r = data.index.locate(row)
+            group = data.index.groups[g]
+            names.update(pq.ParquetFile(group.path).read_row_group(group.group).column("image")[r].as_py())
+        return names
+
+    safe = images(0, 0) | images(0, 1) | images(1, 0)
+    name = sorted(images(1, 1) - safe)[0]  # read by rank 1 at step 2, by no one before
+    (other / name).write_bytes((other / name).read_bytes() + b"\0")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("stage: mimic\nsteps: 3\nbatch_size: 8\nwarmup: 1\nloader_workers: 0\n")
+    # Two ranks started as a cluster scheduler (srun, mpirun) starts them: no elastic agent to kill
+    # the survivors when one rank fails.
+    cmd = [sys.executable, "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(hf_dump), "--student",
+           str(moe_student), "--out", str(tmp_path / "two"), "--config", str(cfg_file), "--image-root", str(other)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[1], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    stderr = "".join(err for _, err in outputs)
+    # both stop on the data error (exit 2), neither on a broken collective (a traceback, exit 1)
+    assert [p.returncode for p in ranks] == [2, 2], stderr[-3000:]
+    assert "Traceback" not in stderr and "DistBackendError" not in stderr
+    lines = [line for line in stderr.splitlines() if "lmod: error:" in line]
+    assert len(lines) == 1 and f"{other / name} is not the image" in lines[0], stderr[-3000:]
+    assert [r["step"] for r in _metrics(tmp_path / "two")] == [1]
