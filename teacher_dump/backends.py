@@ -29,7 +29,7 @@ class ScoreRequest:
     images: list[Image.Image]  # vLLM processes the images itself
     features: list[ImageFeatures]  # the processor's tensors for them (hf backend)
     top_k: int  # 0: only the target's log-prob
-    sample: int = 0  # RS-KD: draws per position from the full distribution (hf backend only)
+    sample: int = 0  # RS-KD: draws per position from the full distribution (both backends)
     sample_seed: int = 0  # the request's own seed: same request, same draws, whatever the batching
     counted_id: int | None = None  # ids holds image runs by length only, as this placeholder id (vLLM)
 
@@ -43,19 +43,33 @@ class ScoreResult:
     sampled_counts: list[np.ndarray] = field(default_factory=list)  # [P] of their counts (sum: sample)
 
 
+class Draws:
+    """RS-KD (Anshumann et al., 2025): `n` draws per position from the teacher's distribution at
+    temperature 1, with replacement, kept as the unique ids (ascending) and their counts. Drawn in
+    float64 on the CPU from one generator of `seed` per request, a chunk of positions at a time (no
+    [P, V] copy of the request): CPU multinomial consumes its generator row by row, so the draws are
+    those of one call on all positions, and the same inputs give the same draws anywhere."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        self.ids: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+
+    def add(self, logprobs: torch.Tensor) -> None:
+        """Draw for the next rows [C, V] of log-probs."""
+        probs = logprobs.detach().double().cpu().exp()
+        for row in torch.multinomial(probs, self.n, replacement=True, generator=self.gen).numpy():
+            u, c = np.unique(row, return_counts=True)
+            self.ids.append(u.astype(np.int32))
+            self.counts.append(c.astype(np.uint16))
+
+
 def sample_counts(logprobs: torch.Tensor, n: int, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """RS-KD (Anshumann et al., 2025): n draws per row from the distribution exp(logprobs) [P, V]
-    at temperature 1, with replacement; per row the unique ids (ascending) and their counts. Drawn
-    in float64 on the CPU from a generator of `seed`: the same inputs give the same draws anywhere."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    probs = logprobs.detach().double().cpu().exp()
-    draws = torch.multinomial(probs, n, replacement=True, generator=gen).numpy()
-    ids, counts = [], []
-    for row in draws:
-        u, c = np.unique(row, return_counts=True)
-        ids.append(u.astype(np.int32))
-        counts.append(c.astype(np.uint16))
-    return ids, counts
+    """The RS-KD draws (`Draws`) of all rows of `logprobs` [P, V] at once."""
+    draws = Draws(n, seed)
+    draws.add(logprobs)
+    return draws.ids, draws.counts
 
 
 class TeacherBackend(Protocol):
@@ -123,7 +137,8 @@ def score_positions(hidden: torch.Tensor, head: torch.nn.Module, req: ScoreReque
     (shared/models.py:logit_transform), top-k of the logits and one logsumexp per position (RS-KD
     draws from the whole distribution)."""
     targets = torch.tensor([req.ids[p] for p in req.positions], device=hidden.device)
-    target_lp, top_ids, top_lp, full = [], [], [], []
+    target_lp, top_ids, top_lp = [], [], []
+    draws = Draws(req.sample, req.sample_seed) if req.sample else None
     for s in range(0, hidden.shape[0], chunk):
         logits = head(hidden[s : s + chunk].to(head.weight.dtype)).float()  # [C, V]
         if transform is not None:
@@ -134,12 +149,12 @@ def score_positions(hidden: torch.Tensor, head: torch.nn.Module, req: ScoreReque
             top = torch.topk(logits, req.top_k, dim=-1)
             top_ids.append(top.indices)
             top_lp.append(top.values - lse)
-        if req.sample:
-            full.append((logits - lse).cpu())
+        if draws is not None:
+            draws.add(logits - lse)
     target = torch.cat(target_lp).cpu().numpy().astype(np.float32)
     if req.top_k <= 0:
         return ScoreResult(target)
-    sampled = sample_counts(torch.cat(full), req.sample, req.sample_seed) if req.sample else ([], [])
+    sampled = (draws.ids, draws.counts) if draws is not None else ([], [])
     return ScoreResult(target, torch.cat(top_ids).cpu().numpy().astype(np.int32),
                        torch.cat(top_lp).cpu().numpy().astype(np.float32), *sampled)
 

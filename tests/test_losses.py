@@ -451,3 +451,24 @@ def test_kto_pair_over_two_ranks_equals_one_process():
     alone, _, _ = preference_loss(pc[halves[0]], pr[halves[0]], tc[halves[0]], tr[halves[0]], beta=beta,
                                   loss_type="kto_pair")
     assert not torch.allclose(alone.view(2, -1), whole.view(2, -1)[:, halves[0]])
+
+
+def test_rs_kd_draws_chunk_by_chunk_are_the_draws_of_the_whole_request():
+    """The teacher drew from a [positions, V] float64 copy of the request (~7 GB at 2,000 positions
+    and V=151,936); it now draws a chunk of positions at a time, with the same draws."""
+    from teacher_dump.backends import ScoreRequest, sample_counts, score_positions
+
+    torch.manual_seed(0)
+    P, H, V = 11, 16, 300
+    head = torch.nn.Linear(H, V, bias=False)
+    hidden = torch.randn(P, H) * 3
+    req = ScoreRequest(ids=list(range(P + 1)), prompt_ids=[], positions=list(range(1, P + 1)), images=[],
+                       features=[], top_k=4, sample=32, sample_seed=7)
+    with torch.no_grad():  # as the backends call it
+        got = score_positions(hidden, head, req, chunk=3)
+        want_ids, want_counts = sample_counts(head(hidden).float().log_softmax(-1), 32, seed=7)
+    assert len(got.sampled_ids) == P
+    for a, b, c, d in zip(got.sampled_ids, want_ids, got.sampled_counts, want_counts, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, d)
+        assert c.sum() == 32
