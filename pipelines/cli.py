@@ -375,6 +375,12 @@ def train_cmd(
     kd_tail: str | None = typer.Option(None, help="renorm | rest"),
     pref_loss: str | None = typer.Option(None, help="dpo | ipo | kto_pair"),
     beta: float | None = typer.Option(None),
+    dry_run: bool = typer.Option(False, help="Print the per-rank memory plan (JSON: weights, grads, optimizer, "
+                                 "activations, head_chunk, total) and exit without training."),
+    gpu_memory: float | None = typer.Option(None, min=0.1, help="With --dry-run: GiB per GPU; says whether the "
+                                            "config fits and the largest micro-batch (batch_size) that does."),
+    ranks: int | None = typer.Option(None, min=1, help="With --dry-run: the ranks the run will have (default: "
+                                     "WORLD_SIZE, else 1)."),
 ) -> None:
     """Train the student from teacher shards (no teacher in memory)."""
     check_environment()
@@ -392,6 +398,16 @@ def train_cmd(
     except (ValueError, OSError) as e:
         fail(f"config: {e}")
     student = require_model(student, "--student")
+    if dry_run:
+        from student_train.memory_plan import dry_run as plan_run
+
+        try:
+            report = plan_run(shards, student, cfg, image_root, ranks or int(os.environ.get("WORLD_SIZE", "1")),
+                              gpu_memory)
+        except (ShardError, ValueError) as e:
+            fail(str(e))
+        typer.echo(json.dumps(report, indent=1))
+        return
     try:
         history = train(shards, student, out, cfg, image_root=image_root, resume=resume, allow_partial=allow_partial,
                         stop_after=stop_after)
