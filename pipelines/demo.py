@@ -68,8 +68,13 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> dict:
     """Same seed, same machine, same report: no nondeterministic kernels, a fixed thread count (the
     process's settings are restored afterwards)."""
+    import os
+
     import torch
 
+    # Deterministic cuBLAS needs a fixed workspace, set before the first cuBLAS call (else the first
+    # matmul on a GPU raises); inherited by the Ray workers started after it. No effect on the CPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
     try:

@@ -6,7 +6,12 @@ it). On the tiny world, in a few minutes, with every GPU of the machine:
    checkpoint and resumed: the resumed run ends where an uninterrupted one does, and its per-step
    losses equal a CPU float32 run of the same steps within bf16 tolerance;
 3. `lmod eval --device cuda`: float32 answers equal the CPU's; bf16 metrics are printed;
-4. the peak GPU memory of one mimic step at V = 151,936 (vocabulary padded), logits vs fused head.
+4. the peak GPU memory of one mimic step at V = 151,936 (vocabulary padded), logits vs fused head;
+5. the memory plan (`lmod train --dry-run`) against the measured peak of bf16 steps with activation
+   checkpointing of a Qwen3-VL-2B-shaped MoE student (random weights, config only) at the GPU
+   recipe's per-rank shape (8 rows of 4,096 tokens, and 4 rows: the difference within 30%), with
+   the experts' matmuls recorded in bf16;
+6. a short `lmod demo` on the GPU (deterministic algorithms need cuBLAS's fixed workspace).
 
 Prints one JSON summary; exits non-zero at the first check that fails.
 """
@@ -121,6 +126,74 @@ def peak_step_memory(student: Path, vocab_rows: int = 151_936, rows: int = 8, le
     return {"vocab": vocab_rows, "rows": rows, "tokens_per_row": length, **out}
 
 
+def plan_against_gpu(rows: tuple[int, int] = (4, 8), length: int = 4096) -> dict:
+    """Predicted vs measured (torch.cuda.max_memory_allocated) step memory, bf16 + checkpointing."""
+    from pipelines.bench_memory_plan import qwen3_vl_2b_moe
+    from shared.mllm import FinalHidden
+    from shared.models import model_from_config
+    from student_train.data import MimicBatch
+    from student_train.memory_plan import plan_memory
+    from student_train.objectives import mimic_terms
+    from student_train.parts import apply_trainable
+    from student_train.precision import bf16_weights
+    from student_train.train import TrainConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        student = qwen3_vl_2b_moe(Path(tmp))
+        from transformers import AutoConfig
+
+        model = model_from_config(AutoConfig.from_pretrained(tmp), torch.float32).cuda().train()
+        apply_trainable(model, ["experts", "router"], "gpu check")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
+        dtypes = set()
+        for name, module in model.named_modules():
+            if name.endswith("mlp.experts"):
+                module.register_forward_hook(lambda m, a, out: dtypes.add(str(next(m.parameters()).dtype)))
+        body, vocab = FinalHidden.of(model), 151_643
+        measured, predicted, costs = [], [], None
+        for n in rows:
+            cfg = TrainConfig(dtype="bfloat16", activation_checkpointing=True, train=["experts", "router"],
+                              batch_size=n)
+            plan, costs = plan_memory(student, cfg, 1, length, costs)
+            predicted.append(plan.total)
+            gen = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, vocab, (n, length), generator=gen)
+            cols = torch.arange(length - 257, length - 1).repeat(n)
+            index = torch.arange(n).repeat_interleave(256)
+            top = torch.randn(index.numel(), 128, generator=gen).log_softmax(-1).topk(32, -1)
+            batch = MimicBatch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, index, cols, top.indices,
+                               top.values, (1 - top.values.double().exp().sum(-1)).clamp(min=0).float()).to("cuda")
+            for _ in range(2):  # the second step runs with AdamW's moments allocated, as every later one
+                torch.cuda.reset_peak_memory_stats()
+                with bf16_weights(model):  # forward and backward in bf16 weights, as training runs them
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        loss = mimic_terms(model, batch, cfg, body, vocab)["objective"]
+                    loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+            measured.append(torch.cuda.max_memory_allocated())
+        del model, opt
+        torch.cuda.empty_cache()
+    d_pred, d_meas = predicted[1] - predicted[0], measured[1] - measured[0]
+    assert dtypes == {"torch.bfloat16"}, ("expert weights seen by the kernels", dtypes)
+    assert 0.7 <= d_pred / d_meas <= 1.3, ("plan vs measured difference", predicted, measured)
+    gib = 1024**3
+    return {"rows": list(rows), "tokens_per_row": length, "predicted_gib": [round(x / gib, 2) for x in predicted],
+            "measured_peak_gib": [round(x / gib, 2) for x in measured], "difference_ratio": round(d_pred / d_meas, 3)}
+
+
+def check_demo(tmp: Path) -> dict:
+    """A short demo on the GPU: deterministic algorithms with cuBLAS (its workspace set by lmod)."""
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    res = _run([*LMOD, "demo", "--out", str(tmp / "demo"), "--n-mimic", "64", "--n-pref", "16", "--n-eval", "16",
+                "--teacher-steps", "20", "--teacher-tries", "1", "--shards", "1", "--student-steps", "10",
+                "--pref-steps", "4"], timeout=900, env=env)
+    report = json.loads((tmp / "demo" / "report.json").read_text())
+    return {"rows": [r["model"] for r in report["rows"]], "stderr_tail": res.stderr[-200:]}
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_check: no GPU visible; this check is for a machine with one (CI does not run it)")
@@ -158,6 +231,8 @@ def main() -> None:
         assert evals["cuda_float32"]["accuracy_by_type"] == evals["cpu_float32"]["accuracy_by_type"], evals
         summary["eval_accuracy"] = {k: v["accuracy"] for k, v in evals.items()}
         summary["step_memory"] = peak_step_memory(tmp / "student")
+        summary["memory_plan"] = plan_against_gpu()
+        summary["demo"] = check_demo(tmp)
     print(json.dumps(summary, indent=2))
 
 
