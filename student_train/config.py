@@ -36,6 +36,10 @@ class TrainConfig:
     # torch.utils.checkpoint per layer, transformers' gradient checkpointing): one more forward of
     # the body per step for a fraction of the activation memory (tests/test_train.py measures it).
     activation_checkpointing: bool = False
+    # Under torchrun: how long a rank waits in a collective before the run stops with an error. The
+    # others wait while rank 0 writes a checkpoint (weights + 2x trainable parameters of AdamW state):
+    # raise it for large students on slow storage.
+    collective_timeout_s: int = 1800
     # What trains (student_train/parts.py): vision, projector, language, experts, router, or [all].
     # The paper's default for the distillation stages: the MoE experts and routers, vision frozen.
     train: list[str] = field(default_factory=lambda: list(DEFAULT_TRAIN))
@@ -128,7 +132,8 @@ class TrainConfig:
                 if isinstance(value, str) and hint is float:  # YAML 1.1 reads 1e-3 (no dot) as text
                     tip = " (YAML reads 1e-3 as text: write 1.0e-3)"
                 raise ValueError(f"{f.name}: {value!r} is not {'an' if hint is int else 'a'} {hint.__name__}{tip}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_window", "loss_chunk"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_window", "loss_chunk",
+                     "collective_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: {getattr(self, name)} must be >= 1")
         for name in ("warmup", "save_every", "weight_decay", "kd_weight", "ce_weight", "pref_ce_weight",

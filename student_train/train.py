@@ -9,6 +9,8 @@ N DDP ranks compute what one process does on the same global batch.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import sys
@@ -52,7 +54,7 @@ class Dist:
     gloo: Any = None  # a CPU process group for small control messages (made when first needed)
 
     @classmethod
-    def setup(cls, device: str) -> Dist:
+    def setup(cls, device: str, timeout_s: int = 1800) -> Dist:
         import os
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,7 +63,10 @@ class Dist:
         import torch.distributed as td
 
         if not td.is_initialized():
-            td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+            from datetime import timedelta
+
+            td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                  timeout=timedelta(seconds=timeout_s))
         return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -193,7 +198,7 @@ class StepResult:
 def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
           resume: bool = False, allow_partial: bool = False) -> Trainer:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    dist = Dist.setup(device)
+    dist = Dist.setup(device, cfg.collective_timeout_s)
     if device == "cuda" and dist.world > 1:
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
@@ -250,15 +255,25 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     step = 0
     if checkpoint is not None:
-        # Each rank reads the optimizer state onto its own device (not the device it was saved from).
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location=device)
-        if state.get("layout") == "full":  # written by a sharded run: keyed by parameter names
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if fsdp:
+            # The gathered (name-keyed) state is read by rank 0 only, into host memory, and each rank
+            # receives its shard of it: no rank ever holds the whole optimizer state on its GPU.
+            state = (torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location="cpu")
+                     if dist.rank == 0 else {"optimizer": {}})
+            set_optimizer_state_dict(model, opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         else:
-            opt.load_state_dict(state["optimizer"])
-        step = state["step"]
+            # Each rank reads the optimizer state onto its own device (not the device it was saved from).
+            state = torch.load(checkpoint / "trainer_state.pt", weights_only=True, map_location=device)
+            if state.get("layout") == "full":  # written by a sharded run (name-keyed), resumed unsharded
+                set_optimizer_state_dict(model, opt, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                opt.load_state_dict(state["optimizer"])
+        step = checkpoint_step(checkpoint)
+        del state
     return Trainer(cfg, device, dist, model, forward_model, opt, tap, FinalHidden.of(model), encoder,
                    len(encoder.tokenizer), data, out, unused_safe_params(model), trained_parts, step)
 
@@ -489,7 +504,7 @@ def _open_metrics(out: Path, step: int):
 
 LATEST = "latest_checkpoint"
 # Keys a resumed run may change: they do not alter what is computed.
-_RESUMABLE_CHANGES = ("log_every", "save_every", "loader_workers")
+_RESUMABLE_CHANGES = ("log_every", "save_every", "loader_workers", "collective_timeout_s")
 
 
 def _check_resumable(out: Path, checkpoint: Path | None, cfg: TrainConfig) -> None:
@@ -567,8 +582,12 @@ def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder,
     model.save_pretrained(str(ckpt), state_dict=gathered[0] if gathered else None)
     encoder.processor.save_pretrained(str(ckpt))
     optimizer = {"optimizer": gathered[1], "layout": "full"} if gathered else {"optimizer": opt.state_dict()}
-    torch.save({**optimizer, "step": step}, ckpt / "trainer_state.pt")
-    sums = {p.name: sha256_file(p) for p in sorted(ckpt.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    with open(ckpt / "trainer_state.pt", "wb") as f:  # the largest file (2x the trainable weights): hashed as written
+        writer = HashingWriter(f)
+        torch.save({**optimizer, "step": step}, writer)
+    sums = {p.name: sha256_file(p) for p in sorted(ckpt.iterdir())
+            if p.is_file() and p.name not in (CHECKSUMS, "trainer_state.pt")}  # just written: read from the page cache
+    sums["trainer_state.pt"] = writer.digest.hexdigest()
     atomic_write_bytes(ckpt / CHECKSUMS, json.dumps(sums, indent=1).encode())
     atomic_write_bytes(out / LATEST, ckpt.name.encode())
     for old in sorted(out.glob("checkpoint-*"))[:-2]:  # the previous one stays: a damaged latest falls back to it
@@ -576,6 +595,20 @@ def save_checkpoint(model, opt, step: int, out: Path, encoder: SampleEncoder,
 
 
 CHECKSUMS = "lmod_checksums.json"
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only file that sha256-hashes the bytes on their way to `f`."""
+
+    def __init__(self, f) -> None:
+        self.f, self.digest = f, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:

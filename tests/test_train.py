@@ -358,6 +358,7 @@ def _cli(*args: str):
     ("lr: 1e-3\n", "write 1.0e-3"),
     ("dtype: float16\n", "dtype: 'float16'; use float32 | bfloat16"),
     ("kd_tail: full\n", "kd_tail: 'full'; use renorm | rest"),
+    ("collective_timeout_s: 0\n", "collective_timeout_s: 0 must be >= 1"),
 ])
 def test_bad_configs_are_one_line_errors_before_anything_loads(yaml_text, expected, hf_dump, moe_student, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml_text)
