@@ -214,6 +214,10 @@ class SampleEncoder:
             self._count_helper_usable = n == len(full.ids)
         return ImageFeatures(full.ids, {})
 
+    def distrust_count_helper(self) -> None:
+        """Count every later image with the full processor (the helper missed on one)."""
+        self._count_helper_usable = False
+
     def _check_multimodal(self) -> None:
         if not self.multimodal:
             raise ValueError(f"{self.name} is a text-only model and this record has an image; drop the image "

@@ -313,6 +313,10 @@ class VLLMBackend:
         return ScoreResult(target, token_ids[idx].astype(np.int32), logprobs[idx])
 
 
+class ExpansionMismatch(RuntimeError):
+    """vLLM's expansion of a prompt's images differs from the ids lmod built for it."""
+
+
 def _check_expansion(prompt_token_ids, req: ScoreRequest) -> None:
     """vLLM expanded the images as the processor does: the same ids, or with image runs counted (not
     made) the same length and the same ids everywhere outside them."""
@@ -323,7 +327,7 @@ def _check_expansion(prompt_token_ids, req: ScoreRequest) -> None:
     else:
         same = got == req.ids
     if not same:
-        raise RuntimeError(
+        raise ExpansionMismatch(
             "vLLM expanded the prompt differently from the processor "
             f"({len(prompt_token_ids)} vs {len(req.ids)} tokens); check the model's processor config"
         )

@@ -36,7 +36,10 @@ class SelectedPositions(torch.nn.Module):
         for data, params in zip(pooled, pooling_metadata.pooling_params, strict=True):
             rows = (params.extra_kwargs or {}).get(ROWS_KEY)
             if data is not None and rows is not None:
-                data = data[torch.as_tensor(rows, device=data.device)]  # a gather: a new tensor
+                if rows and max(rows) >= data.shape[0]:  # vLLM expanded the prompt shorter than lmod did:
+                    data = data[:0]  # no rows; the worker compares the prompts and says what differs
+                else:
+                    data = data[torch.as_tensor(rows, device=data.device)]  # a gather: a new tensor
             out.append(data)
         return out
 

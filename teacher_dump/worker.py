@@ -27,7 +27,7 @@ from shared.codec import Encoding
 from shared.manifest import ShardEntry
 from shared.mllm import ImageFeatures, ModelInputs, SampleEncoder
 from shared.prompt import TemplateError, llava_messages, pref_messages
-from teacher_dump.backends import ScoreRequest, ScoreResult, TeacherBackend
+from teacher_dump.backends import ExpansionMismatch, ScoreRequest, ScoreResult, TeacherBackend
 from teacher_dump.inputs import (
     ImageRef,
     InputError,
@@ -287,17 +287,38 @@ def shard_rows(
 
 def score_items(backend: TeacherBackend, encoder: SampleEncoder, items: list[Encoded], top_k: int, sample: int = 0,
                 sample_seed: int = 0) -> list[ScoreResult]:
-    """One backend call for encoded records: a result per sequence, in order."""
-    requests = []
+    """One backend call for encoded records: a result per sequence, in order. Under vLLM, whose
+    processor expands the images itself, a record's image runs may have been counted by the
+    processor's size helper (trusted once it agreed with the full processor on the first images):
+    should vLLM's expansion differ on a later image, the chunk's images go through the full processor
+    (items are replaced in place), the helper is no longer trusted, and the chunk is scored again;
+    only a difference that remains stops the dump."""
     # vLLM expands the images itself; ours may be counted runs (placeholder ids of the right length)
     counted_id = encoder.image_token_id if backend.name != "hf" else None
-    for item in items:
-        rec, images = item.record, item.images
-        k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
-        n = sample if rec.kind == "mimic" else 0
-        seed = record_seed(sample_seed, rec.sample_id) if n else 0
-        requests.extend(score_request(e, images, k, n, seed, counted_id) for e in item.sequences)
-    return backend.score(requests) if requests else []
+
+    def requests_of(chunk: list[Encoded]) -> list[ScoreRequest]:
+        requests = []
+        for item in chunk:
+            rec, images = item.record, item.images
+            k = top_k if rec.kind == "mimic" else 0  # preference rows need the targets' log-probs only
+            n = sample if rec.kind == "mimic" else 0
+            seed = record_seed(sample_seed, rec.sample_id) if n else 0
+            requests.extend(score_request(e, images, k, n, seed, counted_id) for e in item.sequences)
+        return requests
+
+    requests = requests_of(items)
+    if not requests:
+        return []
+    try:
+        return backend.score(requests)
+    except ExpansionMismatch:
+        if counted_id is None:
+            raise
+        encoder.distrust_count_helper()
+        for i, item in enumerate(items):
+            if item.images:
+                items[i] = prepare(encoder, item.record, keep_tensors=False)
+        return backend.score(requests_of(items))
 
 
 def rows_of(encoder: SampleEncoder, items: list[Encoded], results: list[ScoreResult],

@@ -253,3 +253,54 @@ def test_a_vllm_worker_writes_the_same_bytes_pipelined_and_in_turn(vllm_dump: Pa
         for g, w in zip(got, want):
             np.testing.assert_allclose(np.concatenate([np.ravel(x) for x in g[key]]),
                                        np.concatenate([np.ravel(x) for x in w[key]]), atol=1e-4)
+
+
+_HELPER_MISSES = """
+import json, sys
+from pathlib import Path
+import numpy as np
+from shared.mllm import load_encoder
+from teacher_dump.backends import make_backend
+from teacher_dump.inputs import read_records
+from teacher_dump.worker import prepare, score_items
+teacher, world = Path(sys.argv[1]), Path(sys.argv[2])
+records = [r for r in read_records(world / "mimic.jsonl", "mimic", world)[0] if r.images][:6]
+exact = load_encoder(teacher)
+truth = [prepare(exact, r, keep_tensors=False) for r in records]  # the full processor's runs
+lying = load_encoder(teacher)
+assert lying._count_helper_usable, "this family's processor has no count helper"
+lying._count_checks_left = 0  # trusted, as after it agreed on the first images
+real, calls = lying._helper_count, []
+def helper(image):  # right on the first images, 3 tokens short of the processor on the 4th
+    calls.append(1)
+    return real(image) + (3 if len(calls) == 4 else 0)
+lying._helper_count = helper
+items = [prepare(lying, r, keep_tensors=False, count_only=True) for r in records]
+counted_wrong = [len(i.sequences[0].ids) for i in items] != [len(i.sequences[0].ids) for i in truth]
+backend = make_backend("vllm", teacher, max_model_len=256, max_top_k=8, max_images=1)
+got = score_items(backend, lying, items, 8)
+want = score_items(backend, exact, truth, 8)
+print(json.dumps({
+    "counted_wrong": counted_wrong,
+    "ids_repaired": [i.sequences[0].ids for i in items] == [i.sequences[0].ids for i in truth],
+    "same_scores": all(np.array_equal(a.topk_ids, b.topk_ids) and np.allclose(a.topk_logprobs, b.topk_logprobs,
+                                                                              atol=1e-5) for a, b in zip(got, want)),
+    "helper_trusted_after": lying._count_helper_usable,
+}))
+"""
+
+
+def test_a_count_helper_that_misses_a_later_image_does_not_stop_the_vllm_dump(teacher, world):
+    """vLLM's processor expands the images; the worker's runs are counted by the processor's size
+    helper once it agreed on the first images. A helper 3 tokens short on a later image made vLLM's
+    pooler index past the prompt (an IndexError that stopped the whole dump). Now the chunk's images
+    go through the full processor, the helper is no longer trusted, and the scores equal those of
+    exact runs. (vLLM runs in a subprocess: one engine per process.)"""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _HELPER_MISSES, str(teacher), str(world)], capture_output=True,
+                         text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == {"counted_wrong": True, "ids_repaired": True,
+                                                               "same_scores": True, "helper_trusted_after": False}
