@@ -993,3 +993,37 @@ def test_bad_data_on_one_rank_stops_every_rank_with_one_message(hf_dump, world, 
     lines = [line for line in stderr.splitlines() if "lmod: error:" in line]
     assert len(lines) == 1 and f"{other / name} is not the image" in lines[0], stderr[-3000:]
     assert [r["step"] for r in _metrics(tmp_path / "two")] == [1]
+
+
+@pytest.mark.distributed
+def test_two_nodes_of_one_rank_each_train_what_one_process_trains(hf_dump, world, moe_student, tmp_path):
+    """Two torchrun launchers as two machines would start them (--nnodes 2, c10d rendezvous, gloo),
+    one rank each, equal one process to float32 rounding."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("stage: mimic\nsteps: 3\nbatch_size: 8\nlr: 0.002\nwarmup: 1\naux_loss_coef: 0.0\n"
+                        "loader_workers: 0\n")
+    train([hf_dump], moe_student, tmp_path / "one", TrainConfig.from_yaml(cfg_file), image_root=world, progress=False)
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend",
+           "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "lmod-two-nodes", "-m", "pipelines.cli", "train",
+           "--stage", "mimic", "--shards", str(hf_dump), "--student", str(moe_student), "--out", str(tmp_path / "two"),
+           "--config", str(cfg_file), "--image-root", str(world)]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for _ in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [0, 0], "".join(err for _, err in outputs)[-3000:]
+    assert sum("ddp over 2 ranks" in err for _, err in outputs) == 1  # rank 0's launcher only
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
