@@ -293,7 +293,10 @@ def _ray_session(cfg: DumpConfig) -> Iterator[Any]:
         return
     if cfg.address:
         ray.init(address=cfg.address, log_to_driver=True)
-        yield None
+        try:
+            yield None
+        finally:
+            ray.shutdown()  # disconnects this driver; the cluster goes on
         return
     from teacher_dump.reaper import Reaper
 
@@ -630,17 +633,40 @@ def _say(cfg: DumpConfig, msg: str) -> None:
 
 def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total: int, skipped: int,
                reaper: Any) -> None:
+    """Shards handed to the teacher workers as they free up. A worker that dies (its node lost, its
+    process killed) takes no shard with it: the shard it held goes back to the queue for the others
+    (shards are written under temporary names and renamed when complete, so a half-written one is
+    never counted), and the dump goes on while one worker lives."""
+    from collections import deque
+
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayActorError
     from tqdm import tqdm
 
     workers = _start_workers(cfg, len(todo))
     try:
         with _remote_errors():
-            pool = ActorPool(workers)
             bar = tqdm(total=total, initial=skipped, desc="teacher shards", unit="shard", disable=not cfg.progress)
             tokens = 0
-            for rel, entry in pool.map_unordered(lambda w, t: w.run_shard.remote(t, cfg.max_model_len), todo):
+            queue, idle, running = deque(todo), list(workers), {}
+            while queue or running:
+                while queue and idle:
+                    worker, task = idle.pop(), queue.popleft()
+                    running[worker.run_shard.remote(task, cfg.max_model_len)] = (worker, task)
+                (ref,), _ = ray.wait(list(running), num_returns=1)
+                worker, task = running.pop(ref)
+                try:
+                    rel, entry = ray.get(ref)
+                except RayActorError as e:
+                    queue.appendleft(task)
+                    if not idle and not running:
+                        raise InputError(f"every teacher worker died (the last while writing {task.rel_path}: "
+                                         f"{str(e).splitlines()[0]}); finished shards are kept: rerun the same "
+                                         "command to resume") from None
+                    print(f"lmod: warning: a teacher worker died while writing {task.rel_path}; it is redone by "
+                          f"another ({len(idle) + len(running)} left)", file=sys.stderr, flush=True)
+                    continue
+                idle.append(worker)
                 manifest.shards[rel] = entry
                 manifest.save(cfg.out)  # after every shard: a crash loses at most the shards in flight
                 tokens += entry.tokens

@@ -304,3 +304,60 @@ def test_a_count_helper_that_misses_a_later_image_does_not_stop_the_vllm_dump(te
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == {"counted_wrong": True, "ids_repaired": True,
                                                                "same_scores": True, "helper_trusted_after": False}
+
+
+@pytest.mark.distributed
+def test_a_dump_on_a_two_node_cluster_survives_losing_a_node(teacher, world, tmp_path, capfd):
+    """`--address` onto a running Ray cluster of two nodes (two raylets on this machine, one CPU
+    each: one teacher worker per node). The second node is removed once the first shard is
+    finished, with its worker mid-shard: that shard is redone by the surviving worker and the dump
+    completes, byte-identical to a one-node dump with the same threads per worker. (A worker's
+    thread count is part of its numerics: matmul reductions split by thread.)"""
+    import filecmp
+    import threading
+    import time
+
+    from ray.cluster_utils import Cluster
+
+    from shared.shards import shard_paths
+    from teacher_dump.run import DumpConfig, dump_teacher
+
+    def config(out: Path, **kw) -> DumpConfig:
+        return DumpConfig(model=teacher, out=out, mimic_data=world / "mimic.jsonl", pref_data=world / "pref.jsonl",
+                          shards=8, top_k=TOP_K, backend="hf", max_model_len=256, progress=False, encoding="f32",
+                          workers=2, **kw)
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    second = cluster.add_node(num_cpus=1)
+    removed = threading.Event()
+
+    def remove_second_node_after_the_first_shard() -> None:
+        manifest = tmp_path / "two" / "manifest.json"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                if json.loads(manifest.read_text()).get("shards"):
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        cluster.remove_node(second)
+        removed.set()
+
+    killer = threading.Thread(target=remove_second_node_after_the_first_shard, daemon=True)
+    killer.start()
+    try:
+        dump_teacher(config(tmp_path / "two", address=cluster.address))
+    finally:
+        killer.join(timeout=300)
+        cluster.shutdown()
+    assert removed.is_set()
+    assert "a teacher worker died while writing" in capfd.readouterr().err
+    dump_teacher(config(tmp_path / "one"))  # a local Ray of this machine's 2 CPUs: 2 workers, 1 thread each
+    names = {kind: [p.name for p in shard_paths(tmp_path / "one", kind)] for kind in ("mimic", "pref")}
+    assert names == {kind: [p.name for p in shard_paths(tmp_path / "two", kind)] for kind in ("mimic", "pref")}
+    assert sum(map(len, names.values())) == 16
+    for kind, files in names.items():
+        for name in files:
+            assert filecmp.cmp(tmp_path / "one" / kind / name, tmp_path / "two" / kind / name, shallow=False), name
+    assert verify_dump(tmp_path / "two") == []
