@@ -7,8 +7,8 @@ it). On the tiny world, in a few minutes, with every GPU of the machine:
    losses equal a CPU float32 run of the same steps within bf16 tolerance;
 3. `lmod eval --device cuda`: float32 answers equal the CPU's; bf16 metrics are printed;
 4. the peak GPU memory of one mimic step at V = 151,936 (vocabulary padded), logits vs fused head;
-5. the memory plan (`lmod train --dry-run`) against the measured peak of bf16 steps with activation
-   checkpointing of a Qwen3-VL-2B-shaped MoE student (random weights, config only) at the GPU
+5. the memory plan (`lmod train --dry-run`) against the measured peak of bf16 FSDP2 steps (one GPU's
+   group) with activation checkpointing of a Qwen3-VL-2B-shaped MoE student (random weights, config only) at the GPU
    recipe's per-rank shape (8 rows of 4,096 tokens, and 4 rows: the difference within 30%), with
    the experts' matmuls recorded in bf16;
 6. a short `lmod demo` on the GPU (deterministic algorithms need cuBLAS's fixed workspace).
@@ -135,16 +135,21 @@ def plan_against_gpu(rows: tuple[int, int] = (4, 8), length: int = 4096) -> dict
     from student_train.memory_plan import plan_memory
     from student_train.objectives import mimic_terms
     from student_train.parts import apply_trainable
-    from student_train.precision import bf16_weights
     from student_train.train import TrainConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         student = qwen3_vl_2b_moe(Path(tmp))
+        import torch.distributed as td
         from transformers import AutoConfig
 
+        from student_train.train import shard_model
+
+        if not td.is_initialized():  # FSDP2 as training runs it, on a group of this one GPU
+            td.init_process_group("nccl", store=td.HashStore(), rank=0, world_size=1)
         model = model_from_config(AutoConfig.from_pretrained(tmp), torch.float32).cuda().train()
         apply_trainable(model, ["experts", "router"], "gpu check")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = shard_model(model, torch.bfloat16)  # bf16 all-gathers, float32 masters and reduce-scatter
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
         dtypes = set()
         for name, module in model.named_modules():
@@ -166,10 +171,9 @@ def plan_against_gpu(rows: tuple[int, int] = (4, 8), length: int = 4096) -> dict
                                top.values, (1 - top.values.double().exp().sum(-1)).clamp(min=0).float()).to("cuda")
             for _ in range(2):  # the second step runs with AdamW's moments allocated, as every later one
                 torch.cuda.reset_peak_memory_stats()
-                with bf16_weights(model):  # forward and backward in bf16 weights, as training runs them
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        loss = mimic_terms(model, batch, cfg, body, vocab)["objective"]
-                    loss.backward()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = mimic_terms(model, batch, cfg, body, vocab)["objective"]
+                loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
