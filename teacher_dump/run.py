@@ -10,7 +10,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -436,8 +436,11 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
 
     dry_dir = tempfile.TemporaryDirectory(prefix="lmod-dry-run-") if cfg.dry_run else None  # nothing in OUT
     try:
-        tasks, inputs = plan_tasks(cfg, Path(dry_dir.name) if dry_dir else None)
-        return _dump_planned(cfg, out, encoder, vocab, tasks, inputs)
+        # The lock is held before anything is written into OUT (a JSON list's converted input too):
+        # a second dump pointed at the same OUT is refused before it can touch the first one's files.
+        with nullcontext() if cfg.dry_run else _exclusive(out):
+            tasks, inputs = plan_tasks(cfg, Path(dry_dir.name) if dry_dir else None)
+            return _dump_planned(cfg, out, encoder, vocab, tasks, inputs)
     finally:
         if dry_dir is not None:
             dry_dir.cleanup()
@@ -472,7 +475,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         _refuse_invalid(cfg, rejected, checks)
         print(json.dumps(dry_run_plan(tasks, checks, run), indent=2))
         return Manifest(run=run)
-    with _exclusive(out), ExitStack() as stack:
+    with ExitStack() as stack:  # the caller holds OUT's lock
         ray_up: list[Any] = []  # Ray starts when first needed: a finished dump's rerun starts none
 
         def ray_session() -> Any:
@@ -554,7 +557,21 @@ def _exclusive(out: Path) -> Iterator[None]:
     temp files that killed runs left behind are removed (nobody else can be writing them)."""
     import fcntl
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(out, fcntl):
+            yield
+    except BaseException:
+        # A dump refused before it wrote anything leaves no directory behind (only its lock was there).
+        if created and [p.name for p in out.iterdir()] == [LOCK_NAME]:
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            out.rmdir()
+        raise
+
+
+@contextmanager
+def _locked(out: Path, fcntl: Any) -> Iterator[None]:
     with open(out / LOCK_NAME, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -228,6 +228,24 @@ def test_a_second_dump_into_the_same_out_is_locked_out_and_stale_temp_files_go(w
         res = _cli(*_dump_args(world, teacher, out))
     assert res.exit_code == 2 and "another lmod dump-teacher is writing here (pid 4242)" in res.output
     assert not (out / "manifest.json").exists()
+    # A JSON-list input is converted into OUT: a second dump rewrote the running one's converted
+    # input before the lock refused it. It is now refused before it writes anything.
+    (out / "inputs").mkdir()
+    running = out / "inputs" / "mimic.jsonl"
+    running.write_text("the running dump's records\n")
+    as_list = tmp_path / "other.json"
+    as_list.write_text(json.dumps([json.loads(line) for line in (world / "mimic.jsonl").read_text().splitlines()]))
+    args = _dump_args(world, teacher, out)
+    args[args.index("--mimic-data") + 1] = str(as_list)
+    with open(out / ".lmod-dump.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        res = _cli(*args)
+    assert res.exit_code == 2 and "another lmod dump-teacher is writing here" in res.output
+    assert running.read_text() == "the running dump's records\n"
+    assert sorted(p.name for p in (out / "inputs").iterdir()) == ["mimic.jsonl"]
+    import shutil
+
+    shutil.rmtree(out / "inputs")
     (out / "mimic").mkdir()
     stale = out / "mimic" / ".shard-00000-of-00002.parquet.tmp-999"
     stale.write_bytes(b"half a shard")
