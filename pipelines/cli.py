@@ -428,6 +428,7 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto (the first GPU if any) | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("float32", help="Weights during evaluation: float32 | bfloat16 | float16."),
     batch_size: int = typer.Option(64, min=1, help="Questions answered per batch (greedy, left-padded)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out file (never one this command reads)."),
 ) -> None:
     """Held-out accuracy by type, POPE-style hallucination metrics, expert utilisation; with --shards
     (a teacher dump of held-out data) the KL to the teacher and agreement with its next token."""
@@ -437,8 +438,8 @@ def eval_cmd(
     if data is None and not shards:
         fail("nothing to evaluate: give --data (questions with answers) and/or --shards (a held-out teacher dump)")
     model = require_model(model, "--model")
-    if out is not None and not out.parent.is_dir():
-        fail(f"{out.parent}: no such directory for --out")
+    if out is not None:
+        _check_eval_out(out, [model, *([data] if data else []), *(shards or [])], overwrite)
     try:
         if device != "auto" and device.startswith("cuda") and not __import__("torch").cuda.is_available():
             fail(f"--device {device}: no GPU is visible here; use --device cpu (or auto)")
@@ -459,8 +460,31 @@ def eval_cmd(
             fail(str(e))
     text = json.dumps(metrics, indent=2)
     if out is not None:
-        out.write_text(text + "\n")
+        from shared.manifest import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(out, (text + "\n").encode())
+        except OSError as e:
+            typer.echo(text)
+            fail(f"{out}: cannot be written ({e.strerror or e}); the metrics are on stdout above", code=1)
     typer.echo(text)
+
+
+def _check_eval_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """--out is a new file (or, with --overwrite, an old one), never a directory or anything the
+    evaluation reads; checked before the model loads."""
+    target = out.resolve()
+    for path in inputs:
+        p = Path(path).resolve()
+        if target == p or p in target.parents:
+            fail(f"--out {out} is {'inside ' if target != p else ''}{path}, which this evaluation reads; "
+                 "write the metrics elsewhere")
+    if out.is_dir():
+        fail(f"--out {out} is a directory; give a file name (e.g. {out / 'eval.json'})")
+    if not out.parent.is_dir():
+        fail(f"{out.parent}: no such directory for --out")
+    if out.exists() and not overwrite:
+        fail(f"--out {out} exists (nothing was changed); pass --overwrite to replace it or choose another name")
 
 
 @app.command("report")

@@ -392,6 +392,27 @@ def test_missing_model_dirs_and_bad_eval_files_are_named(world, moe_student, hf_
     assert res.exit_code == 2 and "no such directory for --out" in res.output
 
 
+def test_eval_out_never_replaces_its_inputs_or_another_file_unasked(world, moe_student, hf_dump, tmp_path):
+    """`lmod eval --out F` overwrote any file, its own --data and a run's metrics.jsonl included, and
+    a directory gave a traceback. Each is now one line before the model loads, nothing changed."""
+    data = tmp_path / "eval.jsonl"
+    data.write_text((world / "eval.jsonl").read_text())
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n')
+    base = ["eval", "--model", moe_student, "--data", data, "--image-root", world]
+    reads = "which this evaluation reads"
+    for out, expected in [(data, reads), (moe_student / "eval.json", reads), (hf_dump / "manifest.json", reads),
+                          (metrics, "exists (nothing was changed)"), (tmp_path, "is a directory")]:
+        before = out.read_bytes() if out.is_file() else None
+        res = _cli(*base, "--out", out, *(["--shards", hf_dump] if "manifest" in str(out) else []))
+        assert res.exit_code == 2 and expected in res.output and len(res.output.strip().splitlines()) == 1, res.output
+        if before is not None:
+            assert out.read_bytes() == before
+    res = _cli(*base, "--out", metrics, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in json.loads(metrics.read_text())
+
+
 def test_resume_refuses_a_changed_config_and_nothing_to_resume(hf_dump, world, moe_student, tmp_path):
     from student_train.train import TrainError
 

@@ -26,4 +26,4 @@ $TRAIN train --stage pref --shards "$RUN/shards" --student "$RUN/mimic" --out "$
   --config "$PREF_CONFIG" --image-root "$IMAGE_ROOT" ${RESUME:+--resume}
 
 [ -z "${EVAL_DATA:-}" ] || $LMOD eval --model "$RUN/pref" --data "$EVAL_DATA" --image-root "$IMAGE_ROOT" \
-  --device "${EVAL_DEVICE:-auto}" --dtype "${EVAL_DTYPE:-float32}" --out "$RUN/eval.json"
+  --device "${EVAL_DEVICE:-auto}" --dtype "${EVAL_DTYPE:-float32}" --out "$RUN/eval.json" --overwrite
