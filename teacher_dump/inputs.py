@@ -344,12 +344,15 @@ def _turns(messages: Any, where: str, roles: tuple[str, ...]) -> list[dict[str, 
 
 def _images(rec: dict) -> list[Any]:
     """`image` (one, or a list), or TRL's / LLaVA-OneVision's `images` list, in placeholder order."""
-    if "images" in rec and "image" in rec and rec["image"] is not None and rec["images"]:
+    image, listed = rec.get("image"), rec.get("images")
+    if image is not None and listed:
         raise ValueError("both 'image' and 'images' given; keep one")
-    images = rec["images"] if "images" in rec else rec.get("image")
+    # A union of formats (LLaVA rows beside TRL rows in one Parquet table) gives every row both
+    # columns, the unused one null or empty: whichever holds images counts.
+    images = listed if listed else image if image is not None else listed
     if images is None:
         return []
-    if "images" in rec and not isinstance(images, list):
+    if images is listed and images is not None and not isinstance(images, list):
         raise ValueError("'images' must be a list")
     return list(images) if isinstance(images, list) else [images]
 

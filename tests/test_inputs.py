@@ -550,3 +550,20 @@ def test_a_rerun_after_an_image_changed_in_place_redoes_the_shards_that_used_it(
     row = pq.read_table(redone.pop()).to_pylist()[0]
     assert row["image_sha256"] == [hashlib.sha256((w / first["image"]).read_bytes()).hexdigest()]
 
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("unused", [None, []])
+def test_an_image_beside_an_empty_images_column_keeps_its_image(world, unused, tmp_path):
+    """A Parquet union of LLaVA rows (`image`) and TRL rows (`images`) gives every row both columns:
+    a LLaVA row's `images` is null or empty. The row lost its image and was dumped as text-only."""
+    from teacher_dump.inputs import check_row
+
+    rec = json.loads((world / "mimic.jsonl").read_text().splitlines()[0])
+    assert isinstance(rec["image"], str)
+    got = check_row(world / "mimic.jsonl", "mimic", 0, {**rec, "images": unused}, None, world)
+    assert [i.ref for i in got.images] == [rec["image"]]
+    trl = check_row(world / "mimic.jsonl", "mimic", 0, {**rec, "image": None, "images": [rec["image"]]}, None, world)
+    assert [i.ref for i in trl.images] == [rec["image"]]
+    both = check_row(world / "mimic.jsonl", "mimic", 0, {**rec, "images": [rec["image"]]}, None, world)
+    assert "both 'image' and 'images' given" in both.reason
