@@ -441,6 +441,10 @@ def eval_cmd(
     if out is not None:
         _check_eval_out(out, [model, *([data] if data else []), *(shards or [])], overwrite)
     try:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            fail(f"--device {device!r}; use auto | cpu | cuda | cuda:N")
         if device != "auto" and device.startswith("cuda") and not __import__("torch").cuda.is_available():
             fail(f"--device {device}: no GPU is visible here; use --device cpu (or auto)")
         if dtype not in ("float32", "bfloat16", "float16"):

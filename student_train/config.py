@@ -3,6 +3,8 @@ gives a notebook or the demo the same one-line errors as the CLI)."""
 
 from __future__ import annotations
 
+import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -132,6 +134,12 @@ class TrainConfig:
                 if isinstance(value, str) and hint is float:  # YAML 1.1 reads 1e-3 (no dot) as text
                     tip = " (YAML reads 1e-3 as text: write 1.0e-3)"
                 raise ValueError(f"{f.name}: {value!r} is not {'an' if hint is int else 'a'} {hint.__name__}{tip}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}: {value} is not a finite number")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device: {self.device!r}; use auto | cpu | cuda | cuda:N")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_window", "loss_chunk",
                      "collective_timeout_s"):
             if getattr(self, name) < 1:

@@ -198,6 +198,8 @@ class StepResult:
 def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
           resume: bool = False, allow_partial: bool = False) -> Trainer:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"device: {cfg.device}: no GPU is visible here; use device: cpu (or auto)")
     dist = Dist.setup(device, cfg.collective_timeout_s)
     if device == "cuda" and dist.world > 1:
         device = f"cuda:{dist.local_rank}"

@@ -359,6 +359,11 @@ def _cli(*args: str):
     ("dtype: float16\n", "dtype: 'float16'; use float32 | bfloat16"),
     ("kd_tail: full\n", "kd_tail: 'full'; use renorm | rest"),
     ("collective_timeout_s: 0\n", "collective_timeout_s: 0 must be >= 1"),
+    ("lr: .nan\n", "lr: nan is not a finite number"),
+    ("grad_clip: .inf\n", "grad_clip: inf is not a finite number"),
+    ("weight_decay: .inf\n", "weight_decay: inf is not a finite number"),
+    ("device: banana\n", "device: 'banana'; use auto | cpu | cuda | cuda:N"),
+    ("device: mps\n", "device: 'mps'; use auto | cpu | cuda | cuda:N"),
 ])
 def test_bad_configs_are_one_line_errors_before_anything_loads(yaml_text, expected, hf_dump, moe_student, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml_text)
@@ -366,6 +371,16 @@ def test_bad_configs_are_one_line_errors_before_anything_loads(yaml_text, expect
                "--config", tmp_path / "c.yaml")
     assert res.exit_code == 2 and expected in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_device_without_a_gpu_is_one_line(hf_dump, world, moe_student, tmp_path):
+    (tmp_path / "c.yaml").write_text("device: cuda\n")
+    res = _cli("train", "--stage", "mimic", "--shards", hf_dump, "--student", moe_student, "--out", tmp_path / "o",
+               "--config", tmp_path / "c.yaml", "--image-root", world)
+    assert res.exit_code == 2 and "device: cuda: no GPU is visible here" in res.output, res.output
+    res = _cli("eval", "--model", moe_student, "--data", world / "eval.jsonl", "--device", "banana")
+    assert res.exit_code == 2 and "--device 'banana'" in res.output
 
 
 def test_missing_model_dirs_and_bad_eval_files_are_named(world, moe_student, hf_dump, tmp_path):
