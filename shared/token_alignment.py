@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -42,6 +43,9 @@ def save_teacher_tokenizer(dump_dir: Path, tokenizer: Any) -> None:
     Path(dump_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".teacher_tokenizer-", dir=dump_dir))
     tokenizer.save_pretrained(str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: the dump's readers are often other users
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
 

@@ -539,7 +539,7 @@ def _check_out(out: Path, student: Path, shards: list[Path], resume: bool) -> No
         raise TrainError(f"{out}: exists and is not a directory; --out must be a training directory")
     if resume or not out.is_dir():
         return
-    if (out / LATEST).exists():
+    if (out / LATEST).exists() or any(c.is_dir() for c in out.glob("checkpoint-*")):
         raise TrainError(f"{out} holds a training run; pass --resume to continue it or choose another --out")
     foreign = sorted(p.name for p in out.iterdir()
                      if p.name in _MODEL_FILES or p.suffix == ".safetensors" or p.name.startswith("checkpoint-")
@@ -560,9 +560,13 @@ def _logged_step(line: str) -> int:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    """The last complete checkpoint directory under OUT, or None."""
+    """The last checkpoint directory under OUT (the pointer's; without the pointer, the newest
+    checkpoint-STEP directory: its checksums then say whether it is complete), or None."""
     pointer = Path(out) / LATEST
-    return Path(out) / pointer.read_text().strip() if pointer.exists() else None
+    if pointer.exists():
+        return Path(out) / pointer.read_text().strip()
+    found = sorted(c for c in Path(out).glob("checkpoint-*") if c.is_dir())
+    return found[-1] if found else None
 
 
 def checkpoint_step(checkpoint: Path) -> int:

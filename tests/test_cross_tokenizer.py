@@ -289,6 +289,11 @@ def test_a_dump_without_its_teacher_tokenizer_says_what_to_do(hf_dump, students,
     from student_train.cross_tokenizer import AlignmentError
 
     assert (hf_dump / "teacher_tokenizer" / "tokenizer.json").is_file()
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)  # readable by whoever can read the dump (mkdtemp made it 0700)
+    assert (hf_dump / "teacher_tokenizer").stat().st_mode & 0o777 == 0o777 & ~umask
     old = tmp_path / "old"
     shutil.copytree(hf_dump, old, ignore=shutil.ignore_patterns("teacher_tokenizer"))
     with pytest.raises(AlignmentError, match="keeps no teacher tokenizer"):

@@ -445,6 +445,23 @@ def test_resume_refuses_a_changed_config_and_nothing_to_resume(hf_dump, world, m
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
 
 
+
+def test_checkpoints_without_their_pointer_are_resumed_not_stranded(hf_dump, world, moe_student, tmp_path):
+    """With OUT/latest_checkpoint lost, --resume said "drop --resume" and dropping it was refused:
+    the intact checkpoints could not be used. The newest intact checkpoint directory resumes."""
+    from student_train.train import TrainError
+
+    cfg = TrainConfig(stage="mimic", steps=3, batch_size=4, lr=2e-3, warmup=1, loader_workers=0)
+    whole = train([hf_dump], moe_student, tmp_path / "whole", cfg, image_root=world, progress=False)
+    train([hf_dump], moe_student, tmp_path / "run", cfg, image_root=world, progress=False, stop_after=2)
+    (tmp_path / "run" / "latest_checkpoint").unlink()
+    with pytest.raises(TrainError, match="holds a training run; pass --resume"):
+        train([hf_dump], moe_student, tmp_path / "run", cfg, image_root=world, progress=False)
+    rest = train([hf_dump], moe_student, tmp_path / "run", cfg, image_root=world, progress=False, resume=True)
+    assert [r["step"] for r in rest] == [3]
+    assert rest[-1]["loss"] == pytest.approx(whole[-1]["loss"], rel=1e-6)
+
+
 def test_eval_reads_popes_own_question_files(world, moe_student, tmp_path):
     """COCO-POPE as published: `question_id`, `image`, `text`, `label`; answers are judged by their
     first word ("Yes, there is ..." is a yes)."""
