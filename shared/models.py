@@ -19,7 +19,10 @@ from typing import Any
 
 import torch
 
+from shared import logs
 from shared.manifest import temp_path
+
+logs.install()  # every process that loads models (CLI, Ray workers, DataLoader workers) imports this module
 
 IMAGE_TEXT = "image-text"
 CAUSAL_LM = "causal-lm"

@@ -1080,3 +1080,21 @@ def test_two_nodes_of_one_rank_each_train_what_one_process_trains(hf_dump, world
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_short_training_run_prints_its_own_lines_only(hf_dump, world, moe_student, tmp_path):
+    """A 3-step run printed transformers' pad_token_id warning about a default config nobody loaded
+    and nested "Loading weights" / "Writing model shards" bars. Now: what trains, then the bar."""
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yaml").write_text("steps: 3\nbatch_size: 4\nwarmup: 1\nloader_workers: 0\n")
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--stage", "mimic", "--shards", str(hf_dump),
+                          "--student", str(moe_student), "--out", str(tmp_path / "o"), "--config",
+                          str(tmp_path / "c.yaml"), "--image-root", str(world)],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line for line in res.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    other = [line for line in lines if not line.startswith("train mimic:")]
+    assert other == [line for line in other if line.startswith("training ")] and len(other) == 1, other
+    assert "pad_token_id" not in res.stderr and "Loading weights" not in res.stderr
