@@ -109,7 +109,8 @@ def dump_teacher_cmd(
     shards: int = typer.Option(8, help="Shards per data kind (capped at the number of records)."),
     top_k: int = typer.Option(32, help="Teacher log-probs kept per response token."),
     encoding: str = typer.Option("u8", help="Stored probabilities: u8 (8-bit sqrt scale) | u16 | f32 (exact)."),
-    sample: int = typer.Option(0, help="RS-KD: also store N draws per response position from the teacher (hf)."),
+    sample: int = typer.Option(0, help="RS-KD: also store N draws per response position from the teacher's "
+                               "full distribution."),
     sample_seed: int = typer.Option(0, help="Seed of those draws (with each record's id)."),
     backend: str = typer.Option("vllm", help="vllm | hf"),
     vllm_scoring: str = typer.Option("hidden", help="vllm: hidden (the head at scored positions only) | logprobs "

@@ -90,7 +90,7 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
             raise ShardError(f"{d}: {problem}")
         if sampled and not run.sample:
             raise ShardError(f"{d}: dumped without --sample, so it holds no teacher draws for kd: sampled; "
-                             "use kd: topk, or dump again with --sample N --backend hf")
+                             "use kd: topk, or dump again with --sample N")
         planned = run.planned_shards(kind)
         done = sum(e.kind == kind for e in manifest.shards.values())
         if done < planned and not allow_partial:

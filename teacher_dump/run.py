@@ -466,7 +466,8 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         inputs=inputs,
         plan={"shards_requested": cfg.shards, "shards": {k: sum(t.kind == k for t in tasks) for k in KINDS}},
     ).to_dict()
-    _say(cfg, f"lmod: {len(tasks)} shards planned over {sum(i['rows'] for i in inputs.values())} input rows")
+    rows = sum(i["rows"] for i in inputs.values())
+    _say(cfg, f"lmod: {_count(len(tasks), 'shard')} planned over {_count(rows, 'input row')}")
     if cfg.dry_run:
         _check_existing(out, run, cfg.force)  # what the real run would refuse, refused here too
         with _ray_session(cfg):
@@ -522,7 +523,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         tasks = with_skips(tasks, rejected)
         todo = [t for t in tasks if not _finished(out, manifest, t.rel_path)]
         skipped = len(tasks) - len(todo)
-        _say(cfg, f"lmod: {len(tasks)} shards planned, {skipped} already finished, {len(todo)} to run")
+        _say(cfg, f"lmod: {_count(len(tasks), 'shard')} planned, {skipped} already finished, {len(todo)} to run")
         if todo:
             _run_tasks(cfg, manifest, todo, len(tasks), skipped, ray_session())
     return manifest
@@ -640,6 +641,10 @@ def _finished(out: Path, manifest: Manifest, rel: str) -> bool:
     replaced file is redone, never kept."""
     entry = manifest.shards.get(rel)
     return entry is not None and shard_file_problem(out / rel, entry) is None
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _say(cfg: DumpConfig, msg: str) -> None:
