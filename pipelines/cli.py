@@ -370,12 +370,12 @@ def train_cmd(
     allow_partial: bool = typer.Option(False, help="Train on a dump whose shards are not all finished."),
     stop_after: int | None = typer.Option(None, min=1, help="End this run after N more steps, at a checkpoint "
                                           "(time-boxed or preemptible jobs); --resume continues it."),
-    seed: int | None = typer.Option(None),
-    steps: int | None = typer.Option(None),
-    kd: str | None = typer.Option(None, help="topk | sampled (RS-KD on a dump made with --sample)"),
-    kd_tail: str | None = typer.Option(None, help="renorm | rest"),
-    pref_loss: str | None = typer.Option(None, help="dpo | ipo | kto_pair"),
-    beta: float | None = typer.Option(None),
+    seed: int | None = typer.Option(None, help="Data order and initialisation (default: the config's, else 0)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps (default: the config's, else 200)."),
+    kd: str | None = typer.Option(None, help="topk | sampled (RS-KD on a dump made with --sample); default topk"),
+    kd_tail: str | None = typer.Option(None, help="renorm | rest (default rest)"),
+    pref_loss: str | None = typer.Option(None, help="dpo | ipo | kto_pair (default dpo)"),
+    beta: float | None = typer.Option(None, help="Preference loss strength (default: the config's, else 0.1)."),
     dry_run: bool = typer.Option(False, help="Print the per-rank memory plan (JSON: weights, grads, optimizer, "
                                  "activations, head_chunk, total) and exit without training."),
     gpu_memory: float | None = typer.Option(None, min=0.1, help="With --dry-run: GiB per GPU; says whether the "
@@ -414,7 +414,8 @@ def train_cmd(
                         stop_after=stop_after)
     except (ShardError, TrainError, TemplateError, FileNotFoundError) as e:
         fail(str(e))
-    typer.echo(json.dumps(history[-1] if history else {}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
+        typer.echo(json.dumps(history[-1] if history else {}))
 
 
 @app.command("eval")

@@ -139,9 +139,14 @@ def report(run_dir: Path) -> list[Path]:
         written.append(plot_demo_table(run_dir / "report.json"))
     if (run_dir / "claims.json").is_file():  # claims.py over seeds: mean +- std
         written.append(plot_claims(run_dir / "claims.json"))
+    empty = []
     for metrics in sorted([run_dir / "metrics.jsonl", *run_dir.glob("*/metrics.jsonl")]):
         if metrics.is_file():
+            if not read_metrics(metrics):  # a run that has not finished a step yet: the others still plot
+                empty.append(metrics)
+                continue
             written.append(plot_training(metrics.parent))
     if not written:
-        raise ValueError(f"{run_dir}: no metrics.jsonl or report.json to plot")
+        why = f" ({len(empty)} metrics.jsonl without a finished step yet, e.g. {empty[0]})" if empty else ""
+        raise ValueError(f"{run_dir}: no metrics.jsonl or report.json to plot{why}")
     return written

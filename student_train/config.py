@@ -99,7 +99,12 @@ class TrainConfig:
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "stage" in raw and "stage" in given and raw["stage"] != given["stage"]:
+            stage = given["stage"]
+            raise ValueError(f"{path}: a {raw['stage']} config (stage: {raw['stage']}) given with --stage {stage}; "
+                             f"use a {stage} config (pipelines/configs/{stage}.yaml)")
+        raw.update(given)
         try:
             return cls(**raw)
         except ValueError as e:

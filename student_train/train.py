@@ -451,6 +451,9 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
 
     t = setup(shards, student, out, cfg, image_root, resume, allow_partial)
     rank0 = t.dist.rank == 0
+    if rank0 and cfg.warmup >= cfg.steps:
+        print(f"lmod: warning: warmup {cfg.warmup} >= steps {cfg.steps}: the learning rate never reaches lr "
+              f"{cfg.lr:g} (it peaks at {lr_at(cfg.steps - 1, cfg):.3g})", file=sys.stderr)
     if rank0 and progress:
         parts = ", ".join(f"{k} {v / 1e6:.3g}M" for k, v in sorted(t.trained_parts.items()))
         how = f", {cfg.parallel} over {t.dist.world} ranks" if t.dist.world > 1 else ""

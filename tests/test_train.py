@@ -498,6 +498,24 @@ def test_report_plots_training_curves_and_the_demo_table(hf_dump, world, moe_stu
         with Image.open(png) as im:
             assert im.format == "PNG" and im.size[0] > 1000
     assert _cli("report", tmp_path / "nothing").exit_code == 2
+    # a parent folder with a run that has not finished a step yet: the other runs still plot
+    (tmp_path / "run" / "pref").mkdir()
+    (tmp_path / "run" / "pref" / "metrics.jsonl").write_text("")
+    res = _cli("report", tmp_path / "run")
+    assert res.exit_code == 0 and "mimic/training.png" in res.output, res.output
+
+
+def test_a_config_of_the_other_stage_is_refused_and_a_long_warmup_is_said(hf_dump, world, moe_student, tmp_path,
+                                                                           capsys):
+    """`--stage pref` with a mimic YAML silently trained pref with mimic's settings; a warm-up longer
+    than the run never reached the learning rate without a word."""
+    (tmp_path / "mimic.yaml").write_text("stage: mimic\nsteps: 2\n")
+    res = _cli("train", "--stage", "pref", "--shards", hf_dump, "--student", moe_student, "--out", tmp_path / "o",
+               "--config", tmp_path / "mimic.yaml")
+    assert res.exit_code == 2 and "a mimic config (stage: mimic) given with --stage pref" in res.output
+    cfg = TrainConfig(stage="mimic", steps=2, batch_size=4, warmup=5, loader_workers=0)
+    train([hf_dump], moe_student, tmp_path / "w", cfg, image_root=world, progress=False)
+    assert "warning: warmup 5 >= steps 2" in capsys.readouterr().err
 
 
 def test_batch_order_visits_every_row_once_per_epoch_and_depends_only_on_the_seed():
