@@ -205,7 +205,7 @@ def generate_cmd(
 
 
 @shards_app.command("verify")
-def shards_verify(out: Path = typer.Argument(..., help="A dump directory.")) -> None:
+def shards_verify(out: Path = typer.Argument(..., metavar="DUMP", help="A dump directory.")) -> None:
     """Check every shard's checksum, schema and row count against the manifest."""
     from shared.shards import verify_dump
 
@@ -222,7 +222,7 @@ def shards_verify(out: Path = typer.Argument(..., help="A dump directory.")) -> 
 
 @shards_app.command("info")
 def shards_info(
-    out: Path = typer.Argument(..., help="A dump directory."),
+    out: Path = typer.Argument(..., metavar="DUMP", help="A dump directory."),
     student: Path | None = typer.Option(None, help="A student model: how much of the dump reaches it (its "
                                         "tokenizer may differ from the teacher's)."),
 ) -> None:
@@ -268,7 +268,8 @@ def student_make_tiny(
     teacher: Path = typer.Option(..., help="Teacher directory (its tokenizer and processor are reused)."),
     out: Path = typer.Option(..., help="Where to write the MoE student (and OUT-dense, the dense one)."),
     num_experts: int = typer.Option(4),
-    top_k: int = typer.Option(2),
+    top_k: int = typer.Option(2, "--experts-per-token", "--top-k",
+                              help="Experts each token is routed to (--top-k is the same option)."),
     moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
     noise: float = typer.Option(0.0, min=0.0, help="Relative noise added to each expert copy."),
     fresh_vision: bool = typer.Option(False, help="A smaller random vision tower instead of the teacher's "
@@ -299,7 +300,8 @@ def student_from_teacher(
     out: Path = typer.Option(..., help="Where to write the MoE student (and OUT-dense, the dense cut)."),
     dense: bool = typer.Option(False, help="Write only the dense cut, at OUT (no upcycling)."),
     num_experts: int = typer.Option(4),
-    top_k: int = typer.Option(2),
+    top_k: int = typer.Option(2, "--experts-per-token", "--top-k",
+                              help="Experts each token is routed to (--top-k is the same option)."),
     moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
     noise: float = typer.Option(0.0, min=0.0, help="Relative noise added to each expert copy."),
     seed: int = typer.Option(0),
@@ -330,7 +332,8 @@ def student_upcycle(
                               "e.g. SmolVLM-256M or SmolLM2-135M-Instruct."),
     out: Path = typer.Option(..., help="Where to write the MoE student."),
     num_experts: int = typer.Option(4),
-    top_k: int = typer.Option(2),
+    top_k: int = typer.Option(2, "--experts-per-token", "--top-k",
+                              help="Experts each token is routed to (--top-k is the same option)."),
     moe_layers: str = typer.Option("every-other", help="every-other | all | comma-separated layer indices."),
     noise: float = typer.Option(0.0, min=0.0,
                                 help="Relative noise added to each expert copy (0: equals the dense model)."),
@@ -361,7 +364,8 @@ def _upcycle(base: Path, out: Path, num_experts: int, top_k: int, moe_layers: st
 @app.command("train")
 def train_cmd(
     stage: str = typer.Option(..., help="mimic | pref"),
-    shards: list[Path] = typer.Option(..., help="Dump directories (repeat for several)."),
+    shards: list[Path] = typer.Option(..., "--dump", "--shards", help="A teacher dump directory (repeat for "
+                                      "several; --shards is the same option)."),
     student: Path = typer.Option(..., help="Student to start from (upcycled MoE or a checkpoint)."),
     out: Path = typer.Option(..., help="Checkpoint + metrics.jsonl directory."),
     config: Path | None = typer.Option(None, help="YAML of TrainConfig fields (see pipelines/configs)."),
@@ -425,8 +429,10 @@ def eval_cmd(
                                      "optional with --shards."),
     out: Path | None = typer.Option(None, help="Write metrics JSON here."),
     image_root: Path | None = typer.Option(None),
-    shards: list[Path] | None = typer.Option(None, help="Teacher dumps of held-out data: adds kl_to_teacher."),
-    shards_image_root: Path | None = typer.Option(None, help="Root of those shards' image paths."),
+    shards: list[Path] | None = typer.Option(None, "--dump", "--shards", help="Teacher dumps of held-out data: "
+                                             "adds kl_to_teacher and agreement (--shards is the same option)."),
+    shards_image_root: Path | None = typer.Option(None, "--dump-image-root", "--shards-image-root",
+                                                  help="Root of those dumps' image paths."),
     device: str = typer.Option("auto", help="auto (the first GPU if any) | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("float32", help="Weights during evaluation: float32 | bfloat16 | float16."),
     batch_size: int = typer.Option(64, min=1, help="Questions answered per batch (greedy, left-padded)."),
@@ -462,8 +468,8 @@ def eval_cmd(
 
         try:
             metrics.update(held_out_agreement(model, shards, shards_image_root, device=device, dtype=dtype))
-        except ShardError as e:
-            fail(str(e))
+        except ShardError as e:  # the dumps' images are found under --dump-image-root here
+            fail(str(e).replace("--image-root", "--dump-image-root"))
     text = json.dumps(metrics, indent=2)
     if out is not None:
         from shared.manifest import atomic_write_bytes

@@ -38,3 +38,23 @@ def test_the_configuration_reference_is_generated_from_trainconfig():
     doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
     assert doc == render(), "docs/config.md is stale: python pipelines/config_doc.py > docs/config.md"
     assert all(f"| `{f.name}` |" in doc for f in fields(TrainConfig))
+
+
+def test_option_names_say_what_they_take_and_old_spellings_still_work():
+    """`--shards` was a count in dump-teacher and a list of dumps in train/eval; `--top-k` was stored
+    log-probs in one command and experts per token in another; the shards commands showed `{out}`."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    def usage(*cmd: str) -> str:
+        res = CliRunner().invoke(app, [*cmd, "--help"], env={"COLUMNS": "240", "TERMINAL_WIDTH": "240"})
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    for cmd in (("train",), ("eval",)):
+        assert "--dump" in usage(*cmd) and "--shards" in usage(*cmd)  # the old name is an alias
+    assert "--dump-image-root" in usage("eval") and "--shards-image-root" in usage("eval")
+    assert "--experts-per-token" in usage("student", "upcycle") and "--top-k" in usage("student", "upcycle")
+    for cmd in (("shards", "info"), ("shards", "verify")):
+        assert "DUMP" in usage(*cmd) and "{out}" not in usage(*cmd)

@@ -20,9 +20,9 @@ $LMOD dump-teacher --model "$TEACHER" --out "$RUN/shards" \
 [ -f "$RUN/student/config.json" ] || $LMOD student upcycle --base "$BASE" --out "$RUN/student" \
   --num-experts "${EXPERTS:-4}" --top-k "${EXPERTS_PER_TOKEN:-2}" --moe-layers "${MOE_LAYERS:-every-other}"
 
-$TRAIN train --stage mimic --shards "$RUN/shards" --student "$RUN/student" --out "$RUN/mimic" \
+$TRAIN train --stage mimic --dump "$RUN/shards" --student "$RUN/student" --out "$RUN/mimic" \
   --config "$MIMIC_CONFIG" --image-root "$IMAGE_ROOT" ${RESUME:+--resume}
-$TRAIN train --stage pref --shards "$RUN/shards" --student "$RUN/mimic" --out "$RUN/pref" \
+$TRAIN train --stage pref --dump "$RUN/shards" --student "$RUN/mimic" --out "$RUN/pref" \
   --config "$PREF_CONFIG" --image-root "$IMAGE_ROOT" ${RESUME:+--resume}
 
 [ -z "${EVAL_DATA:-}" ] || $LMOD eval --model "$RUN/pref" --data "$EVAL_DATA" --image-root "$IMAGE_ROOT" \
