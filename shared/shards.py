@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shared import image_store
-from shared.codec import Encoding
+from shared.codec import Encoding, read_table
 from shared.fingerprint import sha256_file
 from shared.manifest import Manifest, ShardEntry
 from shared.schema import KINDS, row_images, schema_for
@@ -27,6 +30,61 @@ def shard_file_problem(path: Path, entry: ShardEntry) -> str | None:
         return f"{size} bytes, manifest says {entry.bytes} (truncated or replaced)"
     if sha256_file(path) != entry.sha256:
         return "its bytes differ from the manifest's checksum (corrupted or replaced)"
+    return None
+
+
+# Columns by what their values must be: token ids, log-probabilities, probabilities, log-prob sums.
+_ID_COLUMNS = ("response_ids", "topk_ids", "sampled_ids", "chosen_ids", "rejected_ids")
+_LOGPROB_COLUMNS = ("target_logprobs", "topk_logprobs", "chosen_logprobs", "rejected_logprobs",
+                    "chosen_logprob_sum", "rejected_logprob_sum")
+_LOGPROB_SLACK = 1e-4  # float32 rounding of log-probs of ~1
+
+
+def _flat(column: pa.ChunkedArray) -> np.ndarray:
+    while pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        column = pc.list_flatten(column)
+    return column.to_numpy() if isinstance(column, pa.ChunkedArray) else np.asarray(column)
+
+
+def value_problems(table: pa.Table, vocab_size: int) -> list[str]:
+    """Values no teacher can have written (a shard edited by hand, its checksum updated): ids
+    outside the vocabulary, log-probabilities above 0 or not finite, rest masses outside [0, 1]."""
+    problems = []
+    for name in _ID_COLUMNS:
+        if name in table.column_names:
+            ids = _flat(table.column(name))
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                problems.append(f"{name} holds ids outside the teacher's vocabulary [0, {vocab_size})")
+    for name in _LOGPROB_COLUMNS:
+        if name in table.column_names:
+            values = _flat(table.column(name)).astype(np.float64)
+            if not np.isfinite(values).all():
+                problems.append(f"{name} holds NaN or infinite values")
+            elif values.size and values.max() > _LOGPROB_SLACK:
+                problems.append(f"{name} holds log-probabilities above 0 (max {values.max():.4g})")
+    if "rest_mass" in table.column_names:
+        rest = _flat(table.column("rest_mass")).astype(np.float64)
+        if not (np.isfinite(rest).all() and (rest >= 0).all() and (rest <= 1 + _LOGPROB_SLACK).all()):
+            problems.append("rest_mass holds values outside [0, 1]")
+    return problems
+
+
+def teacher_tokenizer_problem(out_dir: Path, manifest: Manifest) -> str | None:
+    """Whether DUMP/teacher_tokenizer/ is the tokenizer the teacher dumped with (students of another
+    tokenizer read the stored ids through it)."""
+    from shared.fingerprint import tokenizer_fingerprint
+    from shared.token_alignment import TEACHER_TOKENIZER_DIR, load_teacher_tokenizer
+
+    where = out_dir / TEACHER_TOKENIZER_DIR
+    if not where.is_dir():
+        return f"{TEACHER_TOKENIZER_DIR}/: missing; rerun `lmod dump-teacher` with the same command to restore it"
+    try:
+        tokenizer = load_teacher_tokenizer(out_dir)
+    except Exception as e:  # transformers raises several types for damaged tokenizer files
+        return f"{TEACHER_TOKENIZER_DIR}/: unreadable ({type(e).__name__}); delete it and rerun `lmod dump-teacher`"
+    if tokenizer_fingerprint(tokenizer) != manifest.run.get("tokenizer_sha256"):
+        return (f"{TEACHER_TOKENIZER_DIR}/: not the tokenizer the teacher dumped with (its fingerprint differs); "
+                "delete it and rerun `lmod dump-teacher` with the same command")
     return None
 
 
@@ -51,8 +109,11 @@ def verify_dump(out_dir: Path) -> list[str]:
         expected = schema_for(entry.kind, encoding, manifest.format_version)
         if not schema.remove_metadata().equals(expected.remove_metadata()):
             problems.append(f"{rel}: schema differs from the {entry.kind} schema")
+            continue
         if meta.metadata.num_rows != entry.rows:
             problems.append(f"{rel}: {meta.metadata.num_rows} rows, manifest says {entry.rows}")
+            continue
+        problems += [f"{rel}: {p}" for p in value_problems(read_table(path), int(manifest.run["vocab_size"]))]
     referenced: set[str] = set()  # inline images (no path) the shards use: they must be in the store
     for rel in sorted(manifest.shards):
         if out_dir.joinpath(rel).is_file() and not any(p.startswith(rel) for p in problems):
@@ -60,6 +121,10 @@ def verify_dump(out_dir: Path) -> list[str]:
             referenced |= {sha for refs, digests in zip(table.column(0).to_pylist(), table.column(1).to_pylist())
                            for ref, sha in row_images(refs, digests) if sha and not ref}
     problems += image_store.problems(out_dir, referenced)
+    if manifest.shards:
+        problem = teacher_tokenizer_problem(out_dir, manifest)
+        if problem:
+            problems.append(problem)
     run = manifest.record
     for kind in KINDS:
         done = sum(e.kind == kind for e in manifest.shards.values())

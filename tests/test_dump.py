@@ -165,6 +165,63 @@ def test_verify_catches_flipped_byte_and_truncation(hf_dump: Path, tmp_path: Pat
     assert any(truncated.name in p and "truncated" in p for p in problems)
 
 
+@pytest.mark.parametrize("edit,expected", [
+    (lambda r: r[0]["rest_mass"].__setitem__(0, 1.5), "rest_mass holds values outside [0, 1]"),
+    (lambda r: r[0]["target_logprobs"].__setitem__(0, 0.7), "target_logprobs holds log-probabilities above 0"),
+    (lambda r: r[1]["topk_ids"][0].__setitem__(0, 10**6), "topk_ids holds ids outside the teacher's vocabulary"),
+    (lambda r: r[2]["topk_logprobs"][0].__setitem__(1, float("nan")), "topk_logprobs holds NaN or infinite values"),
+])
+def test_verify_names_values_no_teacher_writes(edit, expected, hf_dump: Path, tmp_path: Path):
+    """A shard edited by hand with its checksum updated passed `shards verify`."""
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "dump"
+    shutil.copytree(hf_dump, copy)
+    path = shard_paths(copy, "mimic")[0]
+    rows = pq.read_table(path).to_pylist()
+    edit(rows)
+    pq.write_table(pa_table(rows, pq.read_schema(path)), path, compression="zstd")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][f"mimic/{path.name}"].update({"bytes": path.stat().st_size,
+                                                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_dump(copy)
+    assert len(problems) == 1 and problems[0].startswith(f"mimic/{path.name}: {expected}"), problems
+
+
+def pa_table(rows: list[dict], schema):
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def test_verify_checks_the_teacher_tokenizer(hf_dump: Path, tmp_path: Path):
+    """A deleted, corrupted or swapped teacher_tokenizer/ passed `shards verify`; students of
+    another tokenizer read the stored ids through it."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    def copy(name: str) -> Path:
+        out = tmp_path / name
+        shutil.copytree(hf_dump, out)
+        return out
+
+    deleted = copy("deleted")
+    shutil.rmtree(deleted / "teacher_tokenizer")
+    corrupted = copy("corrupted")
+    (corrupted / "teacher_tokenizer" / "tokenizer.json").write_text("{not json")
+    swapped = copy("swapped")
+    tok = AutoTokenizer.from_pretrained(str(swapped / "teacher_tokenizer"))
+    tok.add_tokens(["<an-extra-token>"])
+    tok.save_pretrained(str(swapped / "teacher_tokenizer"))
+    for dump_dir, expected in ((deleted, "teacher_tokenizer/: missing"), (corrupted, "teacher_tokenizer/: unreadable"),
+                               (swapped, "not the tokenizer the teacher dumped with")):
+        problems = verify_dump(dump_dir)
+        assert len(problems) == 1 and expected in problems[0], problems
+
+
 def test_same_inputs_give_byte_identical_shards(hf_dump: Path, world: Path, teacher: Path, tmp_path: Path):
     from tests.conftest import dump
 
