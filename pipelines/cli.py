@@ -389,6 +389,7 @@ def train_cmd(
 ) -> None:
     """Train the student from teacher shards (no teacher in memory)."""
     check_environment()
+    from shared.manifest import ManifestError
     from shared.prompt import TemplateError
     from student_train.data import ShardError
     from student_train.train import TrainConfig, TrainError, train
@@ -416,7 +417,7 @@ def train_cmd(
     try:
         history = train(shards, student, out, cfg, image_root=image_root, resume=resume, allow_partial=allow_partial,
                         stop_after=stop_after)
-    except (ShardError, TrainError, TemplateError, FileNotFoundError) as e:
+    except (ShardError, TrainError, TemplateError, FileNotFoundError, ManifestError) as e:
         fail(str(e))
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
         typer.echo(json.dumps(history[-1] if history else {}))
@@ -463,12 +464,13 @@ def eval_cmd(
     except EvalDataError as e:
         fail(str(e))
     if shards:
+        from shared.manifest import ManifestError
         from student_train.data import ShardError
         from student_train.evaluate import held_out_agreement
 
         try:
             metrics.update(held_out_agreement(model, shards, shards_image_root, device=device, dtype=dtype))
-        except ShardError as e:  # the dumps' images are found under --dump-image-root here
+        except (ShardError, ManifestError) as e:  # the dumps' images are found under --dump-image-root here
             fail(str(e).replace("--image-root", "--dump-image-root"))
     text = json.dumps(metrics, indent=2)
     if out is not None:

@@ -60,6 +60,10 @@ class RunRecord:
         return self.inputs.get(kind, {}).get("sha256")
 
 
+class ManifestError(ValueError):
+    """A dump's manifest lmod cannot read; the message names the file and what to do."""
+
+
 @dataclass
 class Manifest:
     run: dict[str, Any]  # a RunRecord as JSON: read it through `record`
@@ -88,20 +92,20 @@ class Manifest:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no manifest; is this a `lmod dump-teacher` output?") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: manifest is not valid JSON ({e.msg})") from e
+            raise ManifestError(f"{path}: manifest is not valid JSON ({e.msg})") from e
         if body.get("format_version") not in READABLE_VERSIONS:
-            raise ValueError(f"{path}: shard format version {body.get('format_version')}, this lmod reads "
+            raise ManifestError(f"{path}: shard format version {body.get('format_version')}, this lmod reads "
                              f"{', '.join(map(str, READABLE_VERSIONS))}; upgrade lmod")
         if not isinstance(body.get("run"), dict) or not body["run"]:
-            raise ValueError(f"{path}: records no run (an empty or hand-made manifest); rerun `lmod dump-teacher`")
+            raise ManifestError(f"{path}: records no run (an empty or hand-made manifest); rerun `lmod dump-teacher`")
         try:
             shards = {name: ShardEntry(**e) for name, e in body.get("shards", {}).items()}
         except TypeError as e:
-            raise ValueError(f"{path}: a shard entry is malformed ({e}); rerun `lmod dump-teacher`") from None
+            raise ManifestError(f"{path}: a shard entry is malformed ({e}); rerun `lmod dump-teacher`") from None
         try:
             RunRecord.from_dict(body["run"])
         except TypeError as e:
-            raise ValueError(f"{path}: its run section is incomplete ({e}); rerun `lmod dump-teacher`") from None
+            raise ManifestError(f"{path}: its run section is incomplete ({e}); rerun `lmod dump-teacher`") from None
         return cls(run=body["run"], shards=shards, format_version=body["format_version"])
 
     def save(self, out_dir: Path) -> None:

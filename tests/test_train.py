@@ -1116,3 +1116,17 @@ def test_a_short_training_run_prints_its_own_lines_only(hf_dump, world, moe_stud
     other = [line for line in lines if not line.startswith("train mimic:")]
     assert other == [line for line in other if line.startswith("training ")] and len(other) == 1, other
     assert "pad_token_id" not in res.stderr and "Loading weights" not in res.stderr
+
+
+def test_a_manifest_of_a_newer_format_is_one_line_in_train_and_eval(hf_dump, moe_student, tmp_path):
+    import shutil
+
+    newer = tmp_path / "newer"
+    shutil.copytree(hf_dump, newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    for args in (("train", "--stage", "mimic", "--dump", newer, "--student", moe_student, "--out", tmp_path / "o"),
+                 ("eval", "--model", moe_student, "--dump", newer)):
+        res = _cli(*args)
+        assert res.exit_code == 2 and "shard format version 99" in res.output, res.output
+        assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
