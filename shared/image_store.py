@@ -20,11 +20,11 @@ def store_path(dump_dir: Path, sha256: str) -> Path:
 
 
 def put(dump_dir: Path, data: bytes, sha256: str) -> None:
-    """Write `data` under its digest unless it is there (a temp name, then an atomic rename: two
-    workers writing the same image write the same bytes)."""
+    """Write `data` under its digest unless it is there, intact (a temp name, then an atomic
+    rename: two workers writing the same image write the same bytes)."""
     path = store_path(dump_dir, sha256)
-    if path.is_file():
-        return
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return  # a damaged copy (bytes not its name's digest) is written again
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     tmp.write_bytes(data)

@@ -276,6 +276,9 @@ def _image(ref: str | None, sha: str, image_root: Path | None, where: str, dump_
     except OSError as e:
         raise ShardError(f"{where}: cannot read image {path} ({e.strerror}); check --image-root") from None
     if hashlib.sha256(data).hexdigest() != sha:
+        if path == image_store.store_path(dump_dir, sha):
+            raise ShardError(f"{where}: the dump's copy of its inline image ({path}) is damaged; rerun `lmod "
+                             "dump-teacher` with the same command to restore it")
         raise ShardError(f"{where}: {path} is not the image the teacher saw (sha256 differs); point --image-root "
                          "at the images of the dump")
     try:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from shared import image_store
 from shared.codec import DEFAULT_ENCODING, ENCODINGS, Encoding
 from shared.fingerprint import (
     sha256_file,
@@ -602,8 +603,9 @@ def _vllm_is_cpu_build() -> bool:
 
 
 def _changed_images(out: Path, manifest: Manifest, tasks: list[ShardTask]) -> dict[str, str]:
-    """Finished shards whose image files (by path) no longer hash to the digest the teacher saw:
-    shard -> the first such image. Each distinct file is hashed once, a few at a time."""
+    """Finished shards whose image files (by path, or the image store's copy of an inline image) no
+    longer hash to the digest the teacher saw: shard -> the first such image. Each distinct file is
+    hashed once, a few at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.parquet as pq
@@ -615,9 +617,11 @@ def _changed_images(out: Path, manifest: Manifest, tasks: list[ShardTask]) -> di
         src = Path(task.rows.path)
         root = Path(task.image_root) if task.image_root else (src if src.is_dir() else src.parent)
         table = pq.read_table(out / task.rel_path, columns=["image", "image_sha256"])
-        uses[task.rel_path] = sorted({(root / ref, sha) for refs, digests in zip(table.column(0).to_pylist(),
-                                                                              table.column(1).to_pylist())
-                                      for ref, sha in row_images(refs, digests) if ref and sha})
+        # An inline image (no path) is the dump's own copy in its image store: missing or damaged
+        # there, the shard is redone and the copy written again from the input.
+        uses[task.rel_path] = sorted({(root / ref if ref else image_store.store_path(out, sha), sha)
+                                      for refs, digests in zip(table.column(0).to_pylist(), table.column(1).to_pylist())
+                                      for ref, sha in row_images(refs, digests) if sha})
     files = sorted({path for pairs in uses.values() for path, _ in pairs})
 
     def digest(path: Path) -> str | None:

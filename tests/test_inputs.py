@@ -521,8 +521,19 @@ def test_hugging_face_formats_teach_what_lmods_own_format_does(world, teacher, t
     sha = got["pref"][0]["image_sha256"][0]
     store_path(tmp_path / "d_conv_string", sha).write_bytes(b"not the image")
     assert any("bytes differ from their sha256 name" in p for p in verify_dump(tmp_path / "d_conv_string"))
+    from student_train.data import ShardError
+
+    with pytest.raises(ShardError, match="copy of its inline image .* is damaged; rerun `lmod dump-teacher`"):
+        list(iter_examples(shard_paths(tmp_path / "d_conv_string", "pref"), "pref", None))
     store_path(tmp_path / "d_conv_string", sha).unlink()
     assert any(f"{sha}: missing" in p for p in verify_dump(tmp_path / "d_conv_string"))
+    # A rerun of the same dump restores the store (it said "already finished" and the student was
+    # told to rerun the dump: a loop), damaged copies included.
+    store_path(tmp_path / "d_conv_string", got["pref"][1]["image_sha256"][0]).write_bytes(b"damaged")
+    before = {p.name: p.read_bytes() for p in shard_paths(tmp_path / "d_conv_string", "pref")}
+    rows(tmp_path / "conv_string.parquet", tmp_path / "rlaif_v.parquet", "d_conv_string")
+    assert verify_dump(tmp_path / "d_conv_string") == []
+    assert {p.name: p.read_bytes() for p in shard_paths(tmp_path / "d_conv_string", "pref")} == before
 
 
 def test_a_rerun_after_an_image_changed_in_place_redoes_the_shards_that_used_it(world, teacher, tmp_path):
