@@ -459,8 +459,8 @@ def eval_cmd(
         if dtype not in ("float32", "bfloat16", "float16"):
             fail(f"--dtype {dtype!r}; use float32 | bfloat16 | float16")
         # every line is checked before the model loads
-        metrics = evaluate_model(model, data, image_root, device=device, dtype=dtype,
-                                 batch_size=batch_size) if data is not None else {}
+        metrics = evaluate_model(model, data, image_root, device=device, dtype=dtype, batch_size=batch_size,
+                                 progress=True) if data is not None else {}
     except EvalDataError as e:
         fail(str(e))
     if shards:

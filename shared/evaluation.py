@@ -22,13 +22,16 @@ def normalise(answer: str) -> str:
 @torch.no_grad()
 def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root: Path,
                    batch_size: int = 64, max_new_tokens: int = 24,
-                   expert_counts: list[torch.Tensor] | None = None) -> list[str]:
+                   expert_counts: list[torch.Tensor] | None = None, progress: bool = False) -> list[str]:
     """Greedy decoding with the model's own chat template, batched with left padding; stops at any
     of the model's end-of-turn tokens. With `expert_counts`, appends per MoE layer the routed-slot
     counts [E] over the real tokens (prompt and answer through its end-of-turn, no padding)."""
+    from tqdm import tqdm
+
     tok = encoder.tokenizer
     eos = sorted(encoder.eos_ids)
     answers: list[str] = []
+    bar = tqdm(total=len(records), desc="eval", unit="question", disable=not progress)
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         prompts = [
@@ -52,6 +55,8 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
         if expert_counts is not None:
             expert_counts.extend(_routed_slots(model, encoder, [p.ids + a for p, a in zip(prompts, answer_ids)],
                                                [p.images for p in prompts]))
+        bar.update(len(chunk))
+    bar.close()
     return answers
 
 
@@ -191,13 +196,13 @@ def load_eval_model(model_dir: Path, device: str = "cpu", dtype: str = "float32"
 
 
 def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, limit: int | None = None,
-                   device: str = "cpu", dtype: str = "float32", batch_size: int = 64) -> dict:
+                   device: str = "cpu", dtype: str = "float32", batch_size: int = 64, progress: bool = False) -> dict:
     records = read_eval_records(data, image_root or Path(data).parent)[:limit]
     encoder = load_encoder(model_dir)
     model = load_eval_model(model_dir, device, dtype)
     counts: list[torch.Tensor] = []
     answers = greedy_answers(model, encoder, records, image_root or Path(data).parent, batch_size=batch_size,
-                             expert_counts=counts)
+                             expert_counts=counts, progress=progress)
     metrics = score(records, answers)
     if counts:
         total = torch.stack(counts).sum(0).float()
