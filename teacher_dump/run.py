@@ -181,6 +181,7 @@ def validate(cfg: DumpConfig, tasks: list[ShardTask]) -> tuple[list[ShardCheck],
     refusal, by kind and row."""
     import ray
     from ray.util import ActorPool
+    from ray.util.queue import Queue
     from tqdm import tqdm
 
     from teacher_dump.worker import InputValidator
@@ -190,20 +191,35 @@ def validate(cfg: DumpConfig, tasks: list[ShardTask]) -> tuple[list[ShardCheck],
     actor_cls = ray.remote(InputValidator).options(num_cpus=1, runtime_env={"env_vars": env})
     validators = [actor_cls.remote(str(cfg.model), cfg.max_model_len) for _ in range(n)]
     found: dict[tuple[str, int], ShardCheck] = {}
+    feed = Queue(actor_options={"num_cpus": 0}) if cfg.progress else None  # rows checked, as they are
     try:
         with _remote_errors():
             pool = ActorPool(validators)
-            bar = tqdm(total=len(tasks), desc="validating inputs", unit="shard", disable=not cfg.progress)
+            for task in tasks:
+                pool.submit(lambda v, t: v.check.remote(t, feed), task)
+            bar = tqdm(total=sum(t.rows.hi - t.rows.lo for t in tasks), desc="validating inputs", unit="row",
+                       disable=not cfg.progress)
             records = refused = 0
-            for check in pool.map_unordered(lambda v, t: v.check.remote(t), tasks):
+            while pool.has_next():
+                try:
+                    check = pool.get_next_unordered(timeout=0.5)
+                except TimeoutError:
+                    check = None
+                if feed is not None and feed.qsize():
+                    bar.update(sum(feed.get_nowait_batch(feed.qsize())))
+                if check is None:
+                    continue
                 found[(check.kind, check.index)] = check
                 records, refused = records + check.records, refused + len(check.rejected)
-                bar.update(1)
                 bar.set_postfix(records=records, rejected=refused)
+            if feed is not None and feed.qsize():
+                bar.update(sum(feed.get_nowait_batch(feed.qsize())))
             bar.close()
     finally:
         for v in validators:
             ray.kill(v)
+        if feed is not None:
+            feed.shutdown()
     checks = [found[(t.kind, t.index)] for t in tasks]
     rejected: list[Rejection] = []
     for kind in KINDS:
@@ -657,6 +673,10 @@ def _say(cfg: DumpConfig, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _records_of(task: ShardTask) -> int:
+    return task.rows.hi - task.rows.lo - len(task.skip_rows)
+
+
 def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total: int, skipped: int,
                reaper: Any) -> None:
     """Shards handed to the teacher workers as they free up. A worker that dies (its node lost, its
@@ -667,19 +687,30 @@ def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total
 
     import ray
     from ray.exceptions import RayActorError
+    from ray.util.queue import Queue
     from tqdm import tqdm
 
     workers = _start_workers(cfg, len(todo))
+    feed = Queue(actor_options={"num_cpus": 0}) if cfg.progress else None  # records scored, per chunk
     try:
         with _remote_errors():
-            bar = tqdm(total=total, initial=skipped, desc="teacher shards", unit="shard", disable=not cfg.progress)
+            # One bar, by record (a shard can be all of a small dump); finished shards in its postfix.
+            bar = tqdm(total=sum(_records_of(t) for t in todo), desc="teacher", unit="record",
+                       disable=not cfg.progress)
+            done = skipped
+            bar.set_postfix(shards=f"{done}/{total}")
             tokens = 0
             queue, idle, running = deque(todo), list(workers), {}
             while queue or running:
                 while queue and idle:
                     worker, task = idle.pop(), queue.popleft()
-                    running[worker.run_shard.remote(task, cfg.max_model_len)] = (worker, task)
-                (ref,), _ = ray.wait(list(running), num_returns=1)
+                    running[worker.run_shard.remote(task, cfg.max_model_len, feed)] = (worker, task)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                if feed is not None and feed.qsize():
+                    bar.update(sum(feed.get_nowait_batch(feed.qsize())))
+                if not ready:
+                    continue
+                (ref,) = ready
                 worker, task = running.pop(ref)
                 try:
                     rel, entry = ray.get(ref)
@@ -696,13 +727,17 @@ def _run_tasks(cfg: DumpConfig, manifest: Manifest, todo: list[ShardTask], total
                 manifest.shards[rel] = entry
                 manifest.save(cfg.out)  # after every shard: a crash loses at most the shards in flight
                 tokens += entry.tokens
-                bar.update(1)
-                bar.set_postfix(tokens=tokens)
+                done += 1
+                bar.set_postfix(shards=f"{done}/{total}", tokens=tokens)
                 if reaper is not None:
                     reaper.watch()  # the actors' processes, now that they run
                 if cfg.progress:
                     tqdm.write(f"lmod: finished {rel} ({entry.rows} rows, {entry.tokens} tokens)", file=sys.stderr)
+            if feed is not None and feed.qsize():
+                bar.update(sum(feed.get_nowait_batch(feed.qsize())))
             bar.close()
     finally:
         for w in workers:
             ray.kill(w)
+        if feed is not None:
+            feed.shutdown()

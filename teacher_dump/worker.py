@@ -11,7 +11,7 @@ import json
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -166,14 +166,18 @@ def valid_records(encoder: SampleEncoder, task: ShardTask, max_model_len: int, k
 
 
 def check_shard(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
-                cache: ImageCache | None = None, count_only: bool = True) -> ShardCheck:
+                cache: ImageCache | None = None, count_only: bool = True,
+                progress: Callable[[int], None] | None = None) -> ShardCheck:
     """Validate one shard's rows (lengths and refusals; `count_only`: image token runs counted, not
-    made, where the processor can count them)."""
+    made, where the processor can count them). `progress(n)` is told of every 16 rows checked."""
     rejected: list[Rejection] = []
     hashes: list[int] = []
     rows: list[int] = []
-    tokens = longest = 0
+    tokens = longest = seen = 0
     for item in valid_records(encoder, task, max_model_len, keep_tensors=False, cache=cache, count_only=count_only):
+        seen += 1
+        if progress is not None and seen % 16 == 0:
+            progress(16)
         if isinstance(item, Rejection):
             rejected.append(item)
             continue
@@ -181,6 +185,8 @@ def check_shard(encoder: SampleEncoder, task: ShardTask, max_model_len: int,
         rows.append(item.record.input_row)
         tokens += sum(len(e.ids) for e in item.sequences)
         longest = max([longest, *(len(e.ids) for e in item.sequences)])
+    if progress is not None and seen % 16:
+        progress(seen % 16)
     return ShardCheck(task.kind, task.index, len(rows), tokens, longest, rejected,
                       np.array(hashes, dtype=np.uint64), np.array(rows, dtype=np.int64))
 
@@ -195,8 +201,10 @@ class InputValidator:
         self.max_model_len = max_model_len
         self.cache = ImageCache()
 
-    def check(self, task: ShardTask) -> ShardCheck:
-        return check_shard(self.encoder, task, self.max_model_len, self.cache)
+    def check(self, task: ShardTask, progress: Any = None) -> ShardCheck:
+        """`progress`: a Ray queue told how many rows were checked, as they are."""
+        tell = progress.put_nowait if progress is not None else None
+        return check_shard(self.encoder, task, self.max_model_len, self.cache, progress=tell)
 
 
 _DONE = object()
@@ -395,7 +403,9 @@ class TeacherWorker:
         # host work competes with the engine for the same cores: there it was slower (bench_dump.py).
         self.pipelined = torch.cuda.is_available()
 
-    def run_shard(self, task: ShardTask, max_model_len: int) -> tuple[str, ShardEntry]:
+    def run_shard(self, task: ShardTask, max_model_len: int, progress: Any = None) -> tuple[str, ShardEntry]:
+        """Dump one shard; `progress` (a Ray queue, optional) is told each chunk's record count as it
+        is scored, for the driver's per-record bar."""
         # Pipelined, three stages in order: the next chunk is read, decoded and encoded on the
         # host (a thread) while the engine scores this one on its GPU, and the previous chunk's
         # rows are built and written (another thread). Host work thus leaves the engine's
@@ -407,6 +417,8 @@ class TeacherWorker:
             for chunk in prefetched(chunks) if self.pipelined else chunks:
                 self._store_images(chunk)
                 results = score_items(self.backend, self.encoder, chunk, self.top_k, self.sample, self.sample_seed)
+                if progress is not None:
+                    progress.put_nowait(len(chunk))
                 if pending is not None:
                     pending.result()  # raises what the previous chunk's writing raised
                 job = partial(self._write, writer, chunk, results)
