@@ -105,7 +105,9 @@ def main() -> None:
     if args.skip_speed:
         _scale(args, tmp)
         return
-    common = {"steps": args.steps, "batch_size": args.batch_size, "log_every": 10**9, "warmup": 5}
+    # the whole language model trains in every run: a dense student has no experts to train alone
+    common = {"steps": args.steps, "batch_size": args.batch_size, "log_every": 10**9, "warmup": 5,
+              "train": ["language"]}
 
     def run(name: str, student: Path, **kw) -> list[dict]:
         return train([args.shards], student, tmp / name, TrainConfig(stage="mimic", **common, **kw),
@@ -113,7 +115,7 @@ def main() -> None:
 
     kd = run("kd", tmp / "moe", kd_weight=1.0, ce_weight=0.0)
     ce = run("ce", tmp / "moe", kd_weight=0.0, ce_weight=1.0)
-    dense = run("dense", tmp / "dense_wide", kd_weight=1.0, ce_weight=0.0)
+    dense = run("dense_run", tmp / "dense_wide", kd_weight=1.0, ce_weight=0.0)
     trainer = _tokens_per_s(kd)
     print(f"1. training tokens/s, MoE student, batch {args.batch_size}, {args.steps} steps (first 5 skipped)")
     print(f"   mimic KD (top-k + rest) {trainer:8.0f}   CE only {_tokens_per_s(ce):8.0f}   "
