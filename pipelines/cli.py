@@ -469,7 +469,10 @@ def eval_cmd(
         from student_train.evaluate import held_out_agreement
 
         try:
-            metrics.update(held_out_agreement(model, shards, shards_image_root, device=device, dtype=dtype))
+            from student_train.data import recorded_image_root
+
+            root = shards_image_root or recorded_image_root(shards, "mimic")  # where the teacher read them
+            metrics.update(held_out_agreement(model, shards, root, device=device, dtype=dtype))
         except (ShardError, ManifestError) as e:  # the dumps' images are found under --dump-image-root here
             fail(str(e).replace("--image-root", "--dump-image-root"))
     text = json.dumps(metrics, indent=2)

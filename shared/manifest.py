@@ -69,6 +69,9 @@ class Manifest:
     run: dict[str, Any]  # a RunRecord as JSON: read it through `record`
     shards: dict[str, ShardEntry] = field(default_factory=dict)  # relative path -> entry
     format_version: int = FORMAT_VERSION
+    # Where each kind's image paths were found when the dump ran (absolute): the student's default
+    # --image-root. Not part of the run: moving the images does not change what was dumped.
+    image_roots: dict[str, str] = field(default_factory=dict)
 
     @property
     def record(self) -> RunRecord:
@@ -80,6 +83,8 @@ class Manifest:
             "run": self.run,
             "shards": {name: asdict(e) for name, e in sorted(self.shards.items())},
         }
+        if self.image_roots:
+            body["image_roots"] = dict(sorted(self.image_roots.items()))
         return json.dumps(body, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -106,7 +111,9 @@ class Manifest:
             RunRecord.from_dict(body["run"])
         except TypeError as e:
             raise ManifestError(f"{path}: its run section is incomplete ({e}); rerun `lmod dump-teacher`") from None
-        return cls(run=body["run"], shards=shards, format_version=body["format_version"])
+        roots = body.get("image_roots") or {}
+        return cls(run=body["run"], shards=shards, format_version=body["format_version"],
+                   image_roots={str(k): str(v) for k, v in roots.items()} if isinstance(roots, dict) else {})
 
     def save(self, out_dir: Path) -> None:
         atomic_write_bytes(Path(out_dir) / MANIFEST_NAME, self.to_json().encode())

@@ -258,6 +258,19 @@ _COLUMNS = {
 }
 
 
+def recorded_image_root(dirs: Sequence[Path], kind: str) -> Path | None:
+    """The folder the dumps' teacher found this kind's image paths in (recorded in each manifest),
+    when every dump recorded the same one and it exists here; else None (pass --image-root)."""
+    roots = set()
+    for d in dirs:
+        try:
+            roots.add(Manifest.load(d).image_roots.get(kind))
+        except (FileNotFoundError, ValueError):
+            return None
+    root = roots.pop() if len(roots) == 1 else None
+    return Path(root) if root and Path(root).is_dir() else None
+
+
 def _images(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> list[Image.Image]:
     """The images the teacher saw for this row, each checked against the digest it stored."""
     return [_image(ref, sha, image_root, where, dump_dir) for ref, sha in row_images(row["image"], row["image_sha256"])]

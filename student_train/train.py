@@ -36,6 +36,7 @@ from student_train.data import (
     check_shards,
     iter_examples,
     loader,
+    recorded_image_root,
 )
 from student_train.objectives import RouterTap, mimic_terms, pref_terms
 from student_train.parts import apply_trainable, unused_safe_params
@@ -230,6 +231,11 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
                                                  sampled=sampled, cross=bridge is not None))
     if bridge is not None:
         _check_alignment(bridge, encoder, files, cfg, dist)
+    if image_root is None:  # where the teacher found the images, when the dumps recorded it
+        image_root = recorded_image_root(shards, cfg.stage)
+        if image_root is not None and dist.rank == 0:
+            print(f"lmod: images from {image_root} (where the teacher read them; --image-root to change)",
+                  file=sys.stderr)
     data = MicroBatches(cfg.stage, files, student, image_root, cfg.batch_size, seed=cfg.seed,
                         window=cfg.shuffle_window, rank=dist.rank, world=dist.world, sampled=sampled, bridge=bridge)
     torch.manual_seed(cfg.seed)

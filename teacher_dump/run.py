@@ -535,6 +535,10 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
             manifest.save(out)
         else:
             _refuse_invalid(cfg, rejected, None)
+        roots = {t.kind: str(_image_root_of(t).resolve()) for t in tasks}
+        if manifest.image_roots != roots:
+            manifest.image_roots = roots
+            manifest.save(out)
         # Students with another tokenizer restate the stored ids through it (student_train/cross_tokenizer.py).
         save_teacher_tokenizer(out, encoder.tokenizer)
         tasks = with_skips(tasks, rejected)
@@ -630,8 +634,7 @@ def _changed_images(out: Path, manifest: Manifest, tasks: list[ShardTask]) -> di
     for task in tasks:
         if not _finished(out, manifest, task.rel_path):
             continue
-        src = Path(task.rows.path)
-        root = Path(task.image_root) if task.image_root else (src if src.is_dir() else src.parent)
+        root = _image_root_of(task)
         table = pq.read_table(out / task.rel_path, columns=["image", "image_sha256"])
         # An inline image (no path) is the dump's own copy in its image store: missing or damaged
         # there, the shard is redone and the copy written again from the input.
@@ -654,6 +657,12 @@ def _changed_images(out: Path, manifest: Manifest, tasks: list[ShardTask]) -> di
         if first is not None:
             changed[rel] = str(first)
     return changed
+
+
+def _image_root_of(task: ShardTask) -> Path:
+    """Where a shard's image paths are found: --image-root, else the input's folder."""
+    src = Path(task.rows.path)
+    return Path(task.image_root) if task.image_root else (src if src.is_dir() else src.parent)
 
 
 def _finished(out: Path, manifest: Manifest, rel: str) -> bool:

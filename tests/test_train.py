@@ -1130,3 +1130,16 @@ def test_a_manifest_of_a_newer_format_is_one_line_in_train_and_eval(hf_dump, moe
         res = _cli(*args)
         assert res.exit_code == 2 and "shard format version 99" in res.output, res.output
         assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_train_and_eval_find_the_images_where_the_teacher_read_them(hf_dump, world, moe_student, tmp_path):
+    """`train` without --image-root failed at its first batch although the dump knew where its
+    images were; `eval --dump` likewise. The manifest records it; a moved folder still needs the flag."""
+    from shared.manifest import Manifest
+
+    assert Manifest.load(hf_dump).image_roots == {"mimic": str(world.resolve()), "pref": str(world.resolve())}
+    res = _cli("train", "--stage", "mimic", "--dump", hf_dump, "--student", moe_student, "--out", tmp_path / "o",
+               "--steps", "1")
+    assert res.exit_code == 0 and f"images from {world.resolve()}" in res.output, res.output
+    res = _cli("eval", "--model", moe_student, "--dump", hf_dump)
+    assert res.exit_code == 0 and "agreement_with_teacher" in res.output, res.output
