@@ -126,6 +126,7 @@ def dump_teacher_cmd(
     force: bool = typer.Option(False, help="Redo all shards, replacing what OUT holds."),
     skip_invalid: bool = typer.Option(False, help="Drop invalid records (to OUT/rejected.jsonl) instead of stopping."),
     dry_run: bool = typer.Option(False, help="Validate every record and print the shard plan; start no teacher."),
+    verbose: bool = typer.Option(False, help="Show the teacher engines' own output here (else in OUT/logs/)."),
 ) -> None:
     """Run the teacher over the data on Ray and write top-k shards + a manifest (resumable)."""
     check_environment()
@@ -140,7 +141,7 @@ def dump_teacher_cmd(
         top_k=top_k, encoding=encoding, sample=sample, sample_seed=sample_seed, backend=backend, dtype=dtype,
         max_model_len=max_model_len, max_images=max_images, address=address, workers=workers,
         force=force, skip_invalid=skip_invalid, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, dry_run=dry_run, vllm_scoring=vllm_scoring,
+        gpu_memory_utilization=gpu_memory_utilization, dry_run=dry_run, vllm_scoring=vllm_scoring, verbose=verbose,
     )
     try:
         dump_teacher(cfg)

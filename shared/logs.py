@@ -34,3 +34,16 @@ def install() -> None:
     logger = logging.getLogger("transformers.configuration_utils")
     if not any(isinstance(f, _DefaultConfigNoise) for f in logger.filters):
         logger.addFilter(_DefaultConfigNoise())
+
+
+class _LocalRayAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def quiet_local_ray() -> None:
+    """For a Ray cluster lmod starts and stops itself: Ray's notice that token authentication is
+    on by default (printed at every start) is dropped; token authentication stays on."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _LocalRayAuthNotice) for f in logger.filters):
+        logger.addFilter(_LocalRayAuthNotice())

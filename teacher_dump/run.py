@@ -5,6 +5,7 @@ manifest up to date after every finished shard so that a rerun resumes where the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from shared import image_store
+from shared import image_store, logs
 from shared.codec import DEFAULT_ENCODING, ENCODINGS, Encoding
 from shared.fingerprint import (
     sha256_file,
@@ -44,7 +45,7 @@ from teacher_dump.inputs import (
     json_list_to_jsonl,
     plan_slices,
 )
-from teacher_dump.worker import ShardCheck, ShardTask
+from teacher_dump.worker import LOGS_DIR, WORKER_LOG_ENV, ShardCheck, ShardTask
 
 
 @dataclass
@@ -70,6 +71,7 @@ class DumpConfig:
     skip_invalid: bool = False
     progress: bool = True
     dry_run: bool = False  # validate every record and print the plan; no teacher, nothing written
+    verbose: bool = False  # the teacher workers' engine output on stderr (else OUT/logs/)
     vllm_scoring: str = "hidden"  # hidden: scored positions only (pooling runner); logprobs: prompt_logprobs
     max_images: int = 1  # images one sample may have (multi-image conversations: raise it); vLLM is sized for it
 
@@ -318,7 +320,8 @@ def _ray_session(cfg: DumpConfig) -> Iterator[Any]:
     from teacher_dump.reaper import Reaper
 
     reaper = Reaper()  # a SIGKILLed driver would leave Ray's agents running forever
-    ray.init(include_dashboard=False, log_to_driver=True)
+    logs.quiet_local_ray()
+    ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     try:
         reaper.watch()
         yield reaper
@@ -374,6 +377,8 @@ def _start_workers(cfg: DumpConfig, n_tasks: int) -> list[Any]:
         "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # Ray forwards workers' stdout onto ours: lmod's JSON only
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if not cfg.verbose:  # engines' warnings and loading bars: to a file per worker, not the user's terminal
+        env[WORKER_LOG_ENV] = str(Path(cfg.out).resolve() / LOGS_DIR)
     actor_cls = ray.remote(TeacherWorker).options(
         num_gpus=tp if gpus else 0, num_cpus=per_worker_cpus if not gpus else 1, runtime_env={"env_vars": env},
     )
@@ -544,7 +549,8 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         tasks = with_skips(tasks, rejected)
         todo = [t for t in tasks if not _finished(out, manifest, t.rel_path)]
         skipped = len(tasks) - len(todo)
-        _say(cfg, f"lmod: {_count(len(tasks), 'shard')} planned, {skipped} already finished, {len(todo)} to run")
+        where = "" if cfg.verbose or not todo else f" (the teacher engines' own output: {out / LOGS_DIR}/)"
+        _say(cfg, f"lmod: {_count(len(tasks), 'shard')} planned, {skipped} already finished, {len(todo)} to run{where}")
         if todo:
             _run_tasks(cfg, manifest, todo, len(tasks), skipped, ray_session())
     return manifest

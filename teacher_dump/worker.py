@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import queue
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -383,11 +385,32 @@ def rows_of(encoder: SampleEncoder, items: list[Encoded], results: list[ScoreRes
     return rows, tokens
 
 
+LOGS_DIR = "logs"
+WORKER_LOG_ENV = "LMOD_WORKER_LOG"  # set by the driver: this process's output goes to a file there
+
+
+def _output_to_log() -> None:
+    """Send this process's stdout and stderr (file descriptors: C++ and engine output included) to
+    DIR/teacher-worker-HOST-PID.log when the driver asked for it."""
+    import socket
+
+    log_dir = os.environ.get(WORKER_LOG_ENV)
+    if not log_dir:
+        return
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    log = open(Path(log_dir) / f"teacher-worker-{socket.gethostname()}-{os.getpid()}.log", "a", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+
+
 class TeacherWorker:
     """Holds one engine for its whole life; one call = one shard written under `out_dir`."""
 
     def __init__(self, model_dir: str, backend: str, engine: dict[str, Any], top_k: int, out_dir: str,
                  encoding: str = "f32", sample: int = 0, sample_seed: int = 0):
+        _output_to_log()
         from shared.mllm import load_encoder
         from teacher_dump.backends import make_backend
 

@@ -578,3 +578,20 @@ def test_an_image_beside_an_empty_images_column_keeps_its_image(world, unused, t
     assert [i.ref for i in trl.images] == [rec["image"]]
     both = check_row(world / "mimic.jsonl", "mimic", 0, {**rec, "images": [rec["image"]]}, None, world)
     assert "both 'image' and 'images' given" in both.reason
+
+
+def test_a_dump_prints_its_own_lines_and_keeps_the_engines_output_in_a_log(world, teacher, tmp_path):
+    """Every dump printed Ray's token-auth notice and its start-up line, and the engines' warnings
+    (vLLM's ~23 lines) on the user's terminal. They go to OUT/logs/ now (--verbose shows them)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "pipelines.cli", *_dump_args(world, teacher, out)],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    bars = ("validating inputs:", "teacher:")
+    assert [line for line in lines if not line.startswith(("lmod: ", *bars))] == []
+    assert "Token authentication" not in res.stderr and "Started a local Ray instance" not in res.stderr
+    assert list((out / "logs").glob("teacher-worker-*.log"))
