@@ -244,9 +244,14 @@ def with_skips(tasks: list[ShardTask], rejected: list[Rejection]) -> list[ShardT
                                            if t.rows.lo <= r < t.rows.hi)) for t in tasks]
 
 
-def dry_run_plan(tasks: list[ShardTask], checks: list[ShardCheck], run: dict[str, Any]) -> dict[str, Any]:
+_SHOWN_REFUSALS = 100
+
+
+def dry_run_plan(tasks: list[ShardTask], checks: list[ShardCheck], run: dict[str, Any],
+                 rejected: list[Rejection] | None = None) -> dict[str, Any]:
     """What a dump would do: shards per kind with their input rows, valid records and teacher
-    tokens (every position the teacher runs, image tokens included), and what was refused."""
+    tokens (every position the teacher runs, image tokens included), and what was refused: the
+    first refusals themselves (file, row, id, reason), as the real run writes to rejected.jsonl."""
     plan: dict[str, Any] = {"top_k": run["top_k"], "encoding": run["encoding"]["name"], "backend": run["backend"],
                             "records": sum(c.records for c in checks),
                             "rejected": sum(len(c.rejected) for c in checks),
@@ -256,6 +261,11 @@ def dry_run_plan(tasks: list[ShardTask], checks: list[ShardCheck], run: dict[str
             "shard": t.rel_path, "input_rows": [t.rows.lo, t.rows.hi], "records": c.records,
             "rejected": len(c.rejected), "teacher_tokens": c.tokens, "longest": c.longest,
         })
+    if rejected:
+        plan["refusals"] = [{"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason}
+                            for r in rejected[:_SHOWN_REFUSALS]]
+        if len(rejected) > _SHOWN_REFUSALS:
+            plan["refusals_not_shown"] = len(rejected) - _SHOWN_REFUSALS
     return plan
 
 
@@ -496,7 +506,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
             _check_devices(cfg)
             checks, rejected = validate(cfg, tasks)
         _refuse_invalid(cfg, rejected, checks)
-        print(json.dumps(dry_run_plan(tasks, checks, run), indent=2))
+        print(json.dumps(dry_run_plan(tasks, checks, run, rejected), indent=2))
         return Manifest(run=run)
     with ExitStack() as stack:  # the caller holds OUT's lock
         ray_up: list[Any] = []  # Ray starts when first needed: a finished dump's rerun starts none

@@ -321,6 +321,10 @@ def test_an_id_repeated_in_another_shard_is_refused_with_both_rows(world, teache
     plan = json.loads(res.stdout)
     assert [(s["records"], s["rejected"]) for s in plan["shards"]["mimic"]] == [(24, 0), (23, 1)]
     assert plan["records"] == 71 and plan["rejected"] == 1
+    # which record and why, not only how many (the real run writes them to OUT/rejected.jsonl)
+    (refusal,) = plan["refusals"]
+    assert (refusal["row"], refusal["id"]) == (40, "mimic-000003") and "duplicate id" in refusal["reason"]
+    assert refusal["file"].endswith("mimic.jsonl") and not (tmp_path / "out").exists()
 
 
 def test_a_resumed_dump_reuses_its_validation_and_keeps_refusing_without_skip_invalid(world, teacher, tmp_path):
