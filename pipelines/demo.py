@@ -182,6 +182,15 @@ def meets_teacher_bar(row: dict) -> bool:
             and low <= row["yes_ratio"] <= high)
 
 
+_TRY_KEYS = {"try", "init_seed", "trained_in", "accuracy", "meets_bar"}
+
+
+def _tries_log(history: object) -> bool:
+    """Whether a teacher-tries.json holds what this demo writes: one entry per try, in order."""
+    return isinstance(history, list) and all(
+        isinstance(h, dict) and _TRY_KEYS <= set(h) and h["try"] == i for i, h in enumerate(history))
+
+
 def teacher_with_validation(world: Path, teacher: Path, steps: int, seed: int, tries: int) -> list[dict]:
     """Train the tiny teacher and check it on WORLD/eval.jsonl (the validation split of the training
     world); while it misses TEACHER_BAR, train another from another initialisation (seed + 1000 * try),
@@ -193,6 +202,8 @@ def teacher_with_validation(world: Path, teacher: Path, steps: int, seed: int, t
     try:
         history: list[dict] = json.loads(log.read_text()) if log.exists() else []
     except (json.JSONDecodeError, UnicodeDecodeError):  # the tries on disk are validated again: nothing is lost
+        history = None
+    if not _tries_log(history):  # damaged, or valid JSON of another shape (edited by hand)
         print(f"   {log}: unreadable (damaged); validating the teachers on disk again", flush=True)
         history = []
 

@@ -53,3 +53,19 @@ def test_demo_runs_end_to_end_resumes_and_repeats(tmp_path):
         return [{k: v for k, v in r.items() if k != "path"} for r in rep["rows"]]
 
     assert numbers(second) == numbers(report)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("text", ['{"not": "a list"}', '[{"try": 0}]', "[1, 2]"])
+def test_a_teacher_tries_log_of_another_shape_is_validated_again(text, world, teacher, tmp_path):
+    """A teacher-tries.json that is valid JSON of another shape (edited by hand) gave a traceback;
+    it is now treated as a damaged log: the teacher on disk is validated again."""
+    import shutil
+
+    from pipelines.demo import teacher_with_validation
+
+    shutil.copytree(teacher, tmp_path / "teacher")
+    (tmp_path / "teacher-tries.json").write_text(text)
+    history = teacher_with_validation(world, tmp_path / "teacher", steps=1, seed=0, tries=1)
+    assert [h["try"] for h in history] == [0] and history[0]["kept"]
+    assert json.loads((tmp_path / "teacher-tries.json").read_text())[0]["trained_in"] == str(tmp_path / "teacher")
