@@ -50,7 +50,7 @@ def main() -> None:
     from shared.evaluation import greedy_answers, load_eval_model, normalise, read_eval_records, score
     from shared.mllm import load_encoder
     from shared.token_alignment import save_teacher_tokenizer
-    from student_train.cross_tokenizer import student_coverage
+    from student_train.data import student_coverage
     from student_train.train import TrainConfig, train
 
     torch.use_deterministic_algorithms(True)

@@ -234,7 +234,7 @@ def shards_info(
         info = dump_info(out)
         if student is not None:
             require_model(student, "--student")
-            from student_train.cross_tokenizer import student_coverage
+            from student_train.data import student_coverage
 
             info["student"] = student_coverage(out, student)
     except (FileNotFoundError, ValueError) as e:

@@ -178,22 +178,3 @@ class TokenBridge:
         for example in examples:
             total = total.add(self.mimic_rows(encoder, example)[1])
         return total
-
-
-def student_coverage(dump_dir: Path, student: Path, rows: int = 256, project: str = "first_token"
-                     ) -> dict[str, Any]:
-    """What `lmod train` would say of this dump and student, without training: whether the tokenizers
-    differ and, when they do, the paired share of response positions and of top-k mass (first rows)."""
-    from itertools import islice
-
-    from shared.mllm import load_encoder
-    from student_train.data import check_shards, iter_examples
-
-    encoder = load_encoder(student)
-    bridge = TokenBridge.for_dumps([Path(dump_dir)], encoder, project)
-    if bridge is None:
-        return {"model": str(student), "tokenizer": "the teacher's", "paired_positions": 1.0, "mapped_topk_mass": 1.0}
-    files = check_shards([Path(dump_dir)], "mimic", encoder, allow_partial=True, verify=False, cross=True)
-    coverage = bridge.coverage(encoder, islice(iter_examples(files, "mimic", None, with_image=False), rows))
-    return {"model": str(student), "tokenizer": "another (cross-tokenizer distillation)",
-            "vocabulary_mapped_share": round(bridge.vocab.mapped_share(), 4), **coverage.as_dict()}

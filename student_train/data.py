@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -601,3 +601,21 @@ def loader(data: MicroBatches, start: int, stop: int, workers: int = 2) -> torch
         collate_fn=_as_is, prefetch_factor=4 if workers else None,
         multiprocessing_context="fork" if workers else None,
     )
+
+
+def student_coverage(dump_dir: Path, student: Path, rows: int = 256, project: str = "first_token"
+                     ) -> dict[str, Any]:
+    """What `lmod train` would say of this dump and student, without training: whether the tokenizers
+    differ and, when they do, the paired share of response positions and of top-k mass (first rows)."""
+    from itertools import islice
+
+    from student_train.cross_tokenizer import TokenBridge
+
+    encoder = load_encoder(student)
+    bridge = TokenBridge.for_dumps([Path(dump_dir)], encoder, project)
+    if bridge is None:
+        return {"model": str(student), "tokenizer": "the teacher's", "paired_positions": 1.0, "mapped_topk_mass": 1.0}
+    files = check_shards([Path(dump_dir)], "mimic", encoder, allow_partial=True, verify=False, cross=True)
+    coverage = bridge.coverage(encoder, islice(iter_examples(files, "mimic", None, with_image=False), rows))
+    return {"model": str(student), "tokenizer": "another (cross-tokenizer distillation)",
+            "vocabulary_mapped_share": round(bridge.vocab.mapped_share(), 4), **coverage.as_dict()}
