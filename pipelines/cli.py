@@ -453,7 +453,9 @@ def eval_cmd(
     try:
         import re
 
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        from shared.models import DEVICES
+
+        if not re.fullmatch(DEVICES, device):
             fail(f"--device {device!r}; use auto | cpu | cuda | cuda:N")
         if device != "auto" and device.startswith("cuda") and not __import__("torch").cuda.is_available():
             fail(f"--device {device}: no GPU is visible here; use --device cpu (or auto)")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from shared.mllm import FinalHidden, SampleEncoder, batch_inputs, expert_counts, load_encoder, moe_routers
+from shared.models import resolve_device
 from shared.prompt import pref_messages
 
 
@@ -178,11 +179,6 @@ def read_eval_records(data: Path, image_root: Path) -> list[dict]:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> str:
-    """'auto': the first GPU when there is one, else the CPU."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def load_eval_model(model_dir: Path, device: str = "cpu", dtype: str = "float32") -> Any:

@@ -28,6 +28,14 @@ IMAGE_TEXT = "image-text"
 CAUSAL_LM = "causal-lm"
 
 
+DEVICES = r"auto|cpu|cuda(:\d+)?"  # what a device option takes
+
+
+def resolve_device(device: str) -> str:
+    """'auto': the first GPU when there is one, else the CPU; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 class ModelError(ValueError):
     """A model lmod cannot use in this role; the message names it and says what to do."""
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from shared.models import DEVICES
 from student_train.parts import DEFAULT_TRAIN, PARTS
 
 
@@ -143,7 +144,7 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name}: {value} is not a finite number")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        if not re.fullmatch(DEVICES, self.device):
             raise ValueError(f"device: {self.device!r}; use auto | cpu | cuda | cuda:N")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "shuffle_window", "loss_chunk",
                      "collective_timeout_s"):

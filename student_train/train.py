@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from shared.mllm import FinalHidden, SampleEncoder, load_encoder
-from shared.models import load_model
+from shared.models import load_model, resolve_device
 from student_train.config import TrainConfig, TrainError
 from student_train.cross_tokenizer import AlignmentError, TokenBridge
 from student_train.data import (
@@ -198,7 +198,7 @@ class StepResult:
 
 def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
           resume: bool = False, allow_partial: bool = False) -> Trainer:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"device: {cfg.device}: no GPU is visible here; use device: cpu (or auto)")
     dist = Dist.setup(device, cfg.collective_timeout_s)

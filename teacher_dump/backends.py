@@ -89,9 +89,9 @@ class HFBackend:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", batch_size: int = 32, device: str = "auto",
                  chunk: int = 256):
         from shared.mllm import FinalHidden
-        from shared.models import load_model, logit_transform
+        from shared.models import load_model, logit_transform, resolve_device
 
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = resolve_device(device)
         self.model = load_model(model_dir, getattr(torch, dtype)).to(self.device).eval()
         self.batch_size = batch_size
         self.chunk = chunk
@@ -375,9 +375,9 @@ class HFGenerator:
     name = "hf"
 
     def __init__(self, model_dir: str | Path, dtype: str = "float32", device: str = "auto"):
-        from shared.models import load_model
+        from shared.models import load_model, resolve_device
 
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = resolve_device(device)
         self.model = load_model(model_dir, getattr(torch, dtype)).to(self.device).eval()
         self.encoder = load_encoder(model_dir)
 
