@@ -6,11 +6,10 @@ Images given as paths stay where they are (the shards name them and store their 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from shared.manifest import temp_path
+from shared.manifest import atomic_write_bytes
 
 STORE_DIR = "images"
 
@@ -26,9 +25,7 @@ def put(dump_dir: Path, data: bytes, sha256: str) -> None:
     if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
         return  # a damaged copy (bytes not its name's digest) is written again
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def stored(dump_dir: Path) -> Iterator[Path]:

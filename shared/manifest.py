@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from shared.schema import FORMAT_VERSION, MANIFEST_NAME, READABLE_VERSIONS
 
@@ -128,11 +130,22 @@ def temp_path(path: Path) -> Path:
     return Path(path).with_name(f".{Path(path).name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp name in the same directory, fsync, rename: readers never see half a file."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "wb", **open_kw: Any) -> Iterator[IO]:
+    """A file written under a temporary name in the same directory, fsynced and renamed onto
+    `path` when the block ends without an error (else removed): readers never see half a file."""
     tmp = temp_path(path)
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, mode, **open_kw) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` at `path`, all or nothing (atomic_file)."""
+    with atomic_file(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from shared.manifest import temp_path
+from shared.manifest import atomic_file
 from shared.prompt import IMAGE_PLACEHOLDER
 
 
@@ -99,10 +99,9 @@ def json_list_to_jsonl(src: Path, dst: Path) -> int:
 
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dst)
     n = 0
     try:
-        with open(src, "rb") as f, open(tmp, "w", encoding="utf-8") as out:
+        with open(src, "rb") as f, atomic_file(dst, "w", encoding="utf-8") as out:
             head = f.read(1 << 12).lstrip()
             if not head.startswith(b"["):
                 raise InputError(f"{src}: expected a JSON list of records")
@@ -110,11 +109,8 @@ def json_list_to_jsonl(src: Path, dst: Path) -> int:
             for record in ijson.items(f, "item", use_float=True):
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 n += 1
-        tmp.replace(dst)
     except ijson.JSONError as e:
         raise InputError(f"{src}: malformed JSON after record {n} ({e}); fix the file and rerun") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return n
 
 
