@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from shared.images import open_rgb
 from shared.mllm import FinalHidden, SampleEncoder, batch_inputs, expert_counts, load_encoder, moe_routers
 from shared.models import resolve_device
 from shared.prompt import pref_messages
@@ -37,7 +38,7 @@ def greedy_answers(model: Any, encoder: SampleEncoder, records: list[dict], root
         chunk = records[start : start + batch_size]
         prompts = [
             encoder.encode_prompt(pref_messages(rec["question"], None, bool(rec.get("image"))),
-                                  encoder.image_features(Image.open(root / rec["image"]).convert("RGB"))
+                                  encoder.image_features(open_rgb(root / rec["image"]))
                                   if rec.get("image") else None)
             for rec in chunk
         ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import json
 import random
 from collections import OrderedDict
@@ -32,6 +31,7 @@ from PIL import Image
 from shared import image_store
 from shared.codec import read_row_group
 from shared.fingerprint import tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
+from shared.images import ImageError, decode_rgb
 from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
 from shared.prompt import Messages, llava_messages, pref_messages
@@ -295,9 +295,9 @@ def _image(ref: str | None, sha: str, image_root: Path | None, where: str, dump_
         raise ShardError(f"{where}: {path} is not the image the teacher saw (sha256 differs); point --image-root "
                          "at the images of the dump")
     try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
-    except OSError as e:
-        raise ShardError(f"{where}: {path} cannot be decoded ({e})") from None
+        return decode_rgb(data)
+    except ImageError as e:
+        raise ShardError(f"{where}: {path} {e}") from None
 
 
 def mimic_example(row: dict, image_root: Path | None, where: str, dump_dir: Path,

@@ -19,9 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from shared.fingerprint import sha256_file, teacher_fingerprint
+from shared.images import open_rgb
 from shared.mllm import load_encoder
 from shared.prompt import llava_messages
 from teacher_dump.backends import GenerateRequest, Sampling, make_generator
@@ -187,7 +186,7 @@ def _run(cfg: GenerateConfig, prompts: list[Prompt], done: int, out: Path, setti
             batch = prompts[start : start + cfg.batch_size]
             requests = []
             for p in batch:
-                pil = [Image.open(path).convert("RGB") for path in p.image_paths]
+                pil = [open_rgb(path) for path in p.image_paths]
                 features = [encoder.image_features(im) for im in pil]
                 enc = encoder.encode_prompt(llava_messages(p.turns, len(pil)), features)
                 if len(enc.ids) + cfg.sampling.max_new_tokens > cfg.max_model_len:

@@ -6,7 +6,6 @@ scoring its records a chunk at a time (its memory does not grow with the shard).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import queue
@@ -26,6 +25,7 @@ from PIL import Image
 
 from shared import image_store
 from shared.codec import Encoding
+from shared.images import ImageError, decode_rgb
 from shared.manifest import ShardEntry
 from shared.mllm import ImageFeatures, ModelInputs, SampleEncoder
 from shared.prompt import TemplateError, llava_messages, pref_messages
@@ -122,9 +122,9 @@ def prepare(encoder: SampleEncoder, rec: Record, keep_tensors: bool = True,
         hit = cache.get(digest) if cache is not None else None
         if hit is None:
             try:
-                pil = Image.open(io.BytesIO(data)).convert("RGB")
-            except Exception as e:  # PIL raises several types for truncated or corrupt images
-                raise ValueError(f"image {image.ref or '<bytes>'} cannot be decoded ({type(e).__name__}: {e})") from e
+                pil = decode_rgb(data)
+            except ImageError as e:
+                raise ValueError(f"image {image.ref or '<bytes>'} {e}") from None
             feature = encoder.counted_image(pil) if count_only else encoder.image_features(pil)
             if feature is not None and not keep_tensors:
                 feature = ImageFeatures(feature.ids, {})
