@@ -128,7 +128,7 @@ def peak_step_memory(student: Path, vocab_rows: int = 151_936, rows: int = 8, le
 
 def plan_against_gpu(rows: tuple[int, int] = (4, 8), length: int = 4096) -> dict:
     """Predicted vs measured (torch.cuda.max_memory_allocated) step memory, bf16 + checkpointing."""
-    from pipelines.bench_memory_plan import qwen3_vl_2b_moe
+    from pipelines.benchmarks.bench_memory_plan import qwen3_vl_2b_moe
     from shared.mllm import FinalHidden
     from shared.models import model_from_config
     from student_train.data import MimicBatch

@@ -69,7 +69,7 @@ class TrainConfig:
     min_paired: float = 0.5
     # Teacher tokens the student lacks: their mass to the student's first token of their text
     # (first_token), or to the rest bucket (exact); shared/token_alignment.py. Measured in
-    # pipelines/bench_cross_tokenizer.py: exact misleads a student that spells words in more pieces.
+    # pipelines/benchmarks/bench_cross_tokenizer.py: exact misleads a student that spells words in more pieces.
     cross_vocab: Literal["exact", "first_token"] = "first_token"
 
     # -- preference distillation (the teacher is the reference model)

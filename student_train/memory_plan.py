@@ -15,7 +15,7 @@
 Weights, gradients and optimizer state are divided over the ranks under `parallel: fsdp` (plus the
 largest layer gathered). The model is built on the meta device: nothing is loaded. The vision
 tower's activations are not counted (it is frozen in the distillation stages; a trainable tower adds
-its own per image). `pipelines/bench_memory_plan.py` and tests/test_memory_plan.py compare the
+its own per image). `pipelines/benchmarks/bench_memory_plan.py` and tests/test_memory_plan.py compare the
 prediction with measured peaks.
 """
 

@@ -21,15 +21,15 @@ def _bench(*args: str) -> str:
 
 
 def test_bench_train_runs(hf_dump, world, teacher):
-    out = _bench("pipelines/bench_train.py", "--shards", str(hf_dump), "--image-root", str(world), "--teacher",
-                 str(teacher), "--steps", "8", "--batch-size", "4")
+    out = _bench("pipelines/benchmarks/bench_train.py", "--shards", str(hf_dump), "--image-root", str(world),
+                 "--teacher", str(teacher), "--steps", "8", "--batch-size", "4")
     assert "KD/CE" in out and "loader/trainer" in out and "dense  active" in out
 
 
 def test_bench_losses_runs():
-    out = _bench("pipelines/bench_losses.py", "--vocab", "2000", "--tokens", "64", "128", "--k", "8")
+    out = _bench("pipelines/benchmarks/bench_losses.py", "--vocab", "2000", "--tokens", "64", "128", "--k", "8")
     assert out.count("True") == 2  # chunked and whole losses agree at both sizes
 
 
 def test_bench_validate_runs():
-    assert "records_per_s" in _bench("pipelines/bench_validate.py", "--records", "8", "--size", "64x64")
+    assert "records_per_s" in _bench("pipelines/benchmarks/bench_validate.py", "--records", "8", "--size", "64x64")

@@ -34,7 +34,7 @@ def test_the_plan_predicts_measured_step_memory_and_what_checkpointing_saves(dee
     """Between micro-batches of 4 and 16 rows the predicted difference is within 30% of the measured
     one (peak RSS of one step in a fresh process), with and without activation checkpointing, and
     checkpointing lowers both the prediction and the measurement to under half."""
-    from pipelines.bench_memory_plan import compare
+    from pipelines.benchmarks.bench_memory_plan import compare
 
     got = {ck: compare(deep_student, (4, 16), 256, {"train": ["experts", "router"], "activation_checkpointing": ck})
            for ck in (False, True)}

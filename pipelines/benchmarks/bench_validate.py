@@ -4,7 +4,7 @@ through the processor (pixel tensors made, then dropped) vs when its token count
 processor's own counting helper (`_get_num_multimodal_tokens`), on photo-sized images with the
 processors of SmolVLM (image splitting) and LLaVA-NeXT (anyres) at their real checkpoints' sizes.
 
-    python pipelines/bench_validate.py [--records 200] [--size 768x512]
+    python pipelines/benchmarks/bench_validate.py [--records 200] [--size 768x512]
 """
 
 from __future__ import annotations

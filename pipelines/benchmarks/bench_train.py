@@ -6,7 +6,7 @@
   3. the MoE student vs. a dense student of the same active parameters;
   4. (--scale) peak RSS of training on 1x and 16x the rows (the same steps): streaming keeps it flat.
 
-    python pipelines/bench_train.py --shards DIR --image-root WORLD --teacher TEACHER [--steps 60] [--scale]
+    python pipelines/benchmarks/bench_train.py --shards DIR --image-root WORLD --teacher TEACHER [--steps 60] [--scale]
 
 Use the demo's outputs: --shards runs/demo/shards --image-root runs/demo/world --teacher runs/demo/teacher.
 """

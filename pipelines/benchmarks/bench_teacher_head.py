@@ -3,7 +3,7 @@
 prompts of `--prompt` tokens (the image tokens of a real teacher: 600-2,900 per sample) of which
 `--response` are scored.
 
-    python pipelines/bench_teacher_head.py [--vocab 151936] [--prompt 2048] [--response 64] [--batch 4]
+    python pipelines/benchmarks/bench_teacher_head.py [--vocab 151936] [--prompt 2048] [--response 64] [--batch 4]
 
   bare     the model's body only (the prefill a dump cannot avoid)
   before   what the hf backend did before: `model(**inputs).logits` for every position, then

@@ -11,7 +11,7 @@ in one run, each measurement in a fresh process (peak RSS is per process):
 The data are generated JSONL conversations (the tiny world's, ids made unique) pointing at a few
 images, as the issue asks.
 
-    python pipelines/bench_plan.py [--records 1000000] [--shards 512] [--validate 20000]
+    python pipelines/benchmarks/bench_plan.py [--records 1000000] [--shards 512] [--validate 20000]
 """
 
 from __future__ import annotations

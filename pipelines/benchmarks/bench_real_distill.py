@@ -6,7 +6,7 @@ dense vs an MoE student of equal active parameters (4 experts, top-1, upcycled f
 Held-out: KL(teacher || student) per response token and agreement with the teacher's greedy next
 token, on the held-out modules' questions.
 
-    python pipelines/bench_real_distill.py [--layers 4] [--train 272] [--held 96] [--steps 200]
+    python pipelines/benchmarks/bench_real_distill.py [--layers 4] [--train 272] [--held 96] [--steps 200]
 
 Sized for this 2-core CPU (under an hour with the defaults); prints its table in Markdown.
 """

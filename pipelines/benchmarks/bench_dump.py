@@ -12,7 +12,7 @@
      position's mass on a few contextual tokens, the rest on Zipf frequencies over ids (ids ranked
      by frequency, as BPE vocabularies roughly are) with per-position noise (`_synthetic_logprobs`).
 
-    python pipelines/bench_dump.py [--teacher DIR] [--n 256] [--skip-vllm] [--skip-throughput | --skip-size]
+    python pipelines/benchmarks/bench_dump.py [--teacher DIR] [--n 256] [--skip-vllm] [--skip-throughput | --skip-size]
 
 Without --teacher a tiny teacher is trained briefly on a fresh world (a random-init teacher has
 an almost flat distribution, which would flatter nothing and tell nothing about top-k loss).

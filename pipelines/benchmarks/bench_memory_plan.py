@@ -7,12 +7,12 @@ VmHWM, reset after loading). The plan's predicted difference between the two siz
 only: everything else is the same) is printed beside the measured one, with their ratio (the plan
 is held to within 30%).
 
-    python pipelines/bench_memory_plan.py [--student DIR] [--rows 4 16] [--length 512]
+    python pipelines/benchmarks/bench_memory_plan.py [--student DIR] [--rows 4 16] [--length 512]
         [--dtype float32|bfloat16] [--train experts router]
 
 Without --student, the tiny world's MoE student is built in a temporary directory.
 
-    python pipelines/bench_memory_plan.py --recipe [--ranks 8]
+    python pipelines/benchmarks/bench_memory_plan.py --recipe [--ranks 8]
 
 plans (no measurement of steps) the GPU recipes (pipelines/recipes/*_gpu.yaml) for a student of
 Qwen3-VL-2B's shape upcycled as the recipe does (28 layers, every other one 4 experts top-2,
@@ -88,7 +88,7 @@ def measure_step(student: Path, rows: int, length: int, cfg_fields: dict) -> int
     # of live tensors (as a GPU's peak allocated memory is), not of the allocator's free lists.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     res = subprocess.run([sys.executable, "-c", _CHILD, str(student), str(rows), str(length), json.dumps(cfg_fields)],
-                         capture_output=True, text=True, cwd=Path(__file__).parents[1], env=env)
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2], env=env)
     if res.returncode != 0:
         raise SystemExit(f"step of {rows} x {length} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])["extra_bytes"]
@@ -143,7 +143,7 @@ def recipe_plans(ranks: int) -> None:
     from student_train.config import TrainConfig
     from student_train.memory_plan import GIB, plan_memory
 
-    root = Path(__file__).parent / "recipes"
+    root = Path(__file__).parents[1] / "recipes"
     with tempfile.TemporaryDirectory() as tmp:
         student = qwen3_vl_2b_moe(Path(tmp))
         measured = None

@@ -1,7 +1,7 @@
 """Peak memory of the mimic loss (KL with the rest bucket + CE, forward and backward) at a real
 vocabulary, whole-batch vs chunked, measured side by side in one run (each in a fresh process):
 
-    python pipelines/bench_losses.py [--vocab 151936] [--tokens 1024 2048 4096] [--chunk 256]
+    python pipelines/benchmarks/bench_losses.py [--vocab 151936] [--tokens 1024 2048 4096] [--chunk 256]
 
 "whole" is the computation before chunking (sparse_kl and cross_entropy over all [N, V] logits at
 once); "chunked" is what training runs now (`mimic_token_losses`: both terms in one chunked pass). The student's

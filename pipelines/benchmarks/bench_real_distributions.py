@@ -12,9 +12,9 @@ position. Side by side in one run:
      against the full-distribution KL gradient (relative error, mean over positions), for `rest`
      and `renorm` at each k (a fixed bias), and RS-KD at the same bytes (one draw set's error, and
      the error left after averaging 32 independent sets: unbiased, it falls as 1/sqrt(sets));
-  4. dump / bare prefill with this model on both backends (pipelines/bench_dump.py's measure).
+  4. dump / bare prefill with this model on both backends (pipelines/benchmarks/bench_dump.py's measure).
 
-    python pipelines/bench_real_distributions.py [--questions 48] [--skip-throughput] [--skip-vllm]
+    python pipelines/benchmarks/bench_real_distributions.py [--questions 48] [--skip-throughput] [--skip-vllm]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _bytes_per_token(rows: list[dict], enc, positions: int) -> tuple[float, Any]
 def _store(logp: np.ndarray, kept: list[np.ndarray], enc, targets: np.ndarray) -> tuple[float, np.ndarray]:
     """Write positions keeping the ids `kept[t]` (each its own length), rows of 32 positions; returns
     bytes per token and KL(full || decoded stored + rest spread evenly) per position."""
-    from pipelines.bench_dump import _stored_kl
+    from pipelines.benchmarks.bench_dump import _stored_kl
 
     rows = []
     for s in range(0, len(logp), 32):
@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--throughput-only", action="store_true", help="only section 4")
     args = ap.parse_args()
 
-    from pipelines.bench_dump import _throughput
+    from pipelines.benchmarks.bench_dump import _throughput
     from pipelines.real.docstrings import TRAIN_MODULES, write_questions
     from pipelines.real.smollm2 import teacher_dir
     from shared.codec import ENCODINGS, Encoding

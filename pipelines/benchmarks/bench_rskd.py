@@ -2,7 +2,7 @@
 data, student and training budget; bytes per response token of each dump and the held-out
 KL(teacher || student) after training (measured against an exact f32 top-32 dump of held-out data).
 
-    python pipelines/bench_rskd.py --teacher runs/demo/teacher [--n 800] [--steps 300] [--draws 50]
+    python pipelines/benchmarks/bench_rskd.py --teacher runs/demo/teacher [--n 800] [--steps 300] [--draws 50]
 
 The top-k side gets the k whose u8 dump costs about what the sampled dump costs (both u8; the
 sampled dump also keeps top-1, the schema's minimum).

@@ -11,7 +11,7 @@
 Reported per run: held-out accuracy, exact-answer agreement with the teacher's greedy answers
 (tokenizer independent), steps/s; the share of positions and top-k mass that pair.
 
-    python pipelines/bench_cross_tokenizer.py --shards runs/demo/shards --world runs/demo/world \
+    python pipelines/benchmarks/bench_cross_tokenizer.py --shards runs/demo/shards --world runs/demo/world \
         --eval-world runs/demo/eval_world --teacher runs/demo/teacher --student runs/demo/student-moe
 
 (the demo's outputs; a dump made before the teacher's tokenizer was kept gets it added).
@@ -63,7 +63,7 @@ def main() -> None:
     if not (permuted / "config.json").is_file():
         with_permuted_ids(args.student, permuted)
     coverage = {p: student_coverage(args.shards, other, project=p) for p in ("exact", "first_token")}
-    configs = Path(__file__).parent / "configs"
+    configs = Path(__file__).parents[1] / "configs"
     records = read_eval_records(args.eval_world / "eval.jsonl", args.eval_world)[: args.eval_limit]
 
     def answers(model_dir: Path) -> list[str]:

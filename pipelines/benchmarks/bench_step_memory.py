@@ -1,7 +1,7 @@
 """Peak memory of one mimic training step of the tiny MoE student with its vocabulary padded to a
 real size (151,936, Qwen2/3's), side by side in one run, each case in a fresh process:
 
-    python pipelines/bench_step_memory.py [--vocab 151936] [--shapes 1x128 48x128 1x4096] [--response 64]
+    python pipelines/benchmarks/bench_step_memory.py [--vocab 151936] [--shapes 1x128 48x128 1x4096] [--response 64]
 
 "logits" is the step as it was before the fused head: `model(**inputs).logits` ([rows, length, V]
 for every position), the response positions gathered, then the chunked loss. "fused" is the step
