@@ -420,6 +420,9 @@ def train_cmd(
                         stop_after=stop_after)
     except (ShardError, TrainError, TemplateError, FileNotFoundError, ManifestError) as e:
         fail(str(e))
+    except OSError as e:  # a read-only or full disk: checkpoints written so far stay and resume exactly
+        fail(f"{e.filename or out}: {e.strerror or e}; free space or choose an --out you can write to (a run that "
+             "saved a checkpoint continues with --resume)")
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
         typer.echo(json.dumps(history[-1] if history else {}))
 

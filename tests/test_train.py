@@ -1143,3 +1143,12 @@ def test_train_and_eval_find_the_images_where_the_teacher_read_them(hf_dump, wor
     assert res.exit_code == 0 and f"images from {world.resolve()}" in res.output, res.output
     res = _cli("eval", "--model", moe_student, "--dump", hf_dump)
     assert res.exit_code == 0 and "agreement_with_teacher" in res.output, res.output
+
+
+def test_an_out_that_cannot_be_written_is_one_line(hf_dump, moe_student, tmp_path):
+    """A read-only (or full) --out gave a traceback. /sys is read-only even for root."""
+    res = _cli("train", "--stage", "mimic", "--dump", hf_dump, "--student", moe_student, "--out", "/sys/lmod-run",
+               "--steps", "1")
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 2 and last.startswith("lmod: error: /sys/lmod-run") and "you can write to" in last
+    assert "Traceback" not in res.output, res.output
