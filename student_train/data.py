@@ -29,13 +29,13 @@ import torch
 from PIL import Image
 
 from shared import image_store
-from shared.codec import read_row_group
+from shared.codec import Encoding, read_row_group
 from shared.fingerprint import tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
 from shared.images import ImageError, decode_rgb
 from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
 from shared.prompt import Messages, llava_messages, pref_messages
-from shared.schema import SAMPLED_COLUMNS, row_images
+from shared.schema import SAMPLED_COLUMNS, row_images, schema_for
 
 if TYPE_CHECKING:
     from student_train.cross_tokenizer import TokenBridge
@@ -104,6 +104,14 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
                     if problem:
                         raise ShardError(f"{path}: {problem}; `lmod shards verify {d}` lists the bad shards, "
                                          "rerun `lmod dump-teacher` to redo them")
+            expected = schema_for(kind, Encoding.of_run(manifest.run), manifest.format_version)
+            for path in paths:  # footers only: a hand-made shard with a column missing or renamed
+                got = pq.read_schema(path).remove_metadata()
+                if not got.equals(expected.remove_metadata()):
+                    missing = sorted(set(expected.names) - set(got.names))
+                    what = f"no column {missing[0]!r}" if missing else "columns of other types or names"
+                    raise ShardError(f"{path}: not the {kind} shard schema ({what}); rerun `lmod dump-teacher` "
+                                     "to redo it")
         files.extend(paths)
     if not files:
         raise ShardError(f"no {kind} shards in {', '.join(map(str, dirs))}; run `lmod dump-teacher` first")

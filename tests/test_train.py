@@ -1152,3 +1152,27 @@ def test_an_out_that_cannot_be_written_is_one_line(hf_dump, moe_student, tmp_pat
     last = res.output.strip().splitlines()[-1]
     assert res.exit_code == 2 and last.startswith("lmod: error: /sys/lmod-run") and "you can write to" in last
     assert "Traceback" not in res.output, res.output
+
+
+def test_a_shard_missing_a_column_is_refused_in_one_line(hf_dump, world, moe_student, tmp_path):
+    """A hand-made shard without `rest_mass` (its checksum updated in the manifest) gave a KeyError
+    traceback from a loader worker."""
+    import hashlib
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from shared.shards import shard_paths
+
+    bad = tmp_path / "dump"
+    shutil.copytree(hf_dump, bad)
+    path = shard_paths(bad, "mimic")[0]
+    pq.write_table(pq.read_table(path).drop_columns(["rest_mass"]), path, compression="zstd")
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["shards"][f"mimic/{path.name}"].update({"bytes": path.stat().st_size,
+                                                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    res = _cli("train", "--stage", "mimic", "--dump", bad, "--student", moe_student, "--out", tmp_path / "o",
+               "--image-root", world, "--steps", "1")
+    assert res.exit_code == 2 and f"{path}: not the mimic shard schema (no column 'rest_mass')" in res.output, res.output
+    assert "Traceback" not in res.output
