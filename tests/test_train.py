@@ -1174,5 +1174,6 @@ def test_a_shard_missing_a_column_is_refused_in_one_line(hf_dump, world, moe_stu
     (bad / "manifest.json").write_text(json.dumps(manifest))
     res = _cli("train", "--stage", "mimic", "--dump", bad, "--student", moe_student, "--out", tmp_path / "o",
                "--image-root", world, "--steps", "1")
-    assert res.exit_code == 2 and f"{path}: not the mimic shard schema (no column 'rest_mass')" in res.output, res.output
+    expected = f"{path}: not the mimic shard schema (no column 'rest_mass')"
+    assert res.exit_code == 2 and expected in res.output, res.output
     assert "Traceback" not in res.output
