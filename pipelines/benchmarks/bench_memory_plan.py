@@ -112,18 +112,6 @@ def compare(student: Path, rows: tuple[int, int], length: int, cfg_fields: dict)
             "ratio": d_pred / d_meas if d_meas else float("inf")}
 
 
-def build_student(root: Path) -> Path:
-    from pipelines.toy.tiny_teacher import make_tiny_teacher
-    from pipelines.toy.world import make_world
-    from student_train.moe import make_dense_student, upcycle
-
-    make_world(root / "world", seed=0, n_mimic=4, n_pref=0, n_eval=0)
-    make_tiny_teacher(root / "world", root / "teacher", steps=0)
-    make_dense_student(root / "teacher", root / "dense")
-    upcycle(root / "dense", root / "moe")
-    return root / "moe"
-
-
 def qwen3_vl_2b_moe(out: Path) -> Path:
     """A config-only student directory of Qwen3-VL-2B's text shape, upcycled every other layer."""
     from transformers import AutoConfig
@@ -176,6 +164,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--train", nargs="+", default=["experts", "router"])
     args = ap.parse_args()
+    from pipelines.benchmarks.bench_step_memory import build_student
+
     if args.recipe:
         recipe_plans(args.ranks)
         return
