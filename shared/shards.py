@@ -168,8 +168,9 @@ def dump_info(out_dir: Path) -> dict[str, Any]:
     return info
 
 
-def shard_paths(out_dir: Path, kind: str) -> list[Path]:
-    """Finished shards of one kind, in index order (what the student reads)."""
-    manifest = Manifest.load(out_dir)
+def shard_paths(out_dir: Path, kind: str, manifest: Manifest | None = None) -> list[Path]:
+    """Finished shards of one kind, in index order (what the student reads); `manifest`: the dump's,
+    when the caller has it open."""
+    manifest = manifest or Manifest.load(out_dir)
     entries = sorted((e.index, rel) for rel, e in manifest.shards.items() if e.kind == kind)
     return [Path(out_dir) / rel for _, rel in entries]

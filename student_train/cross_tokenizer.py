@@ -13,6 +13,7 @@ tokenizer; the student scores its own tokenisation of the same answers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from shared.fingerprint import vocabulary_facts
-from shared.manifest import Manifest
 from shared.mllm import SampleEncoder
 from shared.token_alignment import TEACHER_TOKENIZER_DIR, VocabMap, align_turn, load_teacher_tokenizer
+from student_train.dumps import Dumps
 
 
 class AlignmentError(ValueError):
@@ -65,19 +66,16 @@ class TokenBridge:
         self.vocab = vocab
 
     @classmethod
-    def for_dumps(cls, dirs: list[Path], encoder: SampleEncoder, project: str = "first_token"
+    def for_dumps(cls, dumps: Dumps | Sequence[Path], encoder: SampleEncoder, project: str = "first_token"
                   ) -> TokenBridge | None:
         """None when every dump's stored ids mean the same to the student; else the bridge from the
         teacher tokenizer the dumps keep (all dumps must share it)."""
         mine = vocabulary_facts(encoder.tokenizer)["vocab_sha256"]
         theirs: dict[str, Path] = {}
-        for d in dirs:
-            try:
-                vocabulary = Manifest.load(d).record.vocabulary
-            except FileNotFoundError:
-                return None  # check_shards says so
+        for dump in Dumps.open(dumps):
+            vocabulary = dump.manifest.record.vocabulary
             if vocabulary is None or vocabulary["vocab_sha256"] != mine:
-                theirs.setdefault(vocabulary["vocab_sha256"] if vocabulary else "unknown", Path(d))
+                theirs.setdefault(vocabulary["vocab_sha256"] if vocabulary else "unknown", dump.dir)
         if not theirs:
             return None
         if len(theirs) > 1:

@@ -32,7 +32,6 @@ from shared import image_store
 from shared.codec import Encoding, read_row_group
 from shared.fingerprint import tokenizer_fingerprint, vocabulary_facts, vocabulary_mismatch
 from shared.images import ImageError, decode_rgb
-from shared.manifest import Manifest
 from shared.mllm import ModelInputs, SampleEncoder, batch_inputs, load_encoder
 from shared.prompt import Messages, llava_messages, pref_messages
 from shared.schema import SAMPLED_COLUMNS, row_images, schema_for
@@ -40,17 +39,16 @@ from shared.schema import SAMPLED_COLUMNS, row_images, schema_for
 if TYPE_CHECKING:
     from student_train.cross_tokenizer import TokenBridge
 from shared.shards import shard_file_problem, shard_paths
+from student_train.dumps import Dumps, ShardError
 
-
-class ShardError(ValueError):
-    """Shards the student cannot use; the message names the file (and row) and what to do."""
+__all__ = ["ShardError"]  # raised here, defined beside Dumps
 
 
 # ----------------------------------------------------------------------------------------------
 # Which shards, and are they the ones the teacher wrote
 
 
-def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_partial: bool = False,
+def check_shards(dumps: Dumps | Sequence[Path], kind: str, encoder: SampleEncoder, allow_partial: bool = False,
                  verify: bool = True, sampled: bool = False, cross: bool = False) -> list[Path]:
     """Shard files of `kind` from every dir, after checking that each dir's stored ids mean the
     same to the student's tokenizer (tokenizers are compared, not embedding shapes; `cross`: they
@@ -58,19 +56,11 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
     is complete (unless `allow_partial`) and that every file's bytes match the manifest's sha256 (a
     flipped byte in a float column reads fine and trains a NaN student). Files are hashed once here,
     streamed, a few at a time; readers later trust them."""
+    dumps = Dumps.open(dumps)
     mine = vocabulary_facts(encoder.tokenizer)
     files: list[Path] = []
-    seen: dict[Path, Path] = {}
     inputs: dict[str, Path] = {}
-    for d in dirs:
-        if Path(d).resolve() in seen:
-            raise ShardError(f"{d}: given twice in --shards (as {seen[Path(d).resolve()]}); its rows would be "
-                             "trained twice")
-        seen[Path(d).resolve()] = Path(d)
-        try:
-            manifest = Manifest.load(d)
-        except FileNotFoundError as e:
-            raise ShardError(str(e)) from None
+    for d, manifest in ((dump.dir, dump.manifest) for dump in dumps):
         run = manifest.record
         digest = run.input_sha256(kind)
         if digest in inputs:
@@ -96,7 +86,7 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
         if done < planned and not allow_partial:
             raise ShardError(f"{d}: only {done} of {planned} {kind} shards are finished; rerun `lmod dump-teacher` "
                              "to finish the dump, or pass --allow-partial to train on what is there")
-        paths = shard_paths(d, kind)
+        paths = shard_paths(d, kind, manifest)
         if verify:
             entries = [manifest.shards[f"{kind}/{p.name}"] for p in paths]
             with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL
@@ -114,8 +104,8 @@ def check_shards(dirs: list[Path], kind: str, encoder: SampleEncoder, allow_part
                                      "to redo it")
         files.extend(paths)
     if not files:
-        raise ShardError(f"no {kind} shards in {', '.join(map(str, dirs))}; run `lmod dump-teacher` first")
-    if len(dirs) > 1:
+        raise ShardError(f"no {kind} shards in {', '.join(map(str, dumps.dirs))}; run `lmod dump-teacher` first")
+    if len(dumps) > 1:
         _warn_shared_ids(files)
     return files
 
@@ -264,19 +254,6 @@ _COLUMNS = {
     "pref": ["sample_id", "image", "image_sha256", "question", "chosen", "rejected", "chosen_ids", "rejected_ids",
              "chosen_logprob_sum", "rejected_logprob_sum"],
 }
-
-
-def recorded_image_root(dirs: Sequence[Path], kind: str) -> Path | None:
-    """The folder the dumps' teacher found this kind's image paths in (recorded in each manifest),
-    when every dump recorded the same one and it exists here; else None (pass --image-root)."""
-    roots = set()
-    for d in dirs:
-        try:
-            roots.add(Manifest.load(d).image_roots.get(kind))
-        except (FileNotFoundError, ValueError):
-            return None
-    root = roots.pop() if len(roots) == 1 else None
-    return Path(root) if root and Path(root).is_dir() else None
 
 
 def _images(row: dict, image_root: Path | None, where: str, dump_dir: Path) -> list[Image.Image]:
@@ -620,10 +597,11 @@ def student_coverage(dump_dir: Path, student: Path, rows: int = 256, project: st
     from student_train.cross_tokenizer import TokenBridge
 
     encoder = load_encoder(student)
-    bridge = TokenBridge.for_dumps([Path(dump_dir)], encoder, project)
+    dumps = Dumps.open([Path(dump_dir)])
+    bridge = TokenBridge.for_dumps(dumps, encoder, project)
     if bridge is None:
         return {"model": str(student), "tokenizer": "the teacher's", "paired_positions": 1.0, "mapped_topk_mass": 1.0}
-    files = check_shards([Path(dump_dir)], "mimic", encoder, allow_partial=True, verify=False, cross=True)
+    files = check_shards(dumps, "mimic", encoder, allow_partial=True, verify=False, cross=True)
     coverage = bridge.coverage(encoder, islice(iter_examples(files, "mimic", None, with_image=False), rows))
     return {"model": str(student), "tokenizer": "another (cross-tokenizer distillation)",
             "vocabulary_mapped_share": round(bridge.vocab.mapped_share(), 4), **coverage.as_dict()}

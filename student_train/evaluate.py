@@ -14,6 +14,7 @@ from shared.mllm import FinalHidden, load_encoder
 from student_train.config import TrainConfig
 from student_train.cross_tokenizer import TokenBridge
 from student_train.data import check_shards, collate_mimic, iter_examples
+from student_train.dumps import Dumps
 from student_train.losses import OutputHead
 from student_train.objectives import mimic_terms
 
@@ -32,8 +33,11 @@ def held_out_agreement(model_dir: Path, shards: list[Path], image_root: Path | N
     """`kl_to_teacher` and (same tokenizer only) `agreement_with_teacher`: the share of response
     positions where the student's argmax is the teacher's top-1 id."""
     enc = load_encoder(model_dir)
-    bridge = TokenBridge.for_dumps(shards, enc)  # a student with another tokenizer: rows restated
-    examples = iter_examples(check_shards(shards, "mimic", enc, cross=bridge is not None), "mimic", image_root)
+    dumps = Dumps.open(shards)
+    if image_root is None:  # where the teacher found the images, when the dumps recorded it
+        image_root = dumps.image_root("mimic")
+    bridge = TokenBridge.for_dumps(dumps, enc)  # a student with another tokenizer: rows restated
+    examples = iter_examples(check_shards(dumps, "mimic", enc, cross=bridge is not None), "mimic", image_root)
     model = load_eval_model(model_dir, device, dtype)
     cfg = TrainConfig(kd_tail=tail)
     body = FinalHidden.of(model)

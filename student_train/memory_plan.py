@@ -343,14 +343,16 @@ def dry_run(shards: list[Path], student: Path, cfg: TrainConfig, image_root: Pat
     from shared.mllm import load_encoder
     from student_train.cross_tokenizer import AlignmentError, TokenBridge
     from student_train.data import MicroBatches, check_shards
+    from student_train.dumps import Dumps
 
     encoder = load_encoder(student)
+    dumps = Dumps.open(shards)
     sampled = cfg.stage == "mimic" and cfg.kd == "sampled"
     try:
-        bridge = TokenBridge.for_dumps(shards, encoder, cfg.cross_vocab)
+        bridge = TokenBridge.for_dumps(dumps, encoder, cfg.cross_vocab)
     except AlignmentError as e:
         raise ValueError(str(e)) from None
-    files = check_shards(shards, cfg.stage, encoder, sampled=sampled, cross=bridge is not None)
+    files = check_shards(dumps, cfg.stage, encoder, sampled=sampled, cross=bridge is not None)
     data = MicroBatches(cfg.stage, files, student, image_root, cfg.batch_size, seed=cfg.seed,
                         window=cfg.shuffle_window, rank=0, world=ranks, sampled=sampled, bridge=bridge)
     lengths = []

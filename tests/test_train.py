@@ -751,6 +751,21 @@ def test_what_trains_is_declared_and_frozen_parts_get_no_grad_or_optimizer_state
     assert sum(len(g["params"]) for g in t.opt.param_groups) == sum(p.requires_grad for p in t.model.parameters())
 
 
+def test_setup_reads_each_dump_manifest_once_and_takes_its_recorded_image_folder(hf_dump, world, moe_student,
+                                                                                  tmp_path, monkeypatch):
+    """A dump is opened once and handed down: the tokenizer bridge, the shard check and the image
+    folder default all read the same manifest object."""
+    from shared.manifest import Manifest
+    from student_train.train import setup
+
+    reads: list[Path] = []
+    load = Manifest.load.__func__
+    monkeypatch.setattr(Manifest, "load", classmethod(lambda cls, d: reads.append(Path(d)) or load(cls, d)))
+    t = setup([hf_dump], moe_student, tmp_path / "run", TrainConfig(batch_size=4, loader_workers=0))
+    assert reads == [hf_dump]
+    assert t.data.image_root == world.resolve()  # recorded by the dump (no --image-root given)
+
+
 @pytest.mark.parametrize("train_parts,message", [
     ("[vision, eyes]", r"train: .*use any of"),
     ("[all, vision]", r"\[all\] alone"),
@@ -848,7 +863,7 @@ def test_train_never_writes_into_a_model_directory_or_its_own_inputs(hf_dump, wo
 def test_the_same_rows_are_not_trained_twice(hf_dump, u8_dump, held_out_dump, moe_student, capsys):
     """--shards X --shards X, and two dumps of the same data, were concatenated without a word."""
     enc = load_encoder(moe_student)
-    with pytest.raises(ShardError, match="given twice in --shards"):
+    with pytest.raises(ShardError, match="given twice in --dump"):
         check_shards([hf_dump, hf_dump], "mimic", enc)
     with pytest.raises(ShardError, match="dumped from the same mimic data"):
         check_shards([hf_dump, u8_dump], "mimic", enc)
