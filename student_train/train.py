@@ -36,8 +36,8 @@ from student_train.data import (
     check_shards,
     iter_examples,
     loader,
-    recorded_image_root,
 )
+from student_train.dumps import Dumps
 from student_train.objectives import RouterTap, mimic_terms, pref_terms
 from student_train.parts import apply_trainable, unused_safe_params
 from student_train.precision import bf16_weights, compute_dtype, fsdp_kwargs
@@ -197,7 +197,9 @@ class StepResult:
 
 
 def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
-          resume: bool = False, allow_partial: bool = False) -> Trainer:
+          resume: bool = False, allow_partial: bool = False, verify_shards: bool = True) -> Trainer:
+    """Everything a run holds, checked before the first step. `verify_shards=False`: the caller has
+    hashed the dump's files already (a sweep checks it once for all its trials)."""
     device = resolve_device(cfg.device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"device: {cfg.device}: no GPU is visible here; use device: cpu (or auto)")
@@ -218,21 +220,22 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
         # Hashed once (rank 0), not once per GPU: a real checkpoint is tens of GB.
         checkpoint = dist.from_rank0(lambda: usable_checkpoint(out, checkpoint))
     encoder = load_encoder(student)
+    dumps = Dumps.open(shards)  # every manifest read once, here
     sampled = cfg.stage == "mimic" and cfg.kd == "sampled"
     try:
-        bridge = TokenBridge.for_dumps(shards, encoder, cfg.cross_vocab)
+        bridge = TokenBridge.for_dumps(dumps, encoder, cfg.cross_vocab)
     except AlignmentError as e:
         raise TrainError(str(e)) from None
     if bridge is not None and sampled:
         raise TrainError("kd: sampled reads the teacher's draws in its own ids; a student with another tokenizer "
                          "trains with kd: topk")
     # Hashed once, on rank 0 (every file's bytes against the manifest), and handed to every rank.
-    files = dist.from_rank0(lambda: check_shards(shards, cfg.stage, encoder, allow_partial=allow_partial,
-                                                 sampled=sampled, cross=bridge is not None))
+    files = dist.from_rank0(lambda: check_shards(dumps, cfg.stage, encoder, allow_partial=allow_partial,
+                                                 verify=verify_shards, sampled=sampled, cross=bridge is not None))
     if bridge is not None:
         _check_alignment(bridge, encoder, files, cfg, dist)
     if image_root is None:  # where the teacher found the images, when the dumps recorded it
-        image_root = recorded_image_root(shards, cfg.stage)
+        image_root = dumps.image_root(cfg.stage)
         if image_root is not None and dist.rank == 0:
             print(f"lmod: images from {image_root} (where the teacher read them; --image-root to change)",
                   file=sys.stderr)
@@ -450,12 +453,12 @@ def micro_batches(t: Trainer, stop: int):
 
 def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,
           resume: bool = False, progress: bool = True, stop_after: int | None = None,
-          allow_partial: bool = False) -> list[dict]:
+          allow_partial: bool = False, verify_shards: bool = True) -> list[dict]:
     """Train; `stop_after` ends this run early after that many steps (as a kill would, but at a
     checkpoint), for resumption tests and time-boxed runs. Returns the metrics records of this run."""
     from tqdm import tqdm
 
-    t = setup(shards, student, out, cfg, image_root, resume, allow_partial)
+    t = setup(shards, student, out, cfg, image_root, resume, allow_partial, verify_shards)
     rank0 = t.dist.rank == 0
     if rank0 and cfg.warmup >= cfg.steps:
         print(f"lmod: warning: warmup {cfg.warmup} >= steps {cfg.steps}: the learning rate never reaches lr "

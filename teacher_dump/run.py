@@ -312,16 +312,17 @@ def _check_existing(out: Path, run: dict[str, Any], force: bool) -> Manifest | N
 
 
 @contextmanager
-def _ray_session(cfg: DumpConfig) -> Iterator[Any]:
-    """Ray for this dump: the cluster at --address, or a local one started (and ended) here. Yields
-    the watchdog of a local cluster (or None), to be told of new processes as they start."""
+def ray_session(address: str | None) -> Iterator[Any]:
+    """Ray for this job (a dump, a sweep): the cluster at `address`, or a local one started (and
+    ended) here. Yields the watchdog of a local cluster (or None), to be told of new processes as
+    they start."""
     import ray
 
     if ray.is_initialized():
         yield None
         return
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+    if address:
+        ray.init(address=address, log_to_driver=True)
         try:
             yield None
         finally:
@@ -502,7 +503,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
     _say(cfg, f"lmod: {_count(len(tasks), 'shard')} planned over {_count(rows, 'input row')}")
     if cfg.dry_run:
         _check_existing(out, run, cfg.force)  # what the real run would refuse, refused here too
-        with _ray_session(cfg):
+        with ray_session(cfg.address):
             _check_devices(cfg)
             checks, rejected = validate(cfg, tasks)
         _refuse_invalid(cfg, rejected, checks)
@@ -511,9 +512,9 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
     with ExitStack() as stack:  # the caller holds OUT's lock
         ray_up: list[Any] = []  # Ray starts when first needed: a finished dump's rerun starts none
 
-        def ray_session() -> Any:
+        def start_ray() -> Any:
             if not ray_up:
-                ray_up.append(stack.enter_context(_ray_session(cfg)))
+                ray_up.append(stack.enter_context(ray_session(cfg.address)))
                 _check_devices(cfg)
             return ray_up[0]
 
@@ -528,7 +529,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
                 manifest.shards.pop(rel, None)
             rejected = None
         if rejected is None:  # a fresh dump (or one whose refusals were lost): validate everything
-            ray_session()
+            start_ray()
             checks, rejected = validate(cfg, tasks)
             lines = [json.dumps({"file": r.file, "row": r.row, "id": r.sample_id, "reason": r.reason})
                      for r in rejected]
@@ -562,7 +563,7 @@ def _dump_planned(cfg: DumpConfig, out: Path, encoder: Any, vocab: int, tasks: l
         where = "" if cfg.verbose or not todo else f" (the teacher engines' own output: {out / LOGS_DIR}/)"
         _say(cfg, f"lmod: {_count(len(tasks), 'shard')} planned, {skipped} already finished, {len(todo)} to run{where}")
         if todo:
-            _run_tasks(cfg, manifest, todo, len(tasks), skipped, ray_session())
+            _run_tasks(cfg, manifest, todo, len(tasks), skipped, start_ray())
     return manifest
 
 
