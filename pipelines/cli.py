@@ -439,7 +439,8 @@ def sweep_cmd(
     stage: str = typer.Option(..., help="mimic | pref"),
     shards: list[Path] = typer.Option(..., "--dump", "--shards", help="A teacher dump directory (repeat for "
                                       "several), as in `lmod train`."),
-    student: Path = typer.Option(..., help="Student every trial starts from."),
+    student: list[Path] = typer.Option(..., help="Student every trial starts from (repeat to sweep students: "
+                                       "MoE vs dense; the first is the base)."),
     out: Path = typer.Option(..., help="Sweep directory: trials/, results.csv, summary.md (a rerun resumes it)."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=V1,V2", help="A TrainConfig key and the values to "
                                    "try (repeat for several keys: their cross product is swept)."),
@@ -471,17 +472,21 @@ def sweep_cmd(
     check_environment()
     from dataclasses import asdict
 
-    from pipelines.sweep import SweepError, SweepSpec, parse_grid, run_sweep
+    from pipelines.sweep import STUDENT, SweepError, SweepSpec, parse_grid, run_sweep
     from shared.evaluation import EvalDataError
     from shared.manifest import ManifestError
     from student_train.data import ShardError
 
     base = _train_config(config, stage=stage, steps=steps, kd=kd, kd_tail=kd_tail, pref_loss=pref_loss, beta=beta)
-    student = require_model(student, "--student")
+    students = [require_model(s, "--student").resolve() for s in student]
+    if len(set(students)) < len(students):
+        fail("--student: a directory is given twice")
     try:
         grid = parse_grid(set_)
     except SweepError as e:
         fail(str(e))
+    if len(students) > 1:
+        grid = {STUDENT: [str(s) for s in students], **grid}
     if len(set(seeds)) < len(seeds):
         fail(f"--seeds {' '.join(map(str, seeds))}: a seed is listed twice")
     if eval_data is None and not held_out:
@@ -492,7 +497,7 @@ def sweep_cmd(
     cpus = cpus_per_trial or max(1, (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if gpus else 1))
     fields = asdict(base)
     fields.pop("seed")
-    spec = SweepSpec(stage=base.stage, dumps=[str(d.resolve()) for d in shards], student=str(student.resolve()),
+    spec = SweepSpec(stage=base.stage, dumps=[str(d.resolve()) for d in shards], student=str(students[0]),
                      base=fields, grid=grid, seeds=list(seeds),
                      image_root=str(image_root.resolve()) if image_root else None,
                      eval_data=str(eval_data.resolve()) if eval_data else None,

@@ -28,6 +28,7 @@ from shared.manifest import atomic_write_bytes
 from student_train.config import TrainConfig
 
 SPEC_FILE = "sweep.json"
+STUDENT = "student"  # the grid key of several --student directories (every other key is a TrainConfig field)
 TRIALS_DIR = "trials"
 RESULT_FILE = "result.json"
 ERROR_FILE = "error.txt"
@@ -88,6 +89,8 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
             raise SweepError("--set seed=...: seeds are swept with --seeds S [S ...]")
         if key == "stage":
             raise SweepError("--set stage=...: a sweep trains one --stage; run one sweep per stage")
+        if key == "student":
+            raise SweepError("--set student=...: give each student as --student DIR (repeat the flag)")
         if key not in known:
             raise SweepError(f"--set {key}: not a TrainConfig key; the keys are listed in docs/config.md")
         if key in grid:
@@ -99,7 +102,9 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     return grid
 
 
-def _slug(value: Any) -> str:
+def _slug(key: str, value: Any) -> str:
+    if key == STUDENT:  # a directory: its name tells the cells apart
+        value = Path(value).name
     text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
     return re.sub(r"[^A-Za-z0-9.,+-]", "_", text)
 
@@ -112,13 +117,13 @@ class Trial:
 
     @property
     def name(self) -> str:
-        swept = "-".join(f"{k}={_slug(v)}" for k, v in self.overrides.items())
+        swept = "-".join(f"{k}={_slug(k, v)}" for k, v in self.overrides.items())
         return f"{self.index:03d}-{swept + '-' if swept else ''}seed={self.seed}"
 
     @property
     def cell(self) -> str:
         """The configuration without the seed: what the summary averages over."""
-        return ", ".join(f"{k}={_slug(v)}" for k, v in self.overrides.items()) or "base"
+        return ", ".join(f"{k}={_slug(k, v)}" for k, v in self.overrides.items()) or "base"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,9 +134,9 @@ class Trial:
 class SweepSpec:
     stage: str
     dumps: list[str]
-    student: str
+    student: str  # the first --student: the base
     base: dict[str, Any]  # the base TrainConfig (--config and the flags), seed excluded
-    grid: dict[str, list[Any]]
+    grid: dict[str, list[Any]]  # swept keys and their values; "student": several --student directories
     seeds: list[int]
     image_root: str | None = None
     eval_data: str | None = None
@@ -151,15 +156,24 @@ class SweepSpec:
         return [Trial(i, cell, seed) for i, (cell, seed) in enumerate(itertools.product(cells, self.seeds))]
 
     def config(self, trial: Trial) -> TrainConfig:
-        return TrainConfig(**{**self.base, **trial.overrides, "seed": trial.seed})
+        changed = {k: v for k, v in trial.overrides.items() if k != STUDENT}
+        return TrainConfig(**{**self.base, **changed, "seed": trial.seed})
+
+    def student_of(self, trial: Trial) -> Path:
+        return Path(trial.overrides.get(STUDENT, self.student))
+
+    @property
+    def students(self) -> list[str]:
+        return list(self.grid.get(STUDENT, [self.student]))
 
     def identity(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in self._RESOURCES}
 
     def base_cell(self) -> str | None:
         """The cell whose swept values are the base config's, when the grid holds it."""
-        if all(self.base.get(k) in values for k, values in self.grid.items()):
-            return Trial(0, {k: self.base.get(k) for k in self.grid}, 0).cell
+        base = {**self.base, STUDENT: self.student}
+        if all(base.get(k) in values for k, values in self.grid.items()):
+            return Trial(0, {k: base.get(k) for k in self.grid}, 0).cell
         return None
 
     def check(self) -> list[TrainConfig]:
@@ -198,7 +212,7 @@ def run_trial(spec: SweepSpec, trial: Trial, root: Path) -> dict[str, Any]:
     run = here / "run"
     cfg = spec.config(trial)
     start = time.time()
-    history = train([Path(d) for d in spec.dumps], Path(spec.student), run, cfg,
+    history = train([Path(d) for d in spec.dumps], spec.student_of(trial), run, cfg,
                     image_root=Path(spec.image_root) if spec.image_root else None,
                     resume=(run / LATEST).exists(), progress=False, allow_partial=spec.allow_partial,
                     verify_shards=False)  # checked once by the sweep, not per trial
@@ -346,19 +360,24 @@ def _check_inputs(spec: SweepSpec, progress: bool) -> None:
     from student_train.data import check_shards
     from student_train.dumps import Dumps
 
-    encoder = load_encoder(Path(spec.student))
     dumps = Dumps.open([Path(d) for d in spec.dumps])
     configs = spec.check()
-    try:
-        bridge = TokenBridge.for_dumps(dumps, encoder, configs[0].cross_vocab)
-    except AlignmentError as e:
-        raise SweepError(str(e)) from None
-    for sampled in sorted({c.stage == "mimic" and c.kd == "sampled" for c in configs}):
-        if sampled and bridge is not None:
-            raise SweepError("kd: sampled reads the teacher's draws in its own ids; a student with another "
-                             "tokenizer trains with kd: topk")
-        files = check_shards(dumps, spec.stage, encoder, allow_partial=spec.allow_partial, sampled=sampled,
-                             cross=bridge is not None)
+    for student in spec.students:  # each student's tokenizer against the dump's
+        encoder = load_encoder(Path(student))
+        try:
+            bridge = TokenBridge.for_dumps(dumps, encoder, configs[0].cross_vocab)
+        except AlignmentError as e:
+            raise SweepError(str(e)) from None
+        for sampled in sorted({c.stage == "mimic" and c.kd == "sampled" for c in configs}):
+            if sampled and bridge is not None:
+                raise SweepError(f"--student {student}: kd: sampled reads the teacher's draws in its own ids; a "
+                                 "student with another tokenizer trains with kd: topk")
+            files = check_shards(dumps, spec.stage, encoder, allow_partial=spec.allow_partial, sampled=sampled,
+                                 cross=bridge is not None, verify=student == spec.students[0])
+        if spec.held_out:
+            held = Dumps.open([Path(d) for d in spec.held_out])
+            check_shards(held, "mimic", encoder, cross=TokenBridge.for_dumps(held, encoder) is not None,
+                         verify=student == spec.students[0])
     if spec.image_root is None:  # where the teacher found the images: the same for every trial
         recorded = dumps.image_root(spec.stage)
         spec.image_root = str(recorded) if recorded else None
@@ -366,9 +385,6 @@ def _check_inputs(spec: SweepSpec, progress: bool) -> None:
                    "once); the teacher is not run")
     if spec.eval_data:
         read_eval_records(Path(spec.eval_data), Path(spec.eval_image_root or Path(spec.eval_data).parent))
-    if spec.held_out:
-        held = Dumps.open([Path(d) for d in spec.held_out])
-        check_shards(held, "mimic", encoder, cross=TokenBridge.for_dumps(held, encoder) is not None)
 
 
 def cells_of(trials: list[Trial]) -> dict[str, list[Trial]]:
@@ -531,7 +547,8 @@ def summary_markdown(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     metrics = summary_metrics(spec, rows)
     cells = list(stats)
     base = spec.base_cell()
-    swept = ", ".join(f"{k} in {v}" for k, v in spec.grid.items()) or "no keys (seeds only)"
+    swept = "; ".join(f"{k} in {', '.join(_slug(k, v) for v in values)}" for k, values in spec.grid.items()) \
+        or "no keys (seeds only)"
     finished_n = {c: max((len(v) for v in stats[c].values()), default=0) for c in cells}
     lines = [f"# lmod sweep: {spec.stage}", "",
              f"{len(rows)} trials: {swept} x seeds {spec.seeds}; "
