@@ -33,3 +33,21 @@ def test_bench_losses_runs():
 
 def test_bench_validate_runs():
     assert "records_per_s" in _bench("pipelines/benchmarks/bench_validate.py", "--records", "8", "--size", "64x64")
+
+
+def test_bench_step_memory_runs():
+    out = _bench("pipelines/benchmarks/bench_step_memory.py", "--vocab", "2000", "--shapes", "1x64", "--response",
+                 "16", "--k", "8")
+    assert "1x64" in out and out.rstrip().endswith("True")  # fused and full-logits losses and gradients agree
+
+
+def test_bench_teacher_head_runs_and_both_heads_store_the_same_top_k():
+    out = _bench("pipelines/benchmarks/bench_teacher_head.py", "--vocab", "2000", "--prompt", "64", "--response",
+                 "16", "--batch", "1", "--k", "8", "--repeat", "1")
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |diff|" in line]
+    assert len(diffs) == 2 and max(diffs) < 1e-4, out  # own vocabulary, then padded (the head resized too)
+
+
+def test_bench_plan_runs():
+    out = _bench("pipelines/benchmarks/bench_plan.py", "--records", "500", "--shards", "4", "--validate", "0")
+    assert "16x the records" in out

@@ -35,7 +35,7 @@ def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: in
     import torch
 
     from shared.mllm import FinalHidden
-    from teacher_dump.backends import HFBackend, ScoreRequest
+    from teacher_dump.backends import HFBackend, ScoreRequest, float32_head
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -46,6 +46,7 @@ def _measure(teacher: str, mode: str, vocab_rows: int, prompt: int, response: in
     vocab_rows = vocab_rows or vocab
     backend.model.resize_token_embeddings(vocab_rows, mean_resizing=False)
     backend.body = FinalHidden.of(backend.model)  # resizing replaced the output projection module
+    backend.head = float32_head(backend.body.head)  # and the backend's float32 copy of it
     gen = torch.Generator().manual_seed(0)
     tokens = min(vocab, len(backend.encoder.tokenizer))  # ids a tokenizer produces
     requests = [ScoreRequest(ids=torch.randint(0, tokens, (prompt,), generator=gen).tolist(), prompt_ids=[],
