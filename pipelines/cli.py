@@ -539,6 +539,8 @@ def eval_cmd(
     (a teacher dump of held-out data) the KL to the teacher and agreement with its next token."""
     check_environment()
     from shared.evaluation import EvalDataError, evaluate_model
+    from shared.manifest import ManifestError
+    from shared.models import ModelError
 
     if data is None and not shards:
         fail("nothing to evaluate: give --data (questions with answers) and/or --shards (a held-out teacher dump)")
@@ -557,16 +559,15 @@ def eval_cmd(
         # every line is checked before the model loads
         metrics = evaluate_model(model, data, image_root, device=device, dtype=dtype, batch_size=batch_size,
                                  progress=True) if data is not None else {}
-    except EvalDataError as e:
+    except (EvalDataError, ModelError) as e:
         fail(str(e))
     if shards:
-        from shared.manifest import ManifestError
         from student_train.data import ShardError
         from student_train.evaluate import held_out_agreement
 
         try:  # images default to where the teacher read them (recorded in the dumps)
             metrics.update(held_out_agreement(model, shards, shards_image_root, device=device, dtype=dtype))
-        except (ShardError, ManifestError) as e:  # the dumps' images are found under --dump-image-root here
+        except (ShardError, ManifestError, ModelError) as e:  # the dumps' images: under --dump-image-root here
             fail(str(e).replace("--image-root", "--dump-image-root"))
     text = json.dumps(metrics, indent=2)
     if out is not None:

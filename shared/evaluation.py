@@ -13,7 +13,7 @@ from PIL import Image
 
 from shared.images import open_rgb
 from shared.mllm import FinalHidden, SampleEncoder, batch_inputs, expert_counts, load_encoder, moe_routers
-from shared.models import resolve_device
+from shared.models import check_embeddings, resolve_device
 from shared.prompt import pref_messages
 
 
@@ -197,6 +197,7 @@ def evaluate_model(model_dir: Path, data: Path, image_root: Path | None = None, 
     records = read_eval_records(data, image_root or Path(data).parent)[:limit]
     encoder = load_encoder(model_dir)
     model = load_eval_model(model_dir, device, dtype)
+    check_embeddings(model, len(encoder.tokenizer), f"--model {model_dir}")
     counts: list[torch.Tensor] = []
     answers = greedy_answers(model, encoder, records, image_root or Path(data).parent, batch_size=batch_size,
                              expert_counts=counts, progress=progress)

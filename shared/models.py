@@ -92,6 +92,18 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Any
     return auto_class(kind_of(model_dir)).from_pretrained(str(model_dir), dtype=dtype)
 
 
+def check_embeddings(model: Any, tokenizer_size: int, where: str | Path) -> None:
+    """A model whose input or output embedding has fewer rows than its tokenizer has tokens cannot
+    take or score every id (an IndexError deep in the first forward): a ModelError instead."""
+    layers = (("input embedding", model.get_input_embeddings()), ("output head", model.get_output_embeddings()))
+    for what, layer in layers:
+        rows = getattr(layer, "num_embeddings", None) or getattr(layer, "out_features", None)
+        if rows is not None and rows < tokenizer_size:
+            raise ModelError(f"{where}: its {what} has {rows} rows but its tokenizer {tokenizer_size} tokens (ids from "
+                             f"{rows} on cannot be used); resize it (model.resize_token_embeddings(len(tokenizer))) "
+                             "and save it again")
+
+
 def model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> Any:
     return auto_class(model_kind(config.model_type)).from_config(config, dtype=dtype)
 

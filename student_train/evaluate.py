@@ -11,6 +11,7 @@ import torch
 
 from shared.evaluation import load_eval_model
 from shared.mllm import FinalHidden, load_encoder
+from shared.models import check_embeddings
 from student_train.config import TrainConfig
 from student_train.cross_tokenizer import TokenBridge
 from student_train.data import check_shards, collate_mimic, iter_examples
@@ -39,6 +40,7 @@ def held_out_agreement(model_dir: Path, shards: list[Path], image_root: Path | N
     bridge = TokenBridge.for_dumps(dumps, enc)  # a student with another tokenizer: rows restated
     examples = iter_examples(check_shards(dumps, "mimic", enc, cross=bridge is not None), "mimic", image_root)
     model = load_eval_model(model_dir, device, dtype)
+    check_embeddings(model, len(enc.tokenizer), f"--model {model_dir}")
     cfg = TrainConfig(kd_tail=tail)
     body = FinalHidden.of(model)
     vocab = len(enc.tokenizer)

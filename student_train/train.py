@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from shared.mllm import FinalHidden, SampleEncoder, load_encoder
-from shared.models import load_model, resolve_device
+from shared.models import ModelError, check_embeddings, load_model, resolve_device
 from student_train.config import TrainConfig, TrainError
 from student_train.cross_tokenizer import AlignmentError, TokenBridge
 from student_train.data import (
@@ -243,6 +243,10 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
                         window=cfg.shuffle_window, rank=dist.rank, world=dist.world, sampled=sampled, bridge=bridge)
     torch.manual_seed(cfg.seed)
     model = load_model(checkpoint or student, torch.float32).to(device)
+    try:
+        check_embeddings(model, len(encoder.tokenizer), f"--student {student}")
+    except ModelError as e:
+        raise TrainError(str(e)) from None
     model.train()
     try:
         trained_parts = apply_trainable(model, cfg.train, f"{encoder.family.name} student {student}")

@@ -766,6 +766,28 @@ def test_setup_reads_each_dump_manifest_once_and_takes_its_recorded_image_folder
     assert t.data.image_root == world.resolve()  # recorded by the dump (no --image-root given)
 
 
+def test_a_student_whose_embedding_is_smaller_than_its_tokenizer_is_one_line(hf_dump, world, moe_student,
+                                                                             tmp_path):
+    """Ids beyond the student's embedding were an IndexError inside the first forward (train and eval)."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from shared.models import load_model
+
+    enc = load_encoder(moe_student)
+    model = load_model(moe_student)
+    model.resize_token_embeddings(len(enc.tokenizer) - 20, mean_resizing=False)
+    model.save_pretrained(tmp_path / "small")
+    enc.processor.save_pretrained(tmp_path / "small")
+    want = f"its input embedding has {len(enc.tokenizer) - 20} rows but its tokenizer {len(enc.tokenizer)} tokens"
+    for args in (["train", "--stage", "mimic", "--dump", str(hf_dump), "--student", str(tmp_path / "small"), "--out",
+                  str(tmp_path / "run")],
+                 ["eval", "--model", str(tmp_path / "small"), "--data", str(world / "eval.jsonl")],
+                 ["eval", "--model", str(tmp_path / "small"), "--dump", str(hf_dump)]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and want in res.output and "Traceback" not in res.output, (args, res.output)
+
+
 @pytest.mark.parametrize("train_parts,message", [
     ("[vision, eyes]", r"train: .*use any of"),
     ("[all, vision]", r"\[all\] alone"),
