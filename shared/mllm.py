@@ -4,6 +4,7 @@ evaluation all go through here)."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -88,6 +89,13 @@ class SampleEncoder:
             {str(t) for t in getattr(self.tokenizer, "all_special_tokens", [])}
             | {getattr(t, "content", str(t)) for t in added.values() if getattr(t, "special", False)}, key=len,
             reverse=True)
+
+    @functools.cached_property
+    def vocab_sha256(self) -> str:
+        """The tokenizer's vocabulary fingerprint (ids mean the same to two tokenizers with the same one)."""
+        from shared.fingerprint import vocabulary_facts
+
+        return vocabulary_facts(self.tokenizer)["vocab_sha256"]
 
     def check_text(self, messages: Messages) -> None:
         """User text is text: a question or answer holding the literal text of a special token is

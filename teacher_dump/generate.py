@@ -204,7 +204,10 @@ def _run(cfg: GenerateConfig, prompts: list[Prompt], done: int, out: Path, setti
                     record["image" if len(p.images) == 1 else "images"] = p.images[0] if len(p.images) == 1 \
                         else p.images
                 record["conversations"] = [*p.turns, {"from": "gpt", "value": text}]
-                record["generation"] = {**provenance, "record_seed": req.seed, "tokens": len(ids), "finish": finish}
+                # The sampled ids themselves: a dump by a teacher of the same vocabulary scores exactly
+                # them (decoding and encoding again can split the text otherwise).
+                record["generation"] = {**provenance, "record_seed": req.seed, "tokens": len(ids), "finish": finish,
+                                        "vocab_sha256": encoder.vocab_sha256, "response_ids": [int(t) for t in ids]}
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
                 summary["generated_tokens"] += len(ids)
                 summary["prompt_tokens"] += len(req.ids)

@@ -269,12 +269,33 @@ def _check_mimic(rec: dict) -> dict[str, Any]:
             raise ValueError(f"turn {t}: {IMAGE_PLACEHOLDER} inside an answer; only questions carry images")
     if turns[0]["from"] != "human":
         raise ValueError("conversation must start with a human turn")
-    if not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
+    sampled = _sampled_ids(rec)
+    # A sampled answer that is only its end token is still a sample to score (on-policy rounds).
+    answers = turns[:-1] if sampled else turns
+    if not sampled and not any(t["from"] == "gpt" and t["value"].strip() for t in turns):
         raise ValueError("conversation has no response (no non-empty 'gpt' turn)")
-    empty = next((i for i, t in enumerate(turns) if t["from"] == "gpt" and not t["value"].strip()), None)
+    empty = next((i for i, t in enumerate(answers) if t["from"] == "gpt" and not t["value"].strip()), None)
     if empty is not None:
         raise ValueError(f"turn {empty}: an empty answer (the student would learn to say nothing); drop the turn")
-    return {"conversations": [{"from": t["from"], "value": t["value"]} for t in turns]}
+    fields: dict[str, Any] = {"conversations": [{"from": t["from"], "value": t["value"]} for t in turns]}
+    if sampled:
+        if turns[-1]["from"] != "gpt":
+            raise ValueError("'generation.response_ids' given, but the conversation does not end with an answer")
+        fields["generation"] = {"vocab_sha256": rec["generation"].get("vocab_sha256"), "response_ids": sampled}
+    return fields
+
+
+def _sampled_ids(rec: dict) -> list[int] | None:
+    """The ids `lmod generate` sampled for the last answer (its `generation.response_ids`), if any."""
+    generation = rec.get("generation")
+    ids = generation.get("response_ids") if isinstance(generation, dict) else None
+    if ids is None:
+        return None
+    if not (isinstance(ids, list) and ids and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                  for t in ids)):
+        raise ValueError("'generation.response_ids' must be a non-empty list of token ids (as lmod generate "
+                         "writes it); drop it to score the answer's text")
+    return ids
 
 
 def _check_pref(rec: dict) -> dict[str, Any]:
@@ -359,6 +380,8 @@ def canonical(kind: str, rec: dict) -> dict:
     `chosen` / `rejected` strings (lmod's and raw RLAIF-V's), or TRL's vision preference format
     (`prompt`, `chosen`, `rejected` as message lists, `images`)."""
     out = {"id": rec.get("id"), "images": _images(rec)}
+    if kind == "mimic" and isinstance(rec.get("generation"), dict):  # written by lmod generate: its sampled ids
+        out["generation"] = rec["generation"]
     if kind == "mimic":
         if "conversations" in rec:
             conv = rec["conversations"]

@@ -263,9 +263,25 @@ def image_bytes(image: ImageRef) -> bytes:
 def encode_record(encoder: SampleEncoder, rec: Record, images: list[ImageFeatures]) -> list[ModelInputs]:
     """Mimic: one sequence; pref: the chosen and the rejected sequence (images processed once)."""
     if rec.kind == "mimic":
-        return [encoder.encode(llava_messages(rec.fields["conversations"], len(images)), images)]
+        messages = llava_messages(rec.fields["conversations"], len(images))
+        return [encoder.encode(messages, images, responses=sampled_answer(encoder, rec.fields, messages))]
     q = rec.fields["question"]
     return [encoder.encode(pref_messages(q, rec.fields[key], len(images)), images) for key in ("chosen", "rejected")]
+
+
+def sampled_answer(encoder: SampleEncoder, fields: dict[str, Any], messages: Any) -> list[list[int]] | None:
+    """The response ids to score for a record `lmod generate` wrote: the earlier answers as the
+    template renders them and, for the last one, exactly the ids the model sampled, when they are
+    ids of this tokenizer's vocabulary (on-policy rounds: the teacher scores the student's tokens).
+    None otherwise: the answers' text is encoded as usual."""
+    generation = fields.get("generation")
+    sampled = generation.get("response_ids") if isinstance(generation, dict) else None
+    if not isinstance(sampled, list) or generation.get("vocab_sha256") != encoder.vocab_sha256:
+        return None
+    if not sampled or not all(isinstance(t, int) and 0 <= t < len(encoder.tokenizer) for t in sampled):
+        raise ValueError("generation.response_ids: not ids of this tokenizer; drop the 'generation' entry to "
+                         "score the answer's text")
+    return [*encoder.response_ids(messages)[:-1], sampled]
 
 
 def score_request(enc: ModelInputs, images: list[Image.Image], top_k: int, sample: int = 0,
