@@ -519,6 +519,57 @@ def sweep_cmd(
              f"{out / 'summary.md'}; rerun the same command to retry them", code=1)
 
 
+@app.command("onpolicy")
+def onpolicy_cmd(
+    teacher: Path = typer.Option(..., help="The teacher that scores the student's samples."),
+    student: Path = typer.Option(..., help="The student of round 1 (later rounds start from the previous one)."),
+    data: Path = typer.Option(..., help="Prompts (and images): any input dump-teacher reads; the answers are the "
+                              "student's."),
+    rounds: int = typer.Option(..., min=1, help="Rounds of generate -> dump -> train."),
+    out: Path = typer.Option(..., help="OUT/round-N/{samples.jsonl,dump,student} (a rerun resumes)."),
+    config: Path | None = typer.Option(None, help="YAML of TrainConfig fields (a mimic config) for every round."),
+    steps: int | None = typer.Option(None, help="Training steps per round (default: the config's)."),
+    image_root: Path | None = typer.Option(None, help="Root of the prompts' images (default: the data's folder)."),
+    backend: str = typer.Option("vllm", help="The teacher's dump: vllm | hf; generation uses vLLM where it loads "
+                                "the student, else transformers."),
+    generate_backend: str | None = typer.Option(None, help="Force the student's generation backend: vllm | hf."),
+    temperature: float = typer.Option(1.0, help="The student's sampling temperature."),
+    top_p: float = typer.Option(1.0),
+    max_new_tokens: int = typer.Option(64, help="Longest sampled answer."),
+    top_k: int = typer.Option(32, help="Teacher log-probs stored per sampled token."),
+    sample: int = typer.Option(0, help="RS-KD draws per token as well (for kd: sampled)."),
+    shards: int = typer.Option(1, help="Shards of each round's dump."),
+    seed: int = typer.Option(0, help="Sampling seed (each round its own, from this)."),
+    max_model_len: int | None = typer.Option(None, help="Longest prompt + answer (default: the shorter of the "
+                                             "two models' positions, at most 2,048)."),
+    offpolicy_dump: list[Path] | None = typer.Option(None, help="An off-policy dump trained beside each round's "
+                                                     "(its rows mixed in, in proportion to their number)."),
+) -> None:
+    """On-policy distillation in rounds: the student samples, the teacher scores exactly those tokens
+    in one dump, the student trains on them; the teacher and the student are never up together."""
+    check_environment()
+    from pipelines.onpolicy import OnPolicyConfig, OnPolicyError, run_onpolicy
+    from shared.manifest import ManifestError
+    from shared.models import ModelError
+    from student_train.data import ShardError
+    from student_train.train import TrainError
+    from teacher_dump.inputs import InputError
+
+    cfg = _train_config(config, stage="mimic", steps=steps)
+    teacher = require_model(teacher, "--teacher")
+    student = require_model(student, "--student")
+    run = OnPolicyConfig(teacher=teacher.resolve(), student=student.resolve(), data=data.resolve(), out=out,
+                         rounds=rounds, train=cfg, image_root=image_root.resolve() if image_root else None,
+                         backend=backend, generate_backend=generate_backend, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, top_k=top_k, sample=sample, shards=shards, seed=seed,
+                         max_model_len=max_model_len, offpolicy=[d.resolve() for d in offpolicy_dump or []])
+    try:
+        summaries = run_onpolicy(run)
+    except (OnPolicyError, InputError, ShardError, TrainError, ManifestError, ModelError) as e:
+        fail(str(e))
+    typer.echo(json.dumps(summaries))
+
+
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Option(..., help="Model directory (or .gguf)."),

@@ -4,6 +4,12 @@ runs, resumes and accounts for its rounds."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +67,58 @@ def test_a_dump_of_student_samples_holds_the_teachers_logprobs_at_exactly_the_sa
         assert row["target_logprobs"][-n:] == pytest.approx(expected, abs=1e-4)
         top = torch.topk(logp[start - 1 : start - 1 + n], 8, -1)
         assert [list(ids) for ids in row["topk_ids"][-n:]] == top.indices.tolist()
+
+
+def _onpolicy_args(teacher: Path, student: Path, data: Path, out: Path, config: Path) -> list[str]:
+    return [sys.executable, "-m", "pipelines.cli", "onpolicy", "--teacher", str(teacher), "--student", str(student),
+            "--data", str(data), "--rounds", "2", "--out", str(out), "--config", str(config), "--backend", "hf",
+            "--max-new-tokens", "8", "--top-k", "4", "--image-root", str(data.parent.parent / "world")]
+
+
+@pytest.mark.slow
+def test_onpolicy_killed_mid_round_continues_that_round_keeps_the_finished_one_and_refuses_another_teacher(
+        world, teacher, moe_student, tmp_path):
+    """Two rounds straight vs. killed (SIGKILL) during round 2 and rerun: round 1 is not redone (its
+    files untouched), round 2 finishes, and both runs end with the same bytes (samples, shards,
+    weights). Another teacher for the same OUT is one line."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    root = Path(__file__).parents[1]
+    data = tmp_path / "in" / "prompts.jsonl"
+    data.parent.mkdir()
+    (tmp_path / "world").symlink_to(world)  # the prompts' images
+    data.write_text("".join(line + "\n" for line in (world / "mimic.jsonl").read_text().splitlines()[:8]))
+    (tmp_path / "c.yaml").write_text("steps: 3\nbatch_size: 4\nwarmup: 1\nloader_workers: 0\nsave_every: 1\n")
+    straight = subprocess.run(_onpolicy_args(teacher, moe_student, data, tmp_path / "a", tmp_path / "c.yaml"),
+                              cwd=root, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    rounds = json.loads(straight.stdout.strip().splitlines()[-1])
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[1]["student_in"].endswith("round-1/student")
+    assert all(r["generated_tokens"] > 0 and r["teacher_scored_tokens"] >= r["generated_tokens"] for r in rounds)
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(_onpolicy_args(teacher, moe_student, data, out, tmp_path / "c.yaml"), cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    while not (out / "round-2" / "samples.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "round-2" / "round.json").exists()
+    first = {p: p.stat().st_mtime_ns for p in (out / "round-1").rglob("*") if p.is_file()}
+    rerun = subprocess.run(_onpolicy_args(teacher, moe_student, data, out, tmp_path / "c.yaml"), cwd=root,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "round 1 (finished earlier)" in rerun.stderr and "round 1: the student" not in rerun.stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())
+    for rel in ("round-2/samples.jsonl", "round-2/dump/mimic/shard-00000-of-00001.parquet",
+                "round-2/student/model.safetensors"):
+        assert (out / rel).read_bytes() == (tmp_path / "a" / rel).read_bytes(), rel
+
+    other = CliRunner().invoke(app, ["onpolicy", "--teacher", str(moe_student), "--student", str(moe_student),
+                                     "--data", str(data), "--rounds", "3", "--out", str(out), "--config",
+                                     str(tmp_path / "c.yaml"), "--backend", "hf"])
+    assert other.exit_code == 2 and "not the teacher of the rounds" in other.output
+    assert not (out / "round-3").exists()
