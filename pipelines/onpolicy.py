@@ -102,13 +102,20 @@ def _record_state(cfg: OnPolicyConfig) -> None:
         if old.get("teacher") != teacher:
             raise OnPolicyError(f"--teacher {cfg.teacher}: not the teacher of the rounds in {cfg.out} (its weights or "
                                 "config differ); every round must be scored by one teacher: use another --out")
-        changed = sorted(k for k, v in cfg.settings().items() if k != "teacher" and old["settings"].get(k) != v)
+        changed = sorted(k for k, v in cfg.settings().items() if k != "teacher" and not _same(old["settings"].get(k), v))
         if changed:
             raise OnPolicyError(f"{cfg.out}: its rounds were made with other settings ({', '.join(changed)}); rerun "
                                 "them as they were, or use another --out")
         return
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps({"teacher": teacher, "settings": cfg.settings()}, indent=1) + "\n").encode())
+
+
+def _same(recorded: Any, now: Any) -> bool:
+    """Equal, where a config recorded by an older lmod lacks keys added since (at their defaults)."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        return all(_same(v, now.get(k)) for k, v in recorded.items())
+    return recorded == now
 
 
 def _generation_backend(cfg: OnPolicyConfig, student: Path) -> str:
@@ -133,7 +140,7 @@ def run_round(cfg: OnPolicyConfig, n: int, student: Path) -> dict[str, Any]:
     from shared.shards import dump_info
     from student_train.train import LATEST, train
     from teacher_dump.backends import Sampling
-    from teacher_dump.generate import GenerateConfig, generate
+    from teacher_dump.generate import STATE_SUFFIX, GenerateConfig, generate
     from teacher_dump.run import DumpConfig, dump_teacher
 
     here = Path(cfg.out) / f"round-{n}"
@@ -141,10 +148,25 @@ def run_round(cfg: OnPolicyConfig, n: int, student: Path) -> dict[str, Any]:
     image_root = cfg.image_root or (Path(cfg.data) if Path(cfg.data).is_dir() else Path(cfg.data).parent)
     samples = here / "samples.jsonl"
     backend = _generation_backend(cfg, student)
+    state = samples.with_name(samples.name + STATE_SUFFIX)
+    if samples.exists() and state.is_file():  # a round being continued: with the backend it started with
+        backend = json.loads(state.read_text())["settings"]["backend"]
     _say(cfg, f"lmod: round {n}: the student ({student}) answers {cfg.data} ({backend})")
-    generate(GenerateConfig(model=student, data=Path(cfg.data), out=samples, image_root=image_root, backend=backend,
-                            sampling=Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens),
-                            seed=cfg.seed * 1000 + n, dtype=cfg.train.dtype, max_model_len=cfg.max_model_len))
+
+    def sample_with(backend: str) -> None:
+        generate(GenerateConfig(model=student, data=Path(cfg.data), out=samples, image_root=image_root,
+                                backend=backend, sampling=Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens),
+                                seed=cfg.seed * 1000 + n, dtype=cfg.train.dtype, max_model_len=cfg.max_model_len))
+
+    try:
+        sample_with(backend)
+    except Exception as e:  # vLLM knows the architecture but cannot load this student (e.g. a reshaped text model)
+        if backend != "vllm" or cfg.generate_backend or samples.exists():
+            raise
+        _say(cfg, f"lmod: round {n}: vLLM cannot load the student ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160] if str(e) else ''}); generating with transformers")
+        cfg.generate_backend = "hf"  # the later rounds' students are of the same kind
+        sample_with("hf")
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     generated = sum(r["generation"]["tokens"] for r in records)
     _say(cfg, f"lmod: round {n}: the teacher scores the {len(records)} samples ({cfg.backend})")

@@ -62,6 +62,11 @@ class TrainConfig:
     kd: Literal["topk", "sampled"] = "topk"  # sampled: RS-KD on the dump's --sample draws (unbiased)
     kd_tail: Literal["renorm", "rest"] = "rest"  # for kd: topk
     temperature: float = 1.0  # kd_tail renorm only: both distributions at this temperature (loss x T^2)
+    # forward: KL(teacher || student). reverse (KL(student || teacher), mode-seeking, as in on-policy
+    # distillation) and jsd (Jensen-Shannon) are computed over the k + 1 buckets of kd_tail: rest,
+    # lower bounds of their full-vocabulary values (student_train/losses.py); the `kl` metric is then
+    # that divergence.
+    kd_divergence: Literal["forward", "reverse", "jsd"] = "forward"
     ce_weight: float = 0.0  # cross-entropy on the stored response tokens, added to kd_weight x KL
     loss_chunk: int = 256  # tokens per chunk of the KL / log-prob computation (bounds [N, V] buffers)
     # A student with another tokenizer than the dump's teacher (student_train/cross_tokenizer.py): the
@@ -157,6 +162,9 @@ class TrainConfig:
         for name in ("lr", "beta", "temperature", "grad_clip"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.kd_divergence != "forward" and (self.kd_tail != "rest" or self.kd != "topk"):
+            raise ValueError(f"kd_divergence: {self.kd_divergence} is computed over the top-k and the rest bucket; "
+                             "use kd: topk with kd_tail: rest")
         if self.kd_tail == "rest" and self.temperature != 1.0:
             raise ValueError("temperature: the rest bucket is stored at temperature 1; use kd_tail: renorm")
         if not 0.0 <= self.min_paired <= 1.0:

@@ -7,6 +7,7 @@ logits already aligned so that row n predicts the token the shard's row n descri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,8 +26,16 @@ def sparse_kl(
     tail: str = "renorm",
     temperature: float = 1.0,
     rest_mass: torch.Tensor | None = None,  # [N] the teacher's stored mass outside the top-k (tail="rest")
+    divergence: str = "forward",
 ) -> torch.Tensor:
     """Per-token KL(teacher || student) from a sparse teacher; returns [N].
+
+    divergence (tail="rest" only): "forward" is KL(teacher || student); "reverse" KL(student ||
+    teacher) and "jsd" the Jensen-Shannon divergence (mixture 1/2), both over the same k + 1
+    buckets: by the data-processing inequality each is a lower bound of its full-vocabulary value
+    (merging ids into a bucket never raises an f-divergence), which needs no more than the stored
+    top-k and rest. Reverse KL is infinite where the teacher's rest is 0 and the student's is not:
+    the teacher's rest is floored at 1e-30 there.
 
     tail="renorm": the teacher's top-k renormalised (optionally at temperature T) against the
     student renormalised over the same k ids; scaled by T^2 as in Hinton et al.
@@ -66,10 +75,32 @@ def sparse_kl(
         # here loses small rests to cancellation. Recomputed only when the caller has none.
         t_rest_mass = (_wide(rest_mass) if rest_mass is not None else 1.0 - t_top.exp().sum(-1)).clamp(min=0.0)
         t_p = t_top.exp()
+        if divergence != "forward":
+            return _bucket_divergence(divergence, t_top, t_rest_mass, s_top, s_rest, real.bool(), empty)
         top_term = (torch.xlogy(t_p, t_p) - t_p * s_top).sum(-1)
         rest_term = torch.xlogy(t_rest_mass, t_rest_mass) - t_rest_mass * s_rest
         return top_term + rest_term.masked_fill(empty, 0.0)
     raise ValueError(f"unknown tail {tail!r}; use 'renorm' or 'rest'")
+
+
+def _bucket_divergence(divergence: str, t_top: torch.Tensor, t_rest_mass: torch.Tensor, s_top: torch.Tensor,
+                       s_rest: torch.Tensor, real: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Reverse KL or JSD over k + 1 buckets given as log-probs (teacher's rest as a mass); entries
+    that are not `real` (folded duplicates) are no bucket, an `empty` row has no rest bucket."""
+    t_log = torch.cat([t_top, t_rest_mass.clamp(min=0.0).log()[:, None]], -1)  # [N, k+1], -inf where 0
+    s_log = torch.cat([s_top, s_rest[:, None]], -1)
+    keep = torch.cat([real, ~empty[:, None]], -1)
+    s_p = s_log.exp()
+    if divergence == "reverse":
+        per = s_p * (s_log - t_log.clamp(min=math.log(1e-30)))
+        return per.masked_fill(~keep, 0.0).sum(-1)
+    if divergence == "jsd":
+        m_log = torch.logaddexp(t_log, s_log) - math.log(2.0)
+        finite_m = m_log.clamp(min=torch.finfo(m_log.dtype).min)  # both 0: their terms are 0 below
+        t_p = t_log.exp()
+        per = 0.5 * (torch.xlogy(t_p, t_p) - t_p * finite_m) + 0.5 * (s_p * s_log - s_p * finite_m)
+        return per.masked_fill(~keep, 0.0).sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}; use forward, reverse or jsd")
 
 
 def preference_loss(
@@ -279,7 +310,8 @@ def chunked_sparse_kl(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: to
 def mimic_token_losses(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                        rest_mass: torch.Tensor | None, targets: torch.Tensor, kd_weight: float, ce_weight: float,
                        tail: str = "rest", temperature: float = 1.0, head: OutputHead | None = None,
-                       chunk: int = 1024, kd_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       chunk: int = 1024, kd_mask: torch.Tensor | None = None,
+                       divergence: str = "forward") -> torch.Tensor:
     """Per token [N, 3]: kd_weight * KL + ce_weight * CE (differentiable), KL, CE (metrics), in one
     chunked pass over the logits (or over hidden states projected by `head`). Tokens where `kd_mask`
     [N] is False have no teacher row (cross-tokenizer positions inside a teacher token): there the
@@ -289,7 +321,7 @@ def mimic_token_losses(x: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: t
     mask = kd_mask if kd_mask is not None else torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
 
     def rows(x, i, lp, r, t, m):
-        kl = sparse_kl(x, i, lp, tail, temperature, None if rest_mass is None else r) * m
+        kl = sparse_kl(x, i, lp, tail, temperature, None if rest_mass is None else r, divergence) * m
         ce = -_selective_logprobs(x, t)
         kd = kl + ce * ~m
         return torch.stack([kd_weight * kd + ce_weight * ce, kl, ce], dim=-1)

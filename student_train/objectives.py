@@ -66,7 +66,8 @@ def mimic_terms(model, batch: MimicBatch, cfg: TrainConfig, body: FinalHidden, v
     ids, lps, rest = fold_outside_vocab(batch.topk_ids, batch.topk_logprobs, batch.rest_mass, vocab)
     per_token = mimic_token_losses(student, ids, lps, rest if cfg.kd_tail == "rest" else None, targets,
                                    cfg.kd_weight, cfg.ce_weight, tail=cfg.kd_tail, temperature=cfg.temperature,
-                                   head=head, chunk=cfg.loss_chunk, kd_mask=batch.kd_mask)
+                                   head=head, chunk=cfg.loss_chunk, kd_mask=batch.kd_mask,
+                                   divergence=cfg.kd_divergence)
     terms = {"objective": per_token[:, 0].sum(), "kl": per_token[:, 1].sum(), "ce": per_token[:, 2].sum()}
     return _with_router_terms(terms, tap, inputs["attention_mask"])
 

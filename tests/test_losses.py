@@ -472,3 +472,71 @@ def test_rs_kd_draws_chunk_by_chunk_are_the_draws_of_the_whole_request():
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(c, d)
         assert c.sum() == 32
+
+
+def _coarse(t_logp: torch.Tensor, ids: torch.Tensor, s_logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher and student as k + 1 bucket distributions, in numpy from the full softmaxes."""
+    t_p, s_p = t_logp.exp().numpy(), torch.softmax(s_logits, -1).numpy()
+    idx = ids.numpy()
+    t_top, s_top = np.take_along_axis(t_p, idx, -1), np.take_along_axis(s_p, idx, -1)
+    return (np.concatenate([t_top, 1 - t_top.sum(-1, keepdims=True)], -1),
+            np.concatenate([s_top, 1 - s_top.sum(-1, keepdims=True)], -1))
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - np.log(q)), 0.0).sum(-1)
+
+
+def test_reverse_kl_and_jsd_are_those_of_the_bucket_distributions_and_bound_the_full_vocabulary_values():
+    k = 6
+    t_logp, ids, lps = _teacher(k)
+    s_logits = torch.randn(N, V, dtype=torch.float64) * 2
+    t_c, s_c = _coarse(t_logp, ids, s_logits)
+    m_c = (t_c + s_c) / 2
+    reverse = sparse_kl(s_logits, ids, lps, tail="rest", divergence="reverse").double().numpy()
+    jsd = sparse_kl(s_logits, ids, lps, tail="rest", divergence="jsd").double().numpy()
+    np.testing.assert_allclose(reverse, _kl(s_c, t_c), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jsd, 0.5 * _kl(t_c, m_c) + 0.5 * _kl(s_c, m_c), atol=1e-5, rtol=1e-5)
+    t_full, s_full = t_logp.exp().numpy(), torch.softmax(s_logits, -1).numpy()
+    m_full = (t_full + s_full) / 2
+    assert (reverse <= _kl(s_full, t_full) + 1e-9).all()  # data-processing inequality
+    assert (jsd <= 0.5 * _kl(t_full, m_full) + 0.5 * _kl(s_full, m_full) + 1e-9).all()
+    assert (jsd >= -1e-9).all() and (jsd <= math.log(2) + 1e-9).all()
+    same = sparse_kl(t_logp.clone(), ids, lps, tail="rest", divergence="reverse")  # the student is the teacher
+    torch.testing.assert_close(same, torch.zeros_like(same), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("divergence", ["reverse", "jsd"])
+def test_bucket_divergence_gradients_match_autograd_of_the_direct_formula_and_stay_finite(divergence):
+    k = 5
+    t_logp, ids, lps = _teacher(k)
+    s_logits = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
+    got = sparse_kl(s_logits, ids, lps, tail="rest", divergence=divergence).sum()
+    (grad,) = torch.autograd.grad(got, s_logits)
+    s_p = torch.softmax(s_logits, -1)
+    s_top = s_p.gather(-1, ids)
+    s_c = torch.cat([s_top, 1 - s_top.sum(-1, keepdim=True)], -1)
+    t_c = torch.cat([lps.exp(), 1 - lps.exp().sum(-1, keepdim=True)], -1)
+    if divergence == "reverse":
+        direct = (s_c * (s_c.log() - t_c.log())).sum()
+    else:
+        m = (s_c + t_c) / 2
+        direct = 0.5 * (t_c * (t_c / m).log()).sum() + 0.5 * (s_c * (s_c / m).log()).sum()
+    (want,) = torch.autograd.grad(direct, s_logits)
+    torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-5)
+    # a teacher whose top-k holds all its mass (rest 0): finite values and gradients
+    full = torch.log_softmax(torch.full((1, 3), 0.0, dtype=torch.float64), -1)
+    s = torch.randn(1, 10, dtype=torch.float64, requires_grad=True)
+    value = sparse_kl(s, torch.tensor([[0, 1, 2]]), full, tail="rest", rest_mass=torch.zeros(1, dtype=torch.float64),
+                      divergence=divergence)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and torch.isfinite(s.grad).all()
+
+
+def test_reverse_and_jsd_need_the_rest_bucket():
+    from student_train.config import TrainConfig
+
+    assert TrainConfig(kd_divergence="reverse").kd_divergence == "reverse"
+    for bad in ({"kd_tail": "renorm"}, {"kd": "sampled"}):
+        with pytest.raises(ValueError, match="kd_divergence: jsd is computed over the top-k and the rest bucket"):
+            TrainConfig(kd_divergence="jsd", **bad)
