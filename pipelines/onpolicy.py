@@ -102,7 +102,8 @@ def _record_state(cfg: OnPolicyConfig) -> None:
         if old.get("teacher") != teacher:
             raise OnPolicyError(f"--teacher {cfg.teacher}: not the teacher of the rounds in {cfg.out} (its weights or "
                                 "config differ); every round must be scored by one teacher: use another --out")
-        changed = sorted(k for k, v in cfg.settings().items() if k != "teacher" and not _same(old["settings"].get(k), v))
+        recorded = old["settings"]
+        changed = sorted(k for k, v in cfg.settings().items() if k != "teacher" and not _same(recorded.get(k), v))
         if changed:
             raise OnPolicyError(f"{cfg.out}: its rounds were made with other settings ({', '.join(changed)}); rerun "
                                 "them as they were, or use another --out")
