@@ -15,6 +15,7 @@ The teacher's fingerprint is recorded in OUT/onpolicy.json: another teacher is r
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -140,8 +141,7 @@ def run_round(cfg: OnPolicyConfig, n: int, student: Path) -> dict[str, Any]:
     """Round n from `student`: samples, the teacher's dump of them, mimic training; resumable."""
     from shared.shards import dump_info
     from student_train.train import LATEST, train
-    from teacher_dump.backends import Sampling
-    from teacher_dump.generate import STATE_SUFFIX, GenerateConfig, generate
+    from teacher_dump.generate import STATE_SUFFIX
     from teacher_dump.run import DumpConfig, dump_teacher
 
     here = Path(cfg.out) / f"round-{n}"
@@ -154,20 +154,27 @@ def run_round(cfg: OnPolicyConfig, n: int, student: Path) -> dict[str, Any]:
         backend = json.loads(state.read_text())["settings"]["backend"]
     _say(cfg, f"lmod: round {n}: the student ({student}) answers {cfg.data} ({backend})")
 
-    def sample_with(backend: str) -> None:
-        generate(GenerateConfig(model=student, data=Path(cfg.data), out=samples, image_root=image_root,
-                                backend=backend, sampling=Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens),
-                                seed=cfg.seed * 1000 + n, dtype=cfg.train.dtype, max_model_len=cfg.max_model_len))
+    def sample_with(backend: str) -> subprocess.CompletedProcess:
+        # Its own process: the engine's memory (a GPU's, with vLLM) is back before the teacher and
+        # the training start, and no engine thread is left behind in this process to fork under.
+        args = [sys.executable, "-m", "pipelines.cli", "generate", "--model", str(student), "--data", str(cfg.data),
+                "--out", str(samples), "--image-root", str(image_root), "--backend", backend,
+                "--temperature", repr(cfg.temperature), "--top-p", repr(cfg.top_p),
+                "--max-new-tokens", str(cfg.max_new_tokens), "--seed", str(cfg.seed * 1000 + n),
+                "--dtype", cfg.train.dtype, "--max-model-len", str(cfg.max_model_len)]
+        return subprocess.run(args, stdout=subprocess.PIPE, stderr=None if cfg.progress else subprocess.PIPE,
+                              text=True)
 
-    try:
-        sample_with(backend)
-    except Exception as e:  # vLLM knows the architecture but cannot load this student (e.g. a reshaped text model)
-        if backend != "vllm" or cfg.generate_backend or samples.exists():
-            raise
-        _say(cfg, f"lmod: round {n}: vLLM cannot load the student ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160] if str(e) else ''}); generating with transformers")
+    done = sample_with(backend)
+    if done.returncode and backend == "vllm" and not cfg.generate_backend and not samples.exists():
+        # vLLM knows the architecture but could not load this student (e.g. a reshaped text model)
+        _say(cfg, f"lmod: round {n}: vLLM could not load the student; generating with transformers")
         cfg.generate_backend = "hf"  # the later rounds' students are of the same kind
-        sample_with("hf")
+        done = sample_with("hf")
+    if done.returncode:
+        why = (done.stderr or "").strip().splitlines()[-1:] or ["its error is printed above"]
+        raise OnPolicyError(f"round {n}: generating {samples} failed ({why[0]}); fix that and rerun (finished "
+                            "batches are kept)")
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     generated = sum(r["generation"]["tokens"] for r in records)
     _say(cfg, f"lmod: round {n}: the teacher scores the {len(records)} samples ({cfg.backend})")
