@@ -544,6 +544,8 @@ def onpolicy_cmd(
                                              "two models' positions, at most 2,048)."),
     offpolicy_dump: list[Path] | None = typer.Option(None, help="An off-policy dump trained beside each round's "
                                                      "(its rows mixed in, in proportion to their number)."),
+    prompts_per_round: int | None = typer.Option(None, min=1, help="Each round on the next N records of a JSONL "
+                                                 "--data (wrapping around) instead of all of them."),
 ) -> None:
     """On-policy distillation in rounds: the student samples, the teacher scores exactly those tokens
     in one dump, the student trains on them; the teacher and the student are never up together."""
@@ -562,7 +564,8 @@ def onpolicy_cmd(
                          rounds=rounds, train=cfg, image_root=image_root.resolve() if image_root else None,
                          backend=backend, generate_backend=generate_backend, temperature=temperature, top_p=top_p,
                          max_new_tokens=max_new_tokens, top_k=top_k, sample=sample, shards=shards, seed=seed,
-                         max_model_len=max_model_len, offpolicy=[d.resolve() for d in offpolicy_dump or []])
+                         max_model_len=max_model_len, offpolicy=[d.resolve() for d in offpolicy_dump or []],
+                         prompts_per_round=prompts_per_round)
     try:
         summaries = run_onpolicy(run)
     except (OnPolicyError, InputError, ShardError, TrainError, ManifestError, ModelError) as e:

@@ -52,6 +52,9 @@ class OnPolicyConfig:
     seed: int = 0
     max_model_len: int | None = None  # default: the shorter of the two models' positions, at most 2,048
     offpolicy: list[Path] = field(default_factory=list)  # off-policy dumps trained beside each round's
+    # Each round on the next this-many records of --data (a JSONL file; wrapping around), instead of
+    # every record every round: more distinct prompts for the same teacher cost.
+    prompts_per_round: int | None = None
     progress: bool = True
 
     def settings(self) -> dict[str, Any]:
@@ -74,6 +77,15 @@ def check(cfg: OnPolicyConfig) -> None:
         raise OnPolicyError("kd: sampled needs the teacher's draws: pass --sample N")
     if cfg.temperature <= 0:
         raise OnPolicyError("--temperature must be > 0: on-policy samples are drawn from the student")
+    if cfg.prompts_per_round is not None:
+        if cfg.prompts_per_round < 1:
+            raise OnPolicyError(f"--prompts-per-round {cfg.prompts_per_round}: at least 1")
+        if Path(cfg.data).suffix != ".jsonl":
+            raise OnPolicyError(f"--prompts-per-round takes a JSONL --data ({cfg.data} is not); convert it or drop "
+                                "the flag")
+    for d in cfg.offpolicy:
+        if not (Path(d) / "manifest.json").is_file():
+            raise OnPolicyError(f"--offpolicy-dump {d}: not a dump (no manifest.json)")
     from shared.models import read_config
 
     limits = {}
@@ -86,9 +98,6 @@ def check(cfg: OnPolicyConfig) -> None:
         if cfg.max_model_len > positions:
             raise OnPolicyError(f"--max-model-len {cfg.max_model_len} exceeds the {positions} positions of {what}; "
                                 "lower it")
-    for d in cfg.offpolicy:
-        if not (Path(d) / "manifest.json").is_file():
-            raise OnPolicyError(f"--offpolicy-dump {d}: not a dump (no manifest.json)")
 
 
 def _record_state(cfg: OnPolicyConfig) -> None:
@@ -137,6 +146,21 @@ def _generation_backend(cfg: OnPolicyConfig, student: Path) -> str:
         return "hf"
 
 
+def _round_prompts(cfg: OnPolicyConfig, n: int, here: Path) -> Path:
+    """--data, or with --prompts-per-round round n's slice of it (OUT/round-N/prompts.jsonl)."""
+    if cfg.prompts_per_round is None:
+        return Path(cfg.data)
+    path = here / "prompts.jsonl"
+    if not path.is_file():
+        lines = [line for line in Path(cfg.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise OnPolicyError(f"--data {cfg.data}: no records")
+        start = (n - 1) * cfg.prompts_per_round
+        chosen = [lines[(start + i) % len(lines)] for i in range(cfg.prompts_per_round)]
+        atomic_write_bytes(path, "".join(line + "\n" for line in chosen).encode())
+    return path
+
+
 def run_round(cfg: OnPolicyConfig, n: int, student: Path) -> dict[str, Any]:
     """Round n from `student`: samples, the teacher's dump of them, mimic training; resumable."""
     from shared.shards import dump_info
@@ -148,16 +172,17 @@ def run_round(cfg: OnPolicyConfig, n: int, student: Path) -> dict[str, Any]:
     here.mkdir(parents=True, exist_ok=True)
     image_root = cfg.image_root or (Path(cfg.data) if Path(cfg.data).is_dir() else Path(cfg.data).parent)
     samples = here / "samples.jsonl"
+    prompts = _round_prompts(cfg, n, here)
     backend = _generation_backend(cfg, student)
     state = samples.with_name(samples.name + STATE_SUFFIX)
     if samples.exists() and state.is_file():  # a round being continued: with the backend it started with
         backend = json.loads(state.read_text())["settings"]["backend"]
-    _say(cfg, f"lmod: round {n}: the student ({student}) answers {cfg.data} ({backend})")
+    _say(cfg, f"lmod: round {n}: the student ({student}) answers {prompts} ({backend})")
 
     def sample_with(backend: str) -> subprocess.CompletedProcess:
         # Its own process: the engine's memory (a GPU's, with vLLM) is back before the teacher and
         # the training start, and no engine thread is left behind in this process to fork under.
-        args = [sys.executable, "-m", "pipelines.cli", "generate", "--model", str(student), "--data", str(cfg.data),
+        args = [sys.executable, "-m", "pipelines.cli", "generate", "--model", str(student), "--data", str(prompts),
                 "--out", str(samples), "--image-root", str(image_root), "--backend", backend,
                 "--temperature", repr(cfg.temperature), "--top-p", repr(cfg.top_p),
                 "--max-new-tokens", str(cfg.max_new_tokens), "--seed", str(cfg.seed * 1000 + n),

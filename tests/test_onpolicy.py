@@ -122,3 +122,22 @@ def test_onpolicy_killed_mid_round_continues_that_round_keeps_the_finished_one_a
                                      str(tmp_path / "c.yaml"), "--backend", "hf"])
     assert other.exit_code == 2 and "not the teacher of the rounds" in other.output
     assert not (out / "round-3").exists()
+
+
+def test_prompts_per_round_walk_through_the_data_and_wrap_around(tmp_path):
+    from pipelines.onpolicy import OnPolicyConfig, OnPolicyError, _round_prompts, check
+    from student_train.config import TrainConfig
+
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": f"q{i}"}) + "\n" for i in range(5)))
+    cfg = OnPolicyConfig(teacher=tmp_path, student=tmp_path, data=data, out=tmp_path / "out", rounds=3,
+                         train=TrainConfig(), prompts_per_round=2)
+    ids = []
+    for n in (1, 2, 3):
+        (tmp_path / f"r{n}").mkdir()
+        ids.append([json.loads(line)["id"] for line in _round_prompts(cfg, n, tmp_path / f"r{n}").read_text()
+                    .splitlines()])
+    assert ids == [[0, 1], [2, 3], [4, 0]]
+    cfg.data = tmp_path / "p.parquet"
+    with pytest.raises(OnPolicyError, match="takes a JSONL --data"):
+        check(cfg)

@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--backend", default="vllm", help="the teacher's dumps: vllm | hf")
+    ap.add_argument("--divergences", nargs="+", default=["forward", "reverse"],
+                    help="kd_divergence of the on-policy arms (one arm each)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -73,24 +75,30 @@ def main() -> None:
     rows.append(("off-policy mimic", info["rows"], info["tokens"], _evaluate(out / "offpolicy", demo),
                  time.time() - clock))
 
-    clock = time.time()
-    per_round = _first(world / "mimic.jsonl", out / "round-prompts.jsonl", args.prompts // args.rounds)
-    rounds = run_onpolicy(OnPolicyConfig(
-        teacher=demo / "teacher", student=start, data=per_round, out=out / "onpolicy", rounds=args.rounds,
-        train=TrainConfig.from_yaml(Path(__file__).parents[1] / "configs" / "mimic.yaml",
-                                    steps=args.steps // args.rounds),
-        image_root=world, backend=args.backend, max_new_tokens=args.max_new_tokens, top_k=32, progress=False))
-    final = out / "onpolicy" / f"round-{args.rounds}" / "student"
-    rows.append((f"on-policy, {args.rounds} rounds", sum(r["teacher_scored_rows"] for r in rounds),
-                 sum(r["teacher_scored_tokens"] for r in rounds), _evaluate(final, demo), time.time() - clock))
-    sampled = sum(r["generated_tokens"] for r in rounds)
+    every_round = args.prompts // args.rounds
+    arms = [("same", _first(world / "mimic.jsonl", out / "round-prompts.jsonl", every_round), None),
+            ("fresh", every, every_round)]  # the same prompts each round / the next ones each round
+    sampled = {}
+    for (prompts, data, per_round), divergence in [(a, d) for a in arms for d in args.divergences]:
+        clock = time.time()
+        name = f"onpolicy-{divergence}-{prompts}"
+        rounds = run_onpolicy(OnPolicyConfig(
+            teacher=demo / "teacher", student=start, data=data, out=out / name, prompts_per_round=per_round,
+            rounds=args.rounds, image_root=world, backend=args.backend, max_new_tokens=args.max_new_tokens, top_k=32,
+            train=TrainConfig.from_yaml(Path(__file__).parents[1] / "configs" / "mimic.yaml",
+                                        steps=args.steps // args.rounds, kd_divergence=divergence),
+            progress=False))
+        final = out / name / f"round-{args.rounds}" / "student"
+        rows.append((f"{divergence}, {prompts} prompts", sum(r["teacher_scored_rows"] for r in rounds),
+                     sum(r["teacher_scored_tokens"] for r in rounds), _evaluate(final, demo), time.time() - clock))
+        sampled[name] = sum(r["generated_tokens"] for r in rounds)
 
     print(f"\nfrom {start.name}; {args.steps} student steps each; the teacher scored the samples below "
-          f"(on-policy: {sampled} of its tokens were the student's own)")
-    print(f"{'':>22} {'samples':>8} {'tokens':>7} {'acc.':>6} {'halluc.':>8} {'POPE F1':>8} {'KL->T':>7} "
+          f"(on-policy: of its tokens, {sampled} were the student's own; the rest earlier turns as given)")
+    print(f"{'':>30} {'samples':>8} {'tokens':>7} {'acc.':>6} {'halluc.':>8} {'POPE F1':>8} {'KL->T':>7} "
           f"{'agree':>6} {'min':>5}")
     for name, samples, tokens, m, seconds in rows:
-        print(f"{name:>22} {samples:>8} {tokens:>7} {m['accuracy']:>6.3f} {m['hallucination']:>8.3f} "
+        print(f"{name:>30} {samples:>8} {tokens:>7} {m['accuracy']:>6.3f} {m['hallucination']:>8.3f} "
               f"{m['pope_f1']:>8.3f} {m['kl_to_teacher']:>7.3f} {m['agreement_with_teacher']:>6.3f} "
               f"{seconds / 60:>5.1f}")
     (out / "bench_onpolicy.json").write_text(json.dumps(
