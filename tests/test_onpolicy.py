@@ -80,7 +80,10 @@ def test_onpolicy_killed_mid_round_continues_that_round_keeps_the_finished_one_a
         world, teacher, moe_student, tmp_path):
     """Two rounds straight vs. killed (SIGKILL) during round 2 and rerun: round 1 is not redone (its
     files untouched), round 2 finishes, and both runs end with the same bytes (samples, shards,
-    weights). Another teacher for the same OUT is one line."""
+    weights). Another teacher for the same OUT is one line. (The second run starts from a copy of the
+    first's finished round 1: the same state a run killed in round 2 has, at half the cost.)"""
+    import shutil
+
     from typer.testing import CliRunner
 
     from pipelines.cli import app
@@ -99,6 +102,9 @@ def test_onpolicy_killed_mid_round_continues_that_round_keeps_the_finished_one_a
     assert all(r["generated_tokens"] > 0 and r["teacher_scored_tokens"] >= r["generated_tokens"] for r in rounds)
 
     out = tmp_path / "b"
+    out.mkdir()
+    shutil.copytree(tmp_path / "a" / "round-1", out / "round-1", symlinks=True)
+    shutil.copy2(tmp_path / "a" / "onpolicy.json", out / "onpolicy.json")
     proc = subprocess.Popen(_onpolicy_args(teacher, moe_student, data, out, tmp_path / "c.yaml"), cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 400
