@@ -654,10 +654,12 @@ def _check_eval_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
 
 @app.command("report")
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="A training OUT (metrics.jsonl) or a demo directory (report.json)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A training OUT (metrics.jsonl), a sweep "
+                                   "(sweep.json) or a demo directory (report.json)."),
     tensorboard: bool = typer.Option(False, help="Also write TensorBoard event files (needs `tensorboard`)."),
 ) -> None:
-    """PNG plots: training curves (loss, KL or DPO loss and accuracy, expert load per layer), the demo table."""
+    """PNG plots: training curves (loss, KL or DPO loss and accuracy, expert load per layer), a sweep's
+    bars and curves, the demo table."""
     from pipelines.report import read_metrics, report
 
     try:
