@@ -77,6 +77,8 @@ def check(cfg: OnPolicyConfig) -> None:
         raise OnPolicyError("kd: sampled needs the teacher's draws: pass --sample N")
     if cfg.temperature <= 0:
         raise OnPolicyError("--temperature must be > 0: on-policy samples are drawn from the student")
+    if not Path(cfg.data).exists():
+        raise OnPolicyError(f"--data {cfg.data}: no such file or directory")
     if cfg.prompts_per_round is not None:
         if cfg.prompts_per_round < 1:
             raise OnPolicyError(f"--prompts-per-round {cfg.prompts_per_round}: at least 1")
