@@ -144,6 +144,10 @@ def test_prompts_per_round_walk_through_the_data_and_wrap_around(tmp_path):
         ids.append([json.loads(line)["id"] for line in _round_prompts(cfg, n, tmp_path / f"r{n}").read_text()
                     .splitlines()])
     assert ids == [[0, 1], [2, 3], [4, 0]]
+    cfg.data = tmp_path / "missing.jsonl"
+    with pytest.raises(OnPolicyError, match="missing.jsonl: no such file"):
+        check(cfg)
     cfg.data = tmp_path / "p.parquet"
+    cfg.data.write_bytes(b"")
     with pytest.raises(OnPolicyError, match="takes a JSONL --data"):
         check(cfg)
