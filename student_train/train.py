@@ -53,6 +53,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     gloo: Any = None  # a CPU process group for small control messages (made when first needed)
+    owned: bool = False  # this run started the process group (and so ends it)
 
     @classmethod
     def setup(cls, device: str, timeout_s: int = 1800) -> Dist:
@@ -68,7 +69,19 @@ class Dist:
 
             td.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
                                   timeout=timedelta(seconds=timeout_s))
+            return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), owned=True)
         return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def close(self) -> None:
+        """End the process groups this run started. Left to the interpreter's exit, gloo's worker
+        threads can outlive it and abort the process (SIGABRT, "terminate called without an active
+        exception") after an error that every rank had agreed on."""
+        if self.owned:
+            import torch.distributed as td
+
+            if td.is_initialized():
+                td.destroy_process_group()
+            self.owned, self.gloo = False, None
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of a tensor on the training device (NCCL reduces device tensors only)."""
@@ -204,6 +217,15 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainError(f"device: {cfg.device}: no GPU is visible here; use device: cpu (or auto)")
     dist = Dist.setup(device, cfg.collective_timeout_s)
+    try:
+        return _prepare(dist, device, shards, student, out, cfg, image_root, resume, allow_partial, verify_shards)
+    except BaseException:
+        dist.close()
+        raise
+
+
+def _prepare(dist: Dist, device: str, shards: list[Path], student: Path, out: Path, cfg: TrainConfig,
+             image_root: Path | None, resume: bool, allow_partial: bool, verify_shards: bool) -> Trainer:
     if device == "cuda" and dist.world > 1:
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
@@ -460,9 +482,17 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
           allow_partial: bool = False, verify_shards: bool = True) -> list[dict]:
     """Train; `stop_after` ends this run early after that many steps (as a kill would, but at a
     checkpoint), for resumption tests and time-boxed runs. Returns the metrics records of this run."""
+    t = setup(shards, student, out, cfg, image_root, resume, allow_partial, verify_shards)
+    try:
+        return _loop(t, progress, stop_after)
+    finally:
+        t.dist.close()
+
+
+def _loop(t: Trainer, progress: bool, stop_after: int | None) -> list[dict]:
     from tqdm import tqdm
 
-    t = setup(shards, student, out, cfg, image_root, resume, allow_partial, verify_shards)
+    cfg = t.cfg
     rank0 = t.dist.rank == 0
     if rank0 and cfg.warmup >= cfg.steps:
         print(f"lmod: warning: warmup {cfg.warmup} >= steps {cfg.steps}: the learning rate never reaches lr "
