@@ -543,7 +543,10 @@ def onpolicy_cmd(
     max_model_len: int | None = typer.Option(None, help="Longest prompt + answer (default: the shorter of the "
                                              "two models' positions, at most 2,048)."),
     offpolicy_dump: list[Path] | None = typer.Option(None, help="An off-policy dump trained beside each round's "
-                                                     "(its rows mixed in, in proportion to their number)."),
+                                                     "(its rows mixed in, in proportion to their number unless "
+                                                     "--onpolicy-fraction)."),
+    onpolicy_fraction: float | None = typer.Option(None, help="GKD's lambda: the share of every batch from the "
+                                                   "round's samples, the rest from --offpolicy-dump."),
     prompts_per_round: int | None = typer.Option(None, min=1, help="Each round on the next N records of a JSONL "
                                                  "--data (wrapping around) instead of all of them."),
 ) -> None:
@@ -565,7 +568,7 @@ def onpolicy_cmd(
                          backend=backend, generate_backend=generate_backend, temperature=temperature, top_p=top_p,
                          max_new_tokens=max_new_tokens, top_k=top_k, sample=sample, shards=shards, seed=seed,
                          max_model_len=max_model_len, offpolicy=[d.resolve() for d in offpolicy_dump or []],
-                         prompts_per_round=prompts_per_round)
+                         prompts_per_round=prompts_per_round, onpolicy_fraction=onpolicy_fraction)
     try:
         summaries = run_onpolicy(run)
     except (OnPolicyError, InputError, ShardError, TrainError, ManifestError, ModelError) as e:

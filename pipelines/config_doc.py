@@ -35,13 +35,24 @@ def render() -> str:
             name = m.group(1)
             note = " ".join([*comment, line.split("  # ", 1)[1] if "  # " in line else ""]).strip()
             hint = hints[name]
-            kind = " \\| ".join(typing.get_args(hint)) if typing.get_origin(hint) is typing.Literal else \
-                getattr(hint, "__name__", str(hint)).replace("list", "list of str")
-            lines.append(f"| `{name}` | {kind} | `{defaults[name]!r}` | {note.replace('|', '/')} |")
+            default = "null" if defaults[name] is None else repr(defaults[name])
+            lines.append(f"| `{name}` | {_kind(hint)} | `{default}` | {note.replace('|', '/')} |")
             comment = []
         elif line.startswith("@classmethod"):
             break
     return "\n".join(lines) + "\n"
+
+
+def _kind(hint: object) -> str:
+    """A field's type as a YAML writer reads it: `a \\| b`, `list of float`, `... or null`."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return " \\| ".join(args)
+    if type(None) in args:
+        return " or ".join(_kind(a) for a in args if a is not type(None)) + " or null"
+    if typing.get_origin(hint) is list:
+        return f"list of {_kind(args[0])}"
+    return getattr(hint, "__name__", str(hint))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ class OnPolicyConfig:
     seed: int = 0
     max_model_len: int | None = None  # default: the shorter of the two models' positions, at most 2,048
     offpolicy: list[Path] = field(default_factory=list)  # off-policy dumps trained beside each round's
+    # GKD's lambda: the share of every batch from the round's samples, the rest from `offpolicy`
+    # (split evenly); None: their rows shuffled together, in proportion to their number.
+    onpolicy_fraction: float | None = None
     # Each round on the next this-many records of --data (a JSONL file; wrapping around), instead of
     # every record every round: more distinct prompts for the same teacher cost.
     prompts_per_round: int | None = None
@@ -85,6 +88,18 @@ def check(cfg: OnPolicyConfig) -> None:
         if Path(cfg.data).suffix != ".jsonl":
             raise OnPolicyError(f"--prompts-per-round takes a JSONL --data ({cfg.data} is not); convert it or drop "
                                 "the flag")
+    if cfg.onpolicy_fraction is not None:
+        if not cfg.offpolicy:
+            raise OnPolicyError("--onpolicy-fraction mixes the round's samples with an off-policy dump: pass "
+                                "--offpolicy-dump DIR")
+        if not 0 < cfg.onpolicy_fraction < 1:
+            raise OnPolicyError(f"--onpolicy-fraction {cfg.onpolicy_fraction}: must be between 0 and 1 (exclusive)")
+        if cfg.train.dump_mix is not None:
+            raise OnPolicyError("--onpolicy-fraction and the config's dump_mix both set the mix: keep one")
+        try:  # a batch too small for the shares: said now, not at round 1's training
+            replace(cfg.train, dump_mix=_round_mix(cfg))
+        except ValueError as e:
+            raise OnPolicyError(f"--onpolicy-fraction {cfg.onpolicy_fraction}: {e}") from None
     for d in cfg.offpolicy:
         if not (Path(d) / "manifest.json").is_file():
             raise OnPolicyError(f"--offpolicy-dump {d}: not a dump (no manifest.json)")
@@ -100,6 +115,14 @@ def check(cfg: OnPolicyConfig) -> None:
         if cfg.max_model_len > positions:
             raise OnPolicyError(f"--max-model-len {cfg.max_model_len} exceeds the {positions} positions of {what}; "
                                 "lower it")
+
+
+def _round_mix(cfg: OnPolicyConfig) -> list[float] | None:
+    """dump_mix of a round's training: the round's dump first, then the off-policy dumps."""
+    if cfg.onpolicy_fraction is None:
+        return cfg.train.dump_mix
+    rest = (1.0 - cfg.onpolicy_fraction) / len(cfg.offpolicy)
+    return [cfg.onpolicy_fraction, *[rest] * len(cfg.offpolicy)]
 
 
 def _record_state(cfg: OnPolicyConfig) -> None:
@@ -212,9 +235,11 @@ def run_round(cfg: OnPolicyConfig, n: int, student: Path) -> dict[str, Any]:
                             skip_invalid=True))
     info = dump_info(dump)["mimic"]
     run = here / "student"
+    mixed = f" ({cfg.onpolicy_fraction:.0%} of each batch on-policy)" if cfg.onpolicy_fraction is not None else ""
     _say(cfg, f"lmod: round {n}: the student trains {cfg.train.steps} steps on the round's dump"
-              + (f" and {len(cfg.offpolicy)} off-policy dump(s)" if cfg.offpolicy else ""))
-    history = train([dump, *map(Path, cfg.offpolicy)], student, run, replace(cfg.train, seed=cfg.train.seed + n - 1),
+              + (f" and {len(cfg.offpolicy)} off-policy dump(s){mixed}" if cfg.offpolicy else ""))
+    round_cfg = replace(cfg.train, seed=cfg.train.seed + n - 1, dump_mix=_round_mix(cfg))
+    history = train([dump, *map(Path, cfg.offpolicy)], student, run, round_cfg,
                     image_root=image_root, resume=(run / LATEST).exists(), progress=cfg.progress)
     last = history[-1] if history else json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     summary = {"round": n, "student_in": str(student), "samples": len(records), "generated_tokens": generated,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,9 @@ class TrainConfig:
     # -- data loading, logging, checkpoints
     loader_workers: int = 2  # DataLoader processes reading, decoding and encoding batches (0: in-process)
     shuffle_window: int = 8  # row groups shuffled together (and cached per loader worker)
+    # Share of every batch drawn from each --dump, in the order given (e.g. [0.5, 0.5]; GKD's
+    # on-policy fraction); a smaller dump is then repeated more often. null: all rows shuffled together.
+    dump_mix: list[float] | None = None
     log_every: int = 10  # progress-bar updates every N steps (metrics.jsonl has every step)
     save_every: int = 0  # 0: only at the end
 
@@ -131,6 +135,10 @@ class TrainConfig:
                 if bad or ("all" in value and len(value) > 1):
                     raise ValueError(f"train: {value!r}; use any of {list(PARTS)}, or [all] alone")
                 continue
+            if f.name == "dump_mix":
+                if value is not None:
+                    setattr(self, f.name, _shares(value))
+                continue
             if typing.get_origin(hint) is Literal:
                 allowed = typing.get_args(hint)
                 if value not in allowed:
@@ -162,6 +170,11 @@ class TrainConfig:
         for name in ("lr", "beta", "temperature", "grad_clip"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: {getattr(self, name)} must be > 0")
+        if self.dump_mix is not None:
+            for i, (share, n) in enumerate(zip(self.dump_mix, rows_per_source(self.batch_size, self.dump_mix))):
+                if n == 0:
+                    raise ValueError(f"dump_mix: the share {share:g} of --dump {i + 1} is less than one row of "
+                                     f"batch_size {self.batch_size}; raise batch_size or the share")
         if self.kd_divergence != "forward" and (self.kd_tail != "rest" or self.kd != "topk"):
             raise ValueError(f"kd_divergence: {self.kd_divergence} is computed over the top-k and the rest bucket; "
                              "use kd: topk with kd_tail: rest")
@@ -171,3 +184,25 @@ class TrainConfig:
             raise ValueError(f"min_paired: {self.min_paired} must be within [0, 1]")
         if self.label_smoothing >= 0.5:
             raise ValueError(f"label_smoothing: {self.label_smoothing} must be < 0.5")
+
+
+def _shares(value: Any) -> list[float]:
+    """dump_mix: positive numbers that sum to 1, one per --dump."""
+    if not (isinstance(value, list) and len(value) >= 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ValueError(f"dump_mix: {value!r}; a list of one share per --dump (at least two), e.g. [0.5, 0.5]")
+    shares = [float(v) for v in value]
+    if not all(math.isfinite(v) and v > 0 for v in shares) or abs(sum(shares) - 1.0) > 1e-6:
+        raise ValueError(f"dump_mix: {value!r}; the shares must be > 0 and sum to 1")
+    return shares
+
+
+def rows_per_source(batch_size: int, shares: Sequence[float]) -> list[int]:
+    """A batch's rows per source for `shares` (summing to 1): the largest-remainder rounding of
+    batch_size * share, ties to the earlier source."""
+    exact = [batch_size * s for s in shares]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: batch_size - sum(counts)]:
+        counts[i] += 1
+    return counts

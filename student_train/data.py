@@ -431,11 +431,21 @@ def _label_index(encoded: Sequence[ModelInputs]) -> tuple[torch.Tensor, torch.Te
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
-def _rows(examples: Sequence[MimicExample], attr: str, dtype: torch.dtype) -> torch.Tensor:
+def _rows(examples: Sequence[MimicExample], attr: str, dtype: torch.dtype, pad: float | None = None) -> torch.Tensor:
+    """Every response position's values, stacked. With `pad`, rows of top-k width below the widest
+    (dumps of other --top-k trained together) are padded with it: ids with 0 and log-probs with
+    -inf, entries that carry no mass (the losses' folded-duplicate case)."""
     values = [getattr(e, attr) for e in examples]
     if values and all(isinstance(v, np.ndarray) for v in values):  # restated by a TokenBridge
+        if pad is not None and len({v.shape[1] for v in values}) > 1:
+            width = max(v.shape[1] for v in values)
+            values = [np.pad(v, ((0, 0), (0, width - v.shape[1])), constant_values=pad) for v in values]
         return torch.from_numpy(np.concatenate(values)).to(dtype)
-    return torch.tensor([t for v in values for t in v], dtype=dtype)
+    rows = [t for v in values for t in v]
+    if pad is not None and len({len(t) for t in rows}) > 1:
+        width = max(len(t) for t in rows)
+        rows = [list(t) + [pad] * (width - len(t)) for t in rows]
+    return torch.tensor(rows, dtype=dtype)
 
 
 def _turns(enc: ModelInputs) -> list[list[int]]:
@@ -471,8 +481,8 @@ def collate_mimic(encoder: SampleEncoder, examples: Sequence[MimicExample], brid
     return MimicBatch(
         inputs=batch_inputs(encoder, [e.ids for e in encoded], [e.images for e in encoded]),
         rows=rows, cols=cols,
-        topk_ids=_rows(examples, "topk_ids", torch.long),
-        topk_logprobs=_rows(examples, "topk_logprobs", torch.float32),
+        topk_ids=_rows(examples, "topk_ids", torch.long, pad=0),
+        topk_logprobs=_rows(examples, "topk_logprobs", torch.float32, pad=float("-inf")),
         rest_mass=_rows(examples, "rest_mass", torch.float32),
         sampled_ids=sampled_ids, sampled_weights=sampled_weights, kd_mask=kd_mask,
     )
@@ -506,6 +516,32 @@ class LoaderFailure:
     message: str
 
 
+class MixedOrder:
+    """Global micro-batch `step` drawn from several sources (the --dump directories) at fixed
+    shares: `counts[i]` rows from source i, whose rows are the global rows offset[i] ..; each
+    source is its own BatchOrder (seed + i) and goes through its epochs at its own pace, so a small
+    source is repeated rather than diluted. A pure function of its inputs, like BatchOrder."""
+
+    def __init__(self, source_groups: Sequence[Sequence[int]], counts: Sequence[int], seed: int = 0, window: int = 8,
+                 shuffle: bool = True):
+        self.orders = [BatchOrder(groups, seed=seed + i, window=window, shuffle=shuffle)
+                       for i, groups in enumerate(source_groups)]
+        self.counts = list(counts)
+        self.offsets = [0]
+        for order in self.orders[:-1]:
+            self.offsets.append(self.offsets[-1] + order.rows)
+
+    @property
+    def rows(self) -> int:
+        return sum(o.rows for o in self.orders)
+
+    def batch(self, step: int, batch_size: int) -> list[int]:
+        if batch_size != sum(self.counts):
+            raise ValueError(f"a mixed batch holds {sum(self.counts)} rows, not {batch_size}")
+        return [offset + r for order, offset, n in zip(self.orders, self.offsets, self.counts, strict=True)
+                for r in order.batch(step, n)]
+
+
 class MicroBatches(torch.utils.data.Dataset):
     """Item i: this rank's share (rows rank::world) of global micro-batch i, read from the row groups
     that hold it, images decoded and checked, encoded with the student's processor and collated.
@@ -514,12 +550,23 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __init__(self, kind: str, files: Sequence[Path], student: Path, image_root: Path | None,
                  batch_size: int, seed: int = 0, shuffle: bool = True, window: int = 8, rank: int = 0,
-                 world: int = 1, sampled: bool = False, bridge: TokenBridge | None = None):
+                 world: int = 1, sampled: bool = False, bridge: TokenBridge | None = None,
+                 mix: Sequence[int] | None = None, file_sources: Sequence[int] | None = None):
+        """`mix`: rows per batch from each source (see MixedOrder), `file_sources` the source of
+        each file (files of a source consecutive); without them all rows are shuffled together."""
         self.kind, self.student, self.image_root, self.bridge = kind, Path(student), image_root, bridge
         self.batch_size, self.rank, self.world = batch_size, rank, world
         self.columns = columns(kind, sampled)
         self.index = ShardIndex(files)
-        self.order = BatchOrder([g.rows for g in self.index.groups], seed=seed, window=window, shuffle=shuffle)
+        self.order: BatchOrder | MixedOrder
+        if mix is None:
+            self.order = BatchOrder([g.rows for g in self.index.groups], seed=seed, window=window, shuffle=shuffle)
+        else:
+            source_of = {str(f): s for f, s in zip(files, file_sources or [], strict=True)}
+            groups: list[list[int]] = [[] for _ in mix]
+            for g in self.index.groups:
+                groups[source_of[g.path]].append(g.rows)
+            self.order = MixedOrder(groups, mix, seed=seed, window=window, shuffle=shuffle)
         self.cache_groups = window
         self._encoder: SampleEncoder | None = None
         self._tables: OrderedDict[int, pa.Table] = OrderedDict()

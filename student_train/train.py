@@ -25,7 +25,7 @@ import torch
 
 from shared.mllm import FinalHidden, SampleEncoder, load_encoder
 from shared.models import ModelError, check_embeddings, load_model, resolve_device
-from student_train.config import TrainConfig, TrainError
+from student_train.config import TrainConfig, TrainError, rows_per_source
 from student_train.cross_tokenizer import AlignmentError, TokenBridge
 from student_train.data import (
     LoaderFailure,
@@ -261,8 +261,10 @@ def _prepare(dist: Dist, device: str, shards: list[Path], student: Path, out: Pa
         if image_root is not None and dist.rank == 0:
             print(f"lmod: images from {image_root} (where the teacher read them; --image-root to change)",
                   file=sys.stderr)
+    mix, file_sources = _dump_mix(cfg, dumps, files)
     data = MicroBatches(cfg.stage, files, student, image_root, cfg.batch_size, seed=cfg.seed,
-                        window=cfg.shuffle_window, rank=dist.rank, world=dist.world, sampled=sampled, bridge=bridge)
+                        window=cfg.shuffle_window, rank=dist.rank, world=dist.world, sampled=sampled, bridge=bridge,
+                        mix=mix, file_sources=file_sources)
     torch.manual_seed(cfg.seed)
     model = load_model(checkpoint or student, torch.float32).to(device)
     try:
@@ -313,6 +315,21 @@ def _prepare(dist: Dist, device: str, shards: list[Path], student: Path, out: Pa
         del state
     return Trainer(cfg, device, dist, model, forward_model, opt, tap, FinalHidden.of(model), encoder,
                    len(encoder.tokenizer), data, out, unused_safe_params(model), trained_parts, step)
+
+
+def _dump_mix(cfg: TrainConfig, dumps: Dumps, files: list[Path]) -> tuple[list[int] | None, list[int] | None]:
+    """With `dump_mix`: each batch's rows per --dump, and the --dump of each shard file."""
+    if cfg.dump_mix is None:
+        return None, None
+    if len(cfg.dump_mix) != len(dumps):
+        raise TrainError(f"dump_mix has {len(cfg.dump_mix)} shares for {len(dumps)} --dump directories; give one "
+                         "share per --dump, in the order given")
+    dirs = [d.resolve() for d in dumps.dirs]
+    sources = [next(i for i, d in enumerate(dirs) if Path(f).resolve().is_relative_to(d)) for f in files]
+    for i, d in enumerate(dumps.dirs):
+        if i not in sources:
+            raise TrainError(f"{d}: no {cfg.stage} shards to draw its dump_mix share {cfg.dump_mix[i]:g} from")
+    return rows_per_source(cfg.batch_size, cfg.dump_mix), sources
 
 
 def _check_alignment(bridge: TokenBridge, encoder: SampleEncoder, files: list[Path], cfg: TrainConfig,

@@ -531,6 +531,15 @@ def test_bucket_divergence_gradients_match_autograd_of_the_direct_formula_and_st
                       divergence=divergence)
     value.sum().backward()
     assert torch.isfinite(value).all() and torch.isfinite(s.grad).all()
+    # bf16 logits of a wide range, a folded duplicate (-inf), rows whose top-k covers the vocabulary
+    torch.manual_seed(0)
+    s = (torch.randn(3, 4) * 30).to(torch.bfloat16).requires_grad_()
+    lps = torch.log_softmax(torch.randn(3, 4), -1)
+    lps[0, 2] = float("-inf")
+    value = sparse_kl(s, torch.tensor([[0, 1, 1, 2], [0, 1, 2, 3], [3, 2, 1, 0]]), lps, tail="rest",
+                      rest_mass=torch.tensor([0.1, 0.0, 1e-7]), divergence=divergence)
+    value.sum().backward()
+    assert torch.isfinite(value).all() and (value > 0).all() and torch.isfinite(s.grad.float()).all()
 
 
 def test_reverse_and_jsd_need_the_rest_bucket():
@@ -540,3 +549,18 @@ def test_reverse_and_jsd_need_the_rest_bucket():
     for bad in ({"kd_tail": "renorm"}, {"kd": "sampled"}):
         with pytest.raises(ValueError, match="kd_divergence: jsd is computed over the top-k and the rest bucket"):
             TrainConfig(kd_divergence="jsd", **bad)
+
+
+@pytest.mark.parametrize("tail,divergence", [("renorm", "forward"), ("rest", "forward"), ("rest", "reverse"),
+                                             ("rest", "jsd")])
+def test_top_k_padded_with_massless_entries_changes_no_loss(tail, divergence):
+    """Dumps of other --top-k trained together: narrower rows are padded with id 0 at log-prob -inf."""
+    _, ids, lps = _teacher(5)
+    s_logits = torch.randn(N, V)
+    rest = 1 - lps.double().exp().sum(-1)
+    pad_ids = torch.cat([ids, torch.zeros(N, 3, dtype=torch.long)], -1)
+    pad_lps = torch.cat([lps, torch.full((N, 3), float("-inf"))], -1)
+    want = sparse_kl(s_logits, ids, lps, tail=tail, rest_mass=rest if tail == "rest" else None, divergence=divergence)
+    got = sparse_kl(s_logits, pad_ids, pad_lps, tail=tail, rest_mass=rest if tail == "rest" else None,
+                    divergence=divergence)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

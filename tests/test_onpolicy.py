@@ -151,3 +151,10 @@ def test_prompts_per_round_walk_through_the_data_and_wrap_around(tmp_path):
     cfg.data.write_bytes(b"")
     with pytest.raises(OnPolicyError, match="takes a JSONL --data"):
         check(cfg)
+    cfg.data = data
+    for fraction, offpolicy, said in [(0.5, [], "pass --offpolicy-dump DIR"), (1.0, [tmp_path], "between 0 and 1"),
+                                      (0.99, [tmp_path], "less than one row of batch_size 8")]:
+        cfg.onpolicy_fraction, cfg.offpolicy = fraction, offpolicy
+        cfg.train = TrainConfig(batch_size=8)
+        with pytest.raises(OnPolicyError, match=said):
+            check(cfg)

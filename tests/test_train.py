@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -541,6 +543,51 @@ def test_batch_order_visits_every_row_once_per_epoch_and_depends_only_on_the_see
         assert len(groups) <= 2, (epoch, i, j)
         i = j
     assert [r for s in range(n) for r in BatchOrder(sizes, shuffle=False).batch(s, 1)] == list(range(n))
+
+
+def test_mixed_order_takes_fixed_rows_per_source_and_repeats_the_smaller_one():
+    from student_train.config import rows_per_source
+    from student_train.data import MixedOrder
+
+    assert rows_per_source(8, [0.75, 0.25]) == [6, 2] and rows_per_source(10, [0.55, 0.45]) == [6, 4]
+    assert rows_per_source(16, [1 / 3] * 3) == [6, 5, 5] and sum(rows_per_source(7, [0.2, 0.3, 0.5])) == 7
+    big, small = [5, 3, 7, 1, 4], [2, 2]  # row groups: 20 rows, then 4 rows (global rows 20..23)
+    order = MixedOrder([big, small], [6, 2], seed=3, window=2)
+    batches = [order.batch(step, 8) for step in range(10)]
+    for b in batches:
+        assert len(b) == 8 and sum(r >= 20 for r in b) == 2
+    # each source goes through its own epochs: the small one every 2 steps, the big one every 20 / 6
+    assert sorted(r for b in batches[:2] for r in b if r >= 20) == [20, 21, 22, 23]
+    assert sorted(r for b in batches[2:4] for r in b if r >= 20) == [20, 21, 22, 23]
+    first_big = [r for step in range(10) for r in BatchOrder(big, seed=3, window=2).batch(step, 6)]
+    assert [r for b in batches for r in b if r < 20] == first_big  # source 0 ordered as alone, seed 3
+    assert MixedOrder([big, small], [6, 2], seed=3, window=2).batch(7, 8) == batches[7]
+    with pytest.raises(ValueError, match="holds 8 rows, not 6"):
+        order.batch(0, 6)
+
+
+def test_dump_mix_draws_each_batch_from_the_dumps_at_their_shares(hf_dump, teacher, world, moe_student, tmp_path):
+    """A dump of 8 rows beside one of 48: with dump_mix [0.5, 0.5] every batch is half each (the
+    small one repeated every 2 steps), and a run trains on them although the small dump stored 32
+    log-probs per token and the other 8 (narrower rows are padded with massless entries)."""
+    from student_train.train import TrainError, setup
+    from teacher_dump.run import DumpConfig, dump_teacher
+
+    first = tmp_path / "first8.jsonl"  # other data than hf_dump's (its first 8 records), the same images
+    first.write_text("".join((world / "mimic.jsonl").read_text().splitlines(keepends=True)[:8]))
+    small = tmp_path / "small_dump"
+    dump_teacher(DumpConfig(model=teacher, out=small, mimic_data=first, image_root=world, shards=1, backend="hf",
+                            max_model_len=256, progress=False))
+    big_rows = sum(len(pq.ParquetFile(f).read()) for f in (hf_dump / "mimic").glob("*.parquet"))
+    cfg = TrainConfig(stage="mimic", steps=4, batch_size=8, warmup=1, loader_workers=0, dump_mix=[0.5, 0.5])
+    t = setup([hf_dump, small], moe_student, tmp_path / "mixed", cfg, image_root=world)
+    rows = [t.data.rows_of(step) for step in range(4)]
+    assert all(sum(r >= big_rows for r in b) == 4 for b in rows)
+    assert sorted(r for b in rows[:2] for r in b if r >= big_rows) == list(range(big_rows, big_rows + 8))
+    history = train([hf_dump, small], moe_student, tmp_path / "mixed", cfg, image_root=world, progress=False)
+    assert len(history) == 4 and all(math.isfinite(h["loss"]) for h in history)
+    with pytest.raises(TrainError, match="dump_mix has 2 shares for 1 --dump directories"):
+        setup([hf_dump], moe_student, tmp_path / "one", cfg, image_root=world)
 
 
 def test_loader_workers_and_ddp_ranks_read_the_same_global_batches(hf_dump, world, moe_student):
