@@ -115,6 +115,9 @@ def check(cfg: OnPolicyConfig) -> None:
         if cfg.max_model_len > positions:
             raise OnPolicyError(f"--max-model-len {cfg.max_model_len} exceeds the {positions} positions of {what}; "
                                 "lower it")
+    from teacher_dump.generate import read_prompts
+
+    read_prompts(cfg.data, cfg.image_root)  # a bad record is one line now, not in round N's generation
 
 
 def _round_mix(cfg: OnPolicyConfig) -> list[float] | None:
@@ -133,11 +136,15 @@ def _record_state(cfg: OnPolicyConfig) -> None:
     teacher = {k: finger[k] for k in ("config_sha256", "weights_sha256")}
     path = Path(cfg.out) / STATE_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+            recorded = old["settings"]
+        except (ValueError, KeyError, TypeError):
+            raise OnPolicyError(f"{path}: damaged (not the JSON lmod onpolicy writes); move it away to start the "
+                                "rounds in this --out again, or use another --out") from None
         if old.get("teacher") != teacher:
             raise OnPolicyError(f"--teacher {cfg.teacher}: not the teacher of the rounds in {cfg.out} (its weights or "
                                 "config differ); every round must be scored by one teacher: use another --out")
-        recorded = old["settings"]
         changed = sorted(k for k, v in cfg.settings().items() if k != "teacher" and not _same(recorded.get(k), v))
         if changed:
             raise OnPolicyError(f"{cfg.out}: its rounds were made with other settings ({', '.join(changed)}); rerun "

@@ -128,6 +128,14 @@ def test_onpolicy_killed_mid_round_continues_that_round_keeps_the_finished_one_a
                                      str(tmp_path / "c.yaml"), "--backend", "hf"])
     assert other.exit_code == 2 and "not the teacher of the rounds" in other.output
     assert not (out / "round-3").exists()
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "question": "q"}\n{broken\n')
+    bad = CliRunner().invoke(app, ["onpolicy", "--teacher", str(teacher), "--student", str(moe_student), "--data",
+                                   str(tmp_path / "bad.jsonl"), "--rounds", "1", "--out", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "bad.jsonl:2: malformed JSON" in bad.output and not (tmp_path / "c").exists()
+    (out / "onpolicy.json").write_text("{cut")
+    damaged = CliRunner().invoke(app, ["onpolicy", "--teacher", str(teacher), "--student", str(moe_student), "--data",
+                                       str(data), "--rounds", "3", "--out", str(out)])
+    assert damaged.exit_code == 2 and "onpolicy.json: damaged" in damaged.output
 
 
 def test_prompts_per_round_walk_through_the_data_and_wrap_around(tmp_path):
