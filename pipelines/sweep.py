@@ -300,8 +300,10 @@ def run_sweep(spec: SweepSpec, root: Path, address: str | None = None, progress:
     root = Path(root)
     spec.check()
     with _exclusive(root):
-        _record_spec(spec, root)
+        new = _check_spec(spec, root)
         _check_inputs(spec, progress)
+        if new is not None:  # written once the inputs are known good: a refused sweep leaves none
+            atomic_write_bytes(root / SPEC_FILE, (json.dumps(new, indent=1) + "\n").encode())
         trials = spec.trials()
         kept = [t.name for t in trials if finished(root, t)]
         pending = [t for t in trials if not finished(root, t)]
@@ -333,8 +335,9 @@ def _exclusive(root: Path) -> Iterator[None]:
         yield
 
 
-def _record_spec(spec: SweepSpec, root: Path) -> None:
-    """SWEEP/sweep.json: written by the first run; a rerun must describe the same sweep."""
+def _check_spec(spec: SweepSpec, root: Path) -> dict[str, Any] | None:
+    """SWEEP/sweep.json is written by the first run; a rerun must describe the same sweep. Returns
+    what to record (None: recorded already)."""
     path = root / SPEC_FILE
     if path.is_file():
         try:
@@ -346,10 +349,10 @@ def _record_spec(spec: SweepSpec, root: Path) -> None:
         if changed:
             raise SweepError(f"--out {root} holds a sweep with other settings ({', '.join(changed)} differ); "
                              "rerun it as it was started, or sweep into another --out")
-        return
+        return None
     if any(root.iterdir()) and not (root / TRIALS_DIR).exists() and [p.name for p in root.iterdir()] != [LOCK_FILE]:
         raise SweepError(f"--out {root} is not empty and holds no sweep; sweep into a new or empty directory")
-    atomic_write_bytes(path, (json.dumps(spec.identity(), indent=1) + "\n").encode())
+    return spec.identity()
 
 
 def _check_inputs(spec: SweepSpec, progress: bool) -> None:
@@ -362,6 +365,10 @@ def _check_inputs(spec: SweepSpec, progress: bool) -> None:
 
     dumps = Dumps.open([Path(d) for d in spec.dumps])
     configs = spec.check()
+    for cfg in configs:
+        if cfg.dump_mix is not None and len(cfg.dump_mix) != len(dumps):
+            raise SweepError(f"dump_mix {cfg.dump_mix} has {len(cfg.dump_mix)} shares for {len(dumps)} --dump "
+                             "directories; give one share per --dump, in the order given")
     for student in spec.students:  # each student's tokenizer against the dump's
         encoder = load_encoder(Path(student))
         try:

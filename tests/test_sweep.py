@@ -155,3 +155,9 @@ def test_an_impossible_value_is_one_line_from_the_cli_and_nothing_is_written(hf_
                                        str(moe_student), "--config", str(config), "--set", "lr=0.001,-1",
                                        "--eval-data", str(world / "eval.jsonl"), "--out", str(tmp_path / "no")])
     assert refused.exit_code == 2 and "--set lr=-1: lr: -1" in refused.output and not (tmp_path / "no").exists()
+    # a mix of two dumps over one --dump: refused before Ray starts, and no sweep.json is left behind
+    mixed = CliRunner().invoke(app, ["sweep", "--stage", "mimic", "--dump", str(hf_dump), "--student",
+                                     str(moe_student), "--config", str(config), "--set", "dump_mix=[0.5,0.5]",
+                                     "--eval-data", str(world / "eval.jsonl"), "--out", str(tmp_path / "mix")])
+    assert mixed.exit_code == 2 and "has 2 shares for 1 --dump directories" in mixed.output, mixed.output
+    assert not (tmp_path / "mix" / "sweep.json").exists()
