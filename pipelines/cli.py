@@ -179,6 +179,7 @@ def generate_cmd(
     check_environment()
     from tqdm import tqdm
 
+    from shared.models import ModelError
     from teacher_dump.backends import Sampling
     from teacher_dump.generate import GenerateConfig, generate
     from teacher_dump.inputs import InputError
@@ -196,7 +197,7 @@ def generate_cmd(
 
     try:
         summary = generate(cfg, progress)
-    except InputError as e:
+    except (InputError, ModelError) as e:
         fail(str(e))
     except PermissionError as e:
         fail(f"{e.filename}: {e.strerror}; choose an --out you can write to (what is written is kept: a rerun "

@@ -167,8 +167,10 @@ def _generation_backend(cfg: OnPolicyConfig, student: Path) -> str:
         return cfg.generate_backend
     if cfg.backend != "vllm":
         return cfg.backend
-    from shared.models import read_config
+    from shared.models import read_config, vllm_mismatch
 
+    if vllm_mismatch(student) is not None:
+        return "hf"
     try:
         from vllm import ModelRegistry
 

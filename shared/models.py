@@ -104,6 +104,19 @@ def check_embeddings(model: Any, tokenizer_size: int, where: str | Path) -> None
                              "and save it again")
 
 
+def vllm_mismatch(model_dir: str | Path) -> str | None:
+    """Why vLLM would run this model wrongly without a word, or None. vLLM's Qwen2-MoE always makes
+    q/k/v biases (it ignores `qkv_bias`): for a checkpoint without them they stay uninitialised
+    memory, which gave NaN log-probs or, worse, finite wrong ones."""
+    config = read_config(model_dir)
+    for text in (config, config.get("text_config") or {}, config.get("llm_config") or {}):
+        if text.get("model_type") == "qwen2_moe" and text.get("qkv_bias") is False:
+            return (f"{model_dir}: a Qwen2-MoE without q/k/v biases (qkv_bias: false), which vLLM's Qwen2-MoE "
+                    "always adds; it would run with uninitialised biases. Use --backend hf, or make the student "
+                    "again with `lmod student` (it stores zero biases)")
+    return None
+
+
 def model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> Any:
     return auto_class(model_kind(config.model_type)).from_config(config, dtype=dtype)
 

@@ -246,8 +246,9 @@ def upcycle(
     if target.interleaved:
         moe_text["mlp_only_layers"] = [i for i in range(n_layers) if i not in layers]
     if target.model_type == "qwen2_moe":
-        # Qwen2 has q/k/v biases; a Llama's attention_bias would also bias o_proj (refused below).
-        moe_text["qkv_bias"] = text.model_type == "qwen2" or bool(getattr(text, "attention_bias", False))
+        # Always q/k/v biases (zero where the dense model has none): vLLM's Qwen2-MoE makes them
+        # whatever the config says, and leaves missing ones uninitialised.
+        moe_text["qkv_bias"] = True
         moe_text["use_sliding_window"] = bool(getattr(text, "use_sliding_window", False))
     moe_text = AutoConfig.for_model(target.model_type, **moe_text)
     if text is dcfg:  # a text-only model: the MoE text model is the whole student

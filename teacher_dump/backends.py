@@ -8,6 +8,7 @@ of that same next-token distribution (log-softmax of the raw logits, no temperat
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,6 +207,10 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        from shared.models import ModelError, vllm_mismatch
+
+        if (why := vllm_mismatch(model_dir)) is not None:
+            raise ModelError(why)
         on_gpu = torch.cuda.is_available()
         self.scoring = scoring
         if scoring == "hidden":
@@ -408,7 +413,12 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # same reasons as VLLMBackend
         from vllm import LLM
 
+        from shared.models import ModelError, vllm_mismatch
+
+        if (why := vllm_mismatch(model_dir)) is not None:
+            raise ModelError(why)
         on_gpu = torch.cuda.is_available()
+        self.model_dir = model_dir
         self.encoder = load_encoder(model_dir)
         mm = {"limit_mm_per_prompt": {"image": max_images}} if self.encoder.multimodal else {}
         self.llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=max_model_len, enforce_eager=not on_gpu,
@@ -423,10 +433,17 @@ class VLLMGenerator:
         eos = sorted(self.encoder.eos_ids)
         params = [SamplingParams(temperature=max(0.0, sampling.temperature), top_p=sampling.top_p,
                                  max_tokens=sampling.max_new_tokens, seed=r.seed % (1 << 63), stop_token_ids=eos,
-                                 detokenize=False) for r in requests]
+                                 detokenize=False, logprobs=0) for r in requests]
         prompts = [VLLMBackend._prompt(ScoreRequest(r.ids, r.prompt_ids, [], r.images, r.features, 0))
                    for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        for o in outputs:  # the sampled tokens' log-probs: NaN means the engine computed garbage
+            chosen = [step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs or [])]
+            if not all(math.isfinite(x) or x == -math.inf for x in chosen):
+                from shared.models import ModelError
+
+                raise ModelError(f"{self.model_dir}: vLLM computed log-probs that are not numbers (NaN) for this "
+                                 "model; generate with --backend hf")
         return [_through_eos(list(o.outputs[0].token_ids), self.encoder.eos_ids) for o in outputs]
 
 

@@ -164,6 +164,23 @@ def test_a_student_cut_from_the_real_teacher_upcycles_and_trains_mimic_and_pref(
     config = json.loads((student / "config.json").read_text())
     assert config["model_type"] == "qwen2_moe" and config["num_hidden_layers"] == 2
     assert config["mlp_only_layers"] == [0] and config["num_experts"] == 4  # every other layer is MoE
+    # vLLM's Qwen2-MoE always has q/k/v biases: the student stores zero ones (a checkpoint without
+    # them ran on uninitialised memory there, NaN log-probs), and vLLM answers as transformers does
+    assert config["qkv_bias"] is True
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "question": q}) + "\n" for i, (q, _) in enumerate(QA[:3])))
+    ids = {}
+    for backend in ("hf", "vllm"):
+        _generate(student, prompts, tmp_path / f"{backend}.jsonl", backend, "--max-new-tokens", "8")
+        ids[backend] = [json.loads(line)["generation"]["response_ids"] for line in
+                        (tmp_path / f"{backend}.jsonl").read_text().splitlines()]
+    assert sum(h == v for h, v in zip(ids["hf"], ids["vllm"])) >= 2, ids
+    config["qkv_bias"] = False
+    (tmp_path / "no_bias").mkdir()
+    (tmp_path / "no_bias" / "config.json").write_text(json.dumps(config))
+    from shared.models import vllm_mismatch
+
+    assert "vLLM's Qwen2-MoE always adds" in vllm_mismatch(tmp_path / "no_bias")
     dump = real_dumps["vllm"]
     before = kl_to_teacher(student, [dump], None)
     cfg = TrainConfig(stage="mimic", steps=6, batch_size=3, lr=1e-3, warmup=1, loader_workers=0, train=["all"])
