@@ -175,7 +175,8 @@ def generate_cmd(
     max_model_len: int = typer.Option(2048, help="Longest prompt + answer."),
 ) -> None:
     """Answer every record with MODEL: the teacher's answers (sequence-level distillation data) or a
-    student's samples (on-policy rounds), written as mimic records that dump-teacher reads."""
+    student's samples (on-policy rounds), written as mimic records that dump-teacher reads. The
+    engine's own output goes to OUT.engine.log."""
     check_environment()
     from tqdm import tqdm
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import gc
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,34 @@ def _finished_lines(out: Path, batch_size: int) -> int:
     return keep
 
 
+ENGINE_LOG_SUFFIX = ".engine.log"
+
+
+@contextmanager
+def engine_output_to(log: Path) -> Iterator[None]:
+    """The engine's own output (vLLM's warnings, C++ and library prints, at the file-descriptor
+    level) appended to `log` instead of the terminal, for as long as the block runs."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(log, "ab") as f:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
 def generate(cfg: GenerateConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Answer every record of cfg.data with cfg.model into cfg.out (resumable); returns a summary."""
     if cfg.backend not in ("vllm", "hf"):
@@ -177,8 +206,10 @@ def generate(cfg: GenerateConfig, progress: Callable[[int, int], None] | None = 
 def _run(cfg: GenerateConfig, prompts: list[Prompt], done: int, out: Path, settings: dict[str, Any],
          summary: dict[str, Any], progress: Callable[[int, int], None] | None) -> None:
     encoder = load_encoder(cfg.model)
-    engine = make_generator(cfg.backend, cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
-                            max_images=max(1, max(len(p.images) for p in prompts)))
+    log = out.with_name(out.name + ENGINE_LOG_SUFFIX)
+    with engine_output_to(log):
+        engine = make_generator(cfg.backend, cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                                max_images=max(1, max(len(p.images) for p in prompts)))
     provenance = {k: settings[k] for k in ("model", "model_weights_sha256", "backend", "temperature", "top_p",
                                            "max_new_tokens", "seed")}
     with open(out, "ab") as f:
@@ -194,7 +225,8 @@ def _run(cfg: GenerateConfig, prompts: list[Prompt], done: int, out: Path, setti
                                      f"--max-model-len {cfg.max_model_len}")
                 requests.append(GenerateRequest(enc.prompt_ids, enc.ids, pil, enc.images,
                                                 record_seed(cfg.seed, p.sample_id)))
-            answers = engine.generate(requests, cfg.sampling)
+            with engine_output_to(log):
+                answers = engine.generate(requests, cfg.sampling)
             lines = []
             for p, req, ids in zip(batch, requests, answers):
                 text = encoder.tokenizer.decode([t for t in ids if t not in encoder.eos_ids], skip_special_tokens=True)

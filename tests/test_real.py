@@ -231,6 +231,7 @@ def _generate(model: Path, data: Path, out: Path, backend: str, *flags: str) -> 
                           str(data), "--out", str(out), "--backend", backend, *flags],
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "WARNING" not in res.stderr, res.stderr[-3000:]  # the engine's output is in OUT.engine.log
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
