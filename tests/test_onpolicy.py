@@ -125,8 +125,9 @@ def test_onpolicy_killed_mid_round_continues_that_round_keeps_the_finished_one_a
 
     other = CliRunner().invoke(app, ["onpolicy", "--teacher", str(moe_student), "--student", str(moe_student),
                                      "--data", str(data), "--rounds", "3", "--out", str(out), "--config",
-                                     str(tmp_path / "c.yaml"), "--backend", "hf"])
-    assert other.exit_code == 2 and "not the teacher of the rounds" in other.output
+                                     str(tmp_path / "c.yaml"), "--backend", "hf", "--image-root",
+                                     str(tmp_path / "world")])
+    assert other.exit_code == 2 and "not the teacher of the rounds" in other.output, other.output
     assert not (out / "round-3").exists()
     (tmp_path / "bad.jsonl").write_text('{"id": "a", "question": "q"}\n{broken\n')
     bad = CliRunner().invoke(app, ["onpolicy", "--teacher", str(teacher), "--student", str(moe_student), "--data",
@@ -134,7 +135,8 @@ def test_onpolicy_killed_mid_round_continues_that_round_keeps_the_finished_one_a
     assert bad.exit_code == 2 and "bad.jsonl:2: malformed JSON" in bad.output and not (tmp_path / "c").exists()
     (out / "onpolicy.json").write_text("{cut")
     damaged = CliRunner().invoke(app, ["onpolicy", "--teacher", str(teacher), "--student", str(moe_student), "--data",
-                                       str(data), "--rounds", "3", "--out", str(out)])
+                                       str(data), "--rounds", "3", "--out", str(out), "--image-root",
+                                       str(tmp_path / "world")])
     assert damaged.exit_code == 2 and "onpolicy.json: damaged" in damaged.output
 
 
