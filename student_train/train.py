@@ -479,19 +479,22 @@ def micro_batches(t: Trainer, stop: int):
     Ranks agree before each step: when one rank's data fails, every rank raises its error."""
     ga = t.cfg.grad_accum
     items = iter(loader(t.data, t.step * ga, stop * ga, workers=t.cfg.loader_workers))
-    for _ in range(t.step, stop):
-        group, error = [], None
-        try:
-            for item in islice(items, ga):
-                if isinstance(item, LoaderFailure):
-                    raise ShardError(item.message)
-                group.append(item)
-        except (ShardError, TrainError, OSError, ValueError) as e:
-            error = e
-        error = t.dist.first_error(error)
-        if error is not None:
-            raise error
-        yield group
+    try:
+        for _ in range(t.step, stop):
+            group, error = [], None
+            try:
+                for item in islice(items, ga):
+                    if isinstance(item, LoaderFailure):
+                        raise ShardError(item.message)
+                    group.append(item)
+            except (ShardError, TrainError, OSError, ValueError) as e:
+                error = e
+            error = t.dist.first_error(error)
+            if error is not None:
+                raise error
+            yield group
+    finally:  # the loader's workers end now, not when an error's traceback (which holds this frame) goes
+        items = None  # noqa: F841
 
 
 def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_root: Path | None = None,

@@ -22,9 +22,11 @@ class Reaper:
     """The driver's end: `watch()` the driver's descendants whenever new ones may have started."""
 
     def __init__(self) -> None:
+        # Children the driver had before the cluster (a caller's DataLoader workers, its own
+        # subprocesses) are not the cluster's: never handed to the watchdog.
+        self.seen: set[int] = {c.pid for c in psutil.Process().children(recursive=True)}
         self.proc = subprocess.Popen([sys.executable, "-m", "teacher_dump.reaper"], stdin=subprocess.PIPE,
                                      text=True, start_new_session=True)
-        self.seen: set[int] = set()
 
     def watch(self) -> None:
         for child in psutil.Process().children(recursive=True):

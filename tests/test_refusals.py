@@ -142,6 +142,26 @@ def test_the_ray_watchdog_survives_a_malformed_line():
     assert victim.wait(timeout=10) != 0  # killed
 
 
+def test_the_ray_watchdog_leaves_the_callers_own_children_alone():
+    """The watchdog took every descendant of the driver for the cluster's, so a dump run in a process
+    that had DataLoader workers (or any child) SIGKILLed them after the dump."""
+    import subprocess
+    import sys
+
+    from teacher_dump.reaper import Reaper
+
+    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # before the cluster
+    reaper = Reaper()
+    cluster = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # as Ray's would
+    reaper.watch()
+    reaper.close()
+    assert cluster.wait(timeout=30) != 0  # killed once the driver's pipe closed
+    assert mine.poll() is None
+    mine.kill()
+    mine.wait()
+    reaper.proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("seed, eval_seed", [(1, 1), (2, 1), (5, 4)])
 def test_no_two_demo_worlds_share_a_seed(seed, eval_seed, tmp_path):
     """`--seed 2` with the default `--eval-seed 1` drew the training world from the held-out

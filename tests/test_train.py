@@ -276,9 +276,15 @@ def test_the_streaming_loader_names_a_changed_image_in_one_line(hf_dump, world, 
     (name,) = name.as_py()  # one image per row in this world
     (other / name).write_bytes((other / name).read_bytes() + b"\0")  # a changed image
     cfg = TrainConfig(stage="mimic", steps=1, batch_size=4, loader_workers=1)
+    import psutil
+
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
     with pytest.raises(ShardError, match=rf"row \d+ \(id .*\): {other / name} is not the image") as e:
         train([hf_dump], moe_student, tmp_path / "out", cfg, image_root=other, progress=False)
     assert "\n" not in str(e.value)
+    # the loader's worker ended with the run, though the error (held here) keeps its frames: left
+    # alive, a later dump's watchdog took it for a Ray process and SIGKILLed it
+    assert {c.pid for c in psutil.Process().children(recursive=True) if c.is_running()} <= before
 
 
 def _copy_with(dump: Path, dst: Path, edit=None) -> Path:
