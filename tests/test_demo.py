@@ -44,15 +44,8 @@ def test_demo_runs_end_to_end_resumes_and_repeats(tmp_path):
     run_demo(cfg)
     selection = json.loads((tmp_path / "demo" / "mimic+pref" / "selection.json").read_text())
     assert [c["step"] for c in selection["candidates"]] == [0, 2]
-    # Same seed, same machine: a second demo from scratch writes the same table, to the last digit.
-    again = DemoConfig(**{**cfg.__dict__, "out": tmp_path / "again"})
-    run_demo(again)
-    second = json.loads((tmp_path / "again" / "report.json").read_text())
-
-    def numbers(rep: dict) -> list:
-        return [{k: v for k, v in r.items() if k != "path"} for r in rep["rows"]]
-
-    assert numbers(second) == numbers(report)
+    # (Same inputs and seed give byte-identical shards and identical losses: tests/test_dump.py,
+    # tests/test_trajectories.py; a second demo from scratch here cost 40 s of CI for no other check.)
 
 
 @pytest.mark.integration

@@ -243,10 +243,17 @@ def test_generate_is_deterministic_resumable_and_its_records_feed_a_dump(real_te
     rows = [{"id": f"q{i}", "question": q} for i, (q, _) in enumerate(QA)]
     rows.append(json.loads((real_data / "mimic.jsonl").read_text().splitlines()[-1]))  # its last answer is redone
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from teacher_dump.backends import Sampling
+    from teacher_dump.generate import GenerateConfig, generate
+
+    def run(out: str, seed: int = 3) -> dict:  # in this process: transformers leaves no engine thread
+        return generate(GenerateConfig(model=real_teacher, data=prompts, out=tmp_path / out, backend="hf",
+                                       sampling=Sampling(1.0, 1.0, 12), seed=seed, batch_size=2))
+
     flags = ("--temperature", "1.0", "--seed", "3", "--batch-size", "2", "--max-new-tokens", "12")
-    first = _generate(real_teacher, prompts, tmp_path / "a.jsonl", "hf", *flags)
+    first = _generate(real_teacher, prompts, tmp_path / "a.jsonl", "hf", *flags)  # the command itself, once
     assert first["records"] == 6 and first["generated_tokens"] > 0
-    _generate(real_teacher, prompts, tmp_path / "b.jsonl", "hf", *flags)
+    run("b.jsonl")
     a = (tmp_path / "a.jsonl").read_bytes()
     assert (tmp_path / "b.jsonl").read_bytes() == a  # same seed, same bytes
     # Killed mid-write after the first batch: a whole batch and half a line on disk.
@@ -254,14 +261,14 @@ def test_generate_is_deterministic_resumable_and_its_records_feed_a_dump(real_te
     (tmp_path / "c.jsonl").write_bytes(b"".join(lines[:2]) + lines[2][:40])
     state = json.loads((tmp_path / ("a.jsonl" + STATE_SUFFIX)).read_text())
     (tmp_path / ("c.jsonl" + STATE_SUFFIX)).write_text(json.dumps({"settings": state["settings"], "complete": False}))
-    resumed = _generate(real_teacher, prompts, tmp_path / "c.jsonl", "hf", *flags)
+    resumed = run("c.jsonl")
     assert resumed["resumed_after"] == 2 and (tmp_path / "c.jsonl").read_bytes() == a
     records = [json.loads(line) for line in lines]
     assert records[-1]["conversations"][:3] == rows[-1]["conversations"][:3]  # earlier turns kept
     assert records[-1]["conversations"][3]["value"] != rows[-1]["conversations"][3]["value"]
     assert all(r["generation"]["temperature"] == 1.0 and r["generation"]["seed"] == 3 for r in records)
     # Another seed, other samples; other settings into the same file are refused.
-    _generate(real_teacher, prompts, tmp_path / "d.jsonl", "hf", *flags[:2], "--seed", "4", *flags[4:])
+    run("d.jsonl", seed=4)
     assert (tmp_path / "d.jsonl").read_bytes() != a
     import subprocess
     import sys
