@@ -117,6 +117,12 @@ def vllm_mismatch(model_dir: str | Path) -> str | None:
     return None
 
 
+def require_vllm_loadable(model_dir: str | Path) -> None:
+    """ModelError when vLLM would run this model wrongly (see `vllm_mismatch`)."""
+    if (why := vllm_mismatch(model_dir)) is not None:
+        raise ModelError(why)
+
+
 def model_from_config(config: Any, dtype: torch.dtype = torch.float32) -> Any:
     return auto_class(model_kind(config.model_type)).from_config(config, dtype=dtype)
 

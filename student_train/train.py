@@ -72,16 +72,19 @@ class Dist:
             return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), owned=True)
         return cls(td.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         """End the process groups this run started. Left to the interpreter's exit, gloo's worker
         threads can outlive it and abort the process (SIGABRT, "terminate called without an active
-        exception") after an error that every rank had agreed on."""
-        if self.owned:
-            import torch.distributed as td
+        exception") after an error that every rank had agreed on. After an error (`clean=False`)
+        an NCCL group is left alone: its destroy may wait on a peer still in a collective, and a
+        rank that exits at once is what lets torchrun stop the others."""
+        if not self.owned:
+            return
+        import torch.distributed as td
 
-            if td.is_initialized():
-                td.destroy_process_group()
-            self.owned, self.gloo = False, None
+        if td.is_initialized() and (clean or td.get_backend() == "gloo"):
+            td.destroy_process_group()
+        self.owned, self.gloo = False, None
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks of a tensor on the training device (NCCL reduces device tensors only)."""
@@ -220,7 +223,7 @@ def setup(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     try:
         return _prepare(dist, device, shards, student, out, cfg, image_root, resume, allow_partial, verify_shards)
     except BaseException:
-        dist.close()
+        dist.close(clean=False)
         raise
 
 
@@ -504,9 +507,12 @@ def train(shards: list[Path], student: Path, out: Path, cfg: TrainConfig, image_
     checkpoint), for resumption tests and time-boxed runs. Returns the metrics records of this run."""
     t = setup(shards, student, out, cfg, image_root, resume, allow_partial, verify_shards)
     try:
-        return _loop(t, progress, stop_after)
-    finally:
-        t.dist.close()
+        history = _loop(t, progress, stop_after)
+    except BaseException:
+        t.dist.close(clean=False)
+        raise
+    t.dist.close()
+    return history
 
 
 def _loop(t: Trainer, progress: bool, stop_after: int | None) -> list[dict]:

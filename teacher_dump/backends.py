@@ -207,10 +207,9 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        from shared.models import ModelError, vllm_mismatch
+        from shared.models import require_vllm_loadable
 
-        if (why := vllm_mismatch(model_dir)) is not None:
-            raise ModelError(why)
+        require_vllm_loadable(model_dir)
         on_gpu = torch.cuda.is_available()
         self.scoring = scoring
         if scoring == "hidden":
@@ -413,10 +412,9 @@ class VLLMGenerator:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # same reasons as VLLMBackend
         from vllm import LLM
 
-        from shared.models import ModelError, vllm_mismatch
+        from shared.models import require_vllm_loadable
 
-        if (why := vllm_mismatch(model_dir)) is not None:
-            raise ModelError(why)
+        require_vllm_loadable(model_dir)
         on_gpu = torch.cuda.is_available()
         self.model_dir = model_dir
         self.encoder = load_encoder(model_dir)

@@ -29,7 +29,7 @@ from shared.fingerprint import (
 )
 from shared.manifest import Manifest, RunRecord, atomic_write_bytes
 from shared.mllm import load_encoder
-from shared.models import ModelError, kind_of, read_config
+from shared.models import ModelError, kind_of, read_config, require_vllm_loadable
 from shared.prompt import TemplateError
 from shared.schema import FORMAT_VERSION, KINDS, MANIFEST_NAME, REJECTED_NAME, row_images, shard_name
 from shared.shards import shard_file_problem
@@ -432,6 +432,8 @@ def dump_teacher(cfg: DumpConfig) -> Manifest:
     try:
         config = read_config(cfg.model)
         kind_of(cfg.model)  # a model that cannot be a teacher stops here, before Ray starts
+        if cfg.backend == "vllm":
+            require_vllm_loadable(cfg.model)
     except ModelError as e:
         raise InputError(str(e)) from None
     positions = config.get("text_config", config).get("max_position_embeddings")

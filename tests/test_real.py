@@ -181,6 +181,11 @@ def test_a_student_cut_from_the_real_teacher_upcycles_and_trains_mimic_and_pref(
     from shared.models import vllm_mismatch
 
     assert "vLLM's Qwen2-MoE always adds" in vllm_mismatch(tmp_path / "no_bias")
+    (tmp_path / "no_bias" / "model.safetensors").symlink_to(student / "model.safetensors")
+    refused = CliRunner().invoke(app, ["dump-teacher", "--model", str(tmp_path / "no_bias"), "--mimic-data",
+                                       str(real_data / "mimic.jsonl"), "--out", str(tmp_path / "no_bias_dump")])
+    assert refused.exit_code == 2 and "qkv_bias: false" in refused.output  # before Ray starts
+    assert not (tmp_path / "no_bias_dump").exists()
     dump = real_dumps["vllm"]
     before = kl_to_teacher(student, [dump], None)
     cfg = TrainConfig(stage="mimic", steps=6, batch_size=3, lr=1e-3, warmup=1, loader_workers=0, train=["all"])
